@@ -2,7 +2,20 @@
 #![deny(missing_docs)]
 
 mod error;
+mod euler;
 pub mod noise;
+mod sample;
+mod schedule;
+mod timestep;
 
 pub use error::{Error, Result};
-pub use noise::{latent_shape, seeded_noise, torch_randn, NoiseDtype, NoiseOptions, SizeRounding, TorchCpuKernel, TorchGenerator};
+pub use euler::{euler_step, img2img_start_index, noise_latents, true_cfg, StrengthConvention};
+pub use noise::{
+    latent_shape, seeded_noise, torch_randn, NoiseDtype, NoiseOptions, SizeRounding, TorchCpuKernel,
+    TorchGenerator,
+};
+pub use sample::{sample, Denoiser, SampleOptions, StepInfo};
+pub use schedule::{diffusers_sigmas, schedule, validate_schedule, ShiftParams};
+pub use timestep::{
+    embedded_guidance, embedded_timestep, model_guidance, model_timestep, round_bf16, TimestepRounding,
+};
