@@ -9,7 +9,7 @@ mod schedule;
 mod timestep;
 
 pub use error::{Error, Result};
-pub use euler::{euler_step, img2img_start_index, noise_latents, true_cfg, StrengthConvention};
+pub use euler::{euler_step, img2img_start_index, noise_latents, true_cfg, Reference};
 pub use noise::{
     latent_shape, seeded_noise, torch_randn, NoiseDtype, NoiseOptions, SizeRounding, TorchCpuKernel,
     TorchGenerator,

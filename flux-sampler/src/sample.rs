@@ -2,7 +2,7 @@
 
 use candle::Tensor;
 
-use crate::euler::euler_step;
+use crate::euler::{euler_step, Reference};
 use crate::schedule::validate_schedule;
 use crate::timestep::{model_guidance, model_timestep, TimestepRounding};
 use crate::{Error, Result};
@@ -48,6 +48,8 @@ pub struct SampleOptions {
     pub rounding: TimestepRounding,
     /// Guidance scale for guidance-distilled models (dev); `None` for schnell.
     pub guidance: Option<f32>,
+    /// Whose bf16 Euler arithmetic to reproduce (f32 updates are the same in both).
+    pub reference: Reference,
 }
 
 /// Runs Euler steps from `timesteps[0]` to the last entry (usually 0), calling `denoiser` once
@@ -86,7 +88,7 @@ where
         let v = denoiser
             .velocity(&x, &info)
             .map_err(|source| Error::Denoiser { step: index, source })?;
-        x = euler_step(&x, &v, info.t_curr, info.t_prev)?;
+        x = euler_step(&x, &v, info.t_curr, info.t_prev, opts.reference)?;
         on_step(&info, &x);
     }
     Ok(x)
@@ -138,6 +140,7 @@ mod tests {
         let opts = SampleOptions {
             rounding: TimestepRounding::Bfl,
             guidance: Some(3.5),
+            ..Default::default()
         };
         let mut den = |x: &Tensor, i: &StepInfo| -> candle::Result<Tensor> {
             got.push((i.model_t, i.model_guidance));
