@@ -26,9 +26,9 @@ pub enum Error {
         /// The value.
         value: f64,
     },
-    /// A schedule that does not strictly decrease from its first entry.
-    #[error("schedule must strictly decrease; entry {index} is {value} after {previous}")]
-    NonDecreasingSchedule {
+    /// A schedule that increases somewhere, or does not go down overall.
+    #[error("schedule must not increase and must end below its start; entry {index} is {value} after {previous}")]
+    IncreasingSchedule {
         /// Index of the offending entry.
         index: usize,
         /// The entry before it.

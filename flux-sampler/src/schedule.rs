@@ -92,6 +92,9 @@ fn torch_linspace_1_to_0(n: usize) -> Vec<f32> {
 /// `shift = None` is schnell (plain linspace: 4 steps give `[1, 0.75, 0.5, 0.25, 0]`);
 /// `Some(params)` applies the exponential time shift for `image_seq_len` tokens
 /// (`(H/16)·(W/16)`; 4096 at 1024²).
+///
+/// Reproduced as PyTorch computes it, including one quirk: for some sequence lengths (about one
+/// in seven above ~20k tokens, e.g. 45217) the first entry is `1 − 2⁻²⁴` (0.99999994), not 1.
 pub fn schedule(num_steps: usize, image_seq_len: usize, shift: Option<ShiftParams>) -> Result<Vec<f32>> {
     if num_steps == 0 {
         return Err(Error::ZeroSteps);
@@ -142,7 +145,9 @@ pub fn diffusers_sigmas(num_steps: usize, image_seq_len: usize, shift: Option<Sh
     Ok(sigmas)
 }
 
-/// Checks that a schedule can be stepped: at least 2 finite entries, strictly decreasing.
+/// Checks that a schedule can be stepped: at least 2 finite entries, never increasing, ending
+/// below its start. Equal neighbours are allowed: at extreme shifts (mu ≳ 10, e.g. 4096² images)
+/// f32 cannot separate the first entries, in the reference as here, and the step is a no-op.
 pub fn validate_schedule(timesteps: &[f32]) -> Result<()> {
     if timesteps.len() < 2 {
         return Err(Error::ScheduleTooShort(timesteps.len()));
@@ -154,13 +159,21 @@ pub fn validate_schedule(timesteps: &[f32]) -> Result<()> {
                 value: if w[0].is_finite() { w[1] } else { w[0] } as f64,
             });
         }
-        if w[1] >= w[0] {
-            return Err(Error::NonDecreasingSchedule {
+        if w[1] > w[0] {
+            return Err(Error::IncreasingSchedule {
                 index: i + 1,
                 previous: w[0],
                 value: w[1],
             });
         }
+    }
+    let (first, last) = (timesteps[0], timesteps[timesteps.len() - 1]);
+    if last >= first {
+        return Err(Error::IncreasingSchedule {
+            index: timesteps.len() - 1,
+            previous: first,
+            value: last,
+        });
     }
     Ok(())
 }
@@ -204,9 +217,11 @@ mod tests {
         assert!(matches!(schedule(4, 16, Some(nan)), Err(Error::InvalidShift(_))));
         assert!(matches!(validate_schedule(&[1.0]), Err(Error::ScheduleTooShort(1))));
         assert!(matches!(
-            validate_schedule(&[1.0, 0.5, 0.5]),
-            Err(Error::NonDecreasingSchedule { index: 2, .. })
+            validate_schedule(&[1.0, 0.5, 0.6]),
+            Err(Error::IncreasingSchedule { index: 2, .. })
         ));
+        assert!(matches!(validate_schedule(&[0.5, 0.5]), Err(Error::IncreasingSchedule { .. })));
+        assert!(validate_schedule(&[1.0, 1.0, 0.0]).is_ok());
         assert!(matches!(validate_schedule(&[1.0, f32::NAN]), Err(Error::NotFinite { .. })));
     }
 }

@@ -29,7 +29,8 @@ SCHEDULE_CASES = [
     ("dev_1_16", 1, 16, True),
 ]
 SWEEP_STEPS = range(1, 61)
-SWEEP_SEQ = [1, 16, 256, 1024, 4080, 4096, 6144, 16384]
+# 45217: BFL's first entry is 0.99999994 there, not 1.
+SWEEP_SEQ = [1, 16, 256, 1024, 4080, 4096, 6144, 16384, 45217]
 NOISING_T = [0.0, 0.6, 0.8387, 0.996, 1.0]
 GUIDANCE = [0.0, 1.0, 2.5, 3.0, 3.5, 4.0, 5.0, 7.0, 30.0]
 NOISE_CASES = [
