@@ -1,0 +1,41 @@
+//! `cargo xtask`: project automation (see `cargo xtask help`).
+
+mod golden;
+
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  golden [--crate NAME]            run every crate's golden tests and print one row per case
+  golden gen [COMPONENT] [--verify] regenerate goldens with the pinned Python reference
+                                   (COMPONENT: sampler; default all). --verify regenerates
+                                   into a temporary folder and checks the committed files are
+                                   byte-identical.
+  help                             this text
+";
+
+/// The workspace root (the parent of this crate's folder).
+pub fn root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["golden", "gen", rest @ ..] => golden::generate(rest),
+        ["golden", rest @ ..] => golden::check(rest),
+        [] | ["help"] | ["--help"] | ["-h"] => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => {
+            eprint!("{HELP}");
+            bail!("unknown command {other:?}")
+        }
+    }
+}
