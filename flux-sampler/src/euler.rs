@@ -54,7 +54,13 @@ fn bf16_round_trip(t: Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `x` and `v`: any shape, equal.
-pub fn euler_step(x: &Tensor, v: &Tensor, t_curr: f32, t_prev: f32, reference: Reference) -> Result<Tensor> {
+pub fn euler_step(
+    x: &Tensor,
+    v: &Tensor,
+    t_curr: f32,
+    t_prev: f32,
+    reference: Reference,
+) -> Result<Tensor> {
     same_shape("velocity", x, v)?;
     let dtype = check_dtype("euler_step", x)?;
     check_dtype("euler_step velocity", v)?;
@@ -171,9 +177,15 @@ mod tests {
     #[test]
     fn strength_examples_from_the_spec() {
         assert_eq!(img2img_start_index(50, 0.8, Reference::Bfl).unwrap(), 9);
-        assert_eq!(img2img_start_index(50, 0.8, Reference::Diffusers).unwrap(), 10);
+        assert_eq!(
+            img2img_start_index(50, 0.8, Reference::Diffusers).unwrap(),
+            10
+        );
         assert_eq!(img2img_start_index(28, 1.0, Reference::Bfl).unwrap(), 0);
-        assert_eq!(img2img_start_index(28, 0.0, Reference::Diffusers).unwrap(), 28);
+        assert_eq!(
+            img2img_start_index(28, 0.0, Reference::Diffusers).unwrap(),
+            28
+        );
     }
 
     #[test]
@@ -186,15 +198,33 @@ mod tests {
             img2img_start_index(10, -0.1, Reference::Bfl),
             Err(Error::InvalidStrength(_))
         ));
-        assert!(matches!(img2img_start_index(0, 0.5, Reference::Bfl), Err(Error::ZeroSteps)));
+        assert!(matches!(
+            img2img_start_index(0, 0.5, Reference::Bfl),
+            Err(Error::ZeroSteps)
+        ));
         let a = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros((1, 5), DType::F32, &Device::Cpu).unwrap();
-        assert!(matches!(euler_step(&a, &b, 1.0, 0.5, Reference::Bfl), Err(Error::ShapeMismatch { .. })));
-        assert!(matches!(noise_latents(&a, &b, 0.5, Reference::Bfl), Err(Error::ShapeMismatch { .. })));
-        assert!(matches!(true_cfg(&a, &b, 2.0), Err(Error::ShapeMismatch { .. })));
-        assert!(matches!(euler_step(&a, &a, f32::NAN, 0.5, Reference::Bfl), Err(Error::NotFinite { .. })));
+        assert!(matches!(
+            euler_step(&a, &b, 1.0, 0.5, Reference::Bfl),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            noise_latents(&a, &b, 0.5, Reference::Bfl),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            true_cfg(&a, &b, 2.0),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            euler_step(&a, &a, f32::NAN, 0.5, Reference::Bfl),
+            Err(Error::NotFinite { .. })
+        ));
         let i = Tensor::zeros((1, 4), DType::I64, &Device::Cpu).unwrap();
-        assert!(matches!(euler_step(&i, &i, 1.0, 0.5, Reference::Bfl), Err(Error::UnsupportedDtype { .. })));
+        assert!(matches!(
+            euler_step(&i, &i, 1.0, 0.5, Reference::Bfl),
+            Err(Error::UnsupportedDtype { .. })
+        ));
     }
 
     #[test]

@@ -11,11 +11,12 @@ mod timestep;
 pub use error::{Error, Result};
 pub use euler::{euler_step, img2img_start_index, noise_latents, true_cfg, Reference};
 pub use noise::{
-    latent_shape, seeded_noise, torch_randn, NoiseDtype, NoiseOptions, SizeRounding, TorchCpuKernel,
-    TorchGenerator,
+    latent_shape, seeded_noise, torch_randn, NoiseDtype, NoiseOptions, SizeRounding,
+    TorchCpuKernel, TorchGenerator,
 };
 pub use sample::{sample, Denoiser, SampleOptions, StepInfo};
 pub use schedule::{diffusers_sigmas, schedule, validate_schedule, ShiftParams};
 pub use timestep::{
-    embedded_guidance, embedded_timestep, model_guidance, model_timestep, round_bf16, TimestepRounding,
+    embedded_guidance, embedded_timestep, model_guidance, model_timestep, round_bf16,
+    TimestepRounding,
 };

@@ -207,7 +207,7 @@ macro_rules! c32 {
 
 /// Cephes-style natural log of the AVX2 kernel (x > 0), FMA-contracted as compiled.
 fn avx_log(x: f32) -> f32 {
-    let sqrthf = c32!(0.707106781186547524);
+    let sqrthf = c32!(std::f64::consts::FRAC_1_SQRT_2); // the C source spells out 1/√2
     let p = [
         c32!(7.0376836292E-2),
         c32!(-1.1514610310E-1),
@@ -245,13 +245,23 @@ fn avx_log(x: f32) -> f32 {
 }
 
 /// Cephes-style sine and cosine of the AVX2 kernel (0 ≤ x < 8192), FMA-contracted as compiled.
+/// The constants are the C source's literals, digit for digit.
+#[allow(clippy::excessive_precision)]
 fn avx_sincos(x: f32) -> (f32, f32) {
     let fopi = c32!(1.27323954473516);
     let dp1 = c32!(-0.78515625);
     let dp2 = c32!(-2.4187564849853515625e-4);
     let dp3 = c32!(-3.77489497744594108e-8);
-    let s = [c32!(-1.9515295891E-4), c32!(8.3321608736E-3), c32!(-1.6666654611E-1)];
-    let c = [c32!(2.443315711809948E-005), c32!(-1.388731625493765E-003), c32!(4.166664568298827E-002)];
+    let s = [
+        c32!(-1.9515295891E-4),
+        c32!(8.3321608736E-3),
+        c32!(-1.6666654611E-1),
+    ];
+    let c = [
+        c32!(2.443315711809948E-005),
+        c32!(-1.388731625493765E-003),
+        c32!(4.166664568298827E-002),
+    ];
     let sign_in = x.is_sign_negative();
     let mut x = x.abs();
     let mut j = (x * fopi) as i32; // truncation, as cvttps
@@ -340,7 +350,6 @@ pub fn torch_randn_with(gen: &mut TorchGenerator, numel: usize, opts: NoiseOptio
     data
 }
 
-
 /// How an image size that is not a multiple of 16 maps to a latent size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SizeRounding {
@@ -355,13 +364,24 @@ pub enum SizeRounding {
 
 /// The unpacked latent shape `(batch, 16, 2·⌈h/16⌉, 2·⌈w/16⌉)` (or floor / strict, see
 /// [`SizeRounding`]) for an image of `height × width` pixels.
-pub fn latent_shape(batch: usize, height: usize, width: usize, rounding: SizeRounding) -> Result<[usize; 4]> {
+pub fn latent_shape(
+    batch: usize,
+    height: usize,
+    width: usize,
+    rounding: SizeRounding,
+) -> Result<[usize; 4]> {
     if batch == 0 || height == 0 || width == 0 {
-        return Err(Error::EmptySize { batch, height, width });
+        return Err(Error::EmptySize {
+            batch,
+            height,
+            width,
+        });
     }
     let side = |s: usize| -> Result<usize> {
         match rounding {
-            SizeRounding::Strict if s % 16 != 0 => Err(Error::SizeNotMultipleOf16 { height, width }),
+            SizeRounding::Strict if s % 16 != 0 => {
+                Err(Error::SizeNotMultipleOf16 { height, width })
+            }
             SizeRounding::Strict | SizeRounding::Floor => Ok(2 * (s / 16)),
             SizeRounding::Ceil => Ok(2 * s.div_ceil(16)),
         }
@@ -379,7 +399,12 @@ pub fn latent_shape(batch: usize, height: usize, width: usize, rounding: SizeRou
 ///
 /// # Shapes
 /// `shape` is usually [`latent_shape`]'s `(B, 16, h, w)`; any shape works.
-pub fn seeded_noise(seed: u64, shape: &[usize], opts: NoiseOptions, device: &Device) -> Result<Tensor> {
+pub fn seeded_noise(
+    seed: u64,
+    shape: &[usize],
+    opts: NoiseOptions,
+    device: &Device,
+) -> Result<Tensor> {
     let numel: usize = shape.iter().product();
     if numel == 0 {
         return Err(Error::EmptyShape(shape.to_vec()));
@@ -412,7 +437,10 @@ mod tests {
 
     #[test]
     fn seed_uses_low_32_bits() {
-        assert_eq!(torch_randn(7, 32, NoiseOptions::F32), torch_randn(7 + (1 << 32), 32, NoiseOptions::F32));
+        assert_eq!(
+            torch_randn(7, 32, NoiseOptions::F32),
+            torch_randn(7 + (1 << 32), 32, NoiseOptions::F32)
+        );
     }
 
     #[test]
@@ -420,9 +448,12 @@ mod tests {
         for i in 1..=1000 {
             let x = i as f32 / 1000.0;
             assert!((avx_log(x) - x.ln()).abs() < 1e-6, "log {x}");
-            let t = x * 6.283_185;
+            let t = x * std::f32::consts::TAU;
             let (s, c) = avx_sincos(t);
-            assert!((s - t.sin()).abs() < 1e-6 && (c - t.cos()).abs() < 1e-6, "sincos {t}");
+            assert!(
+                (s - t.sin()).abs() < 1e-6 && (c - t.cos()).abs() < 1e-6,
+                "sincos {t}"
+            );
         }
     }
 }

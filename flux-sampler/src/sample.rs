@@ -28,7 +28,11 @@ pub struct StepInfo {
 /// A velocity predictor: given the latent `x` at `info.t_curr`, returns `v` of `x`'s shape.
 pub trait Denoiser {
     /// Predicts the velocity for one step.
-    fn velocity(&mut self, x: &Tensor, info: &StepInfo) -> std::result::Result<Tensor, Box<dyn std::error::Error + Send + Sync>>;
+    fn velocity(
+        &mut self,
+        x: &Tensor,
+        info: &StepInfo,
+    ) -> std::result::Result<Tensor, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 impl<F, E> Denoiser for F
@@ -36,7 +40,11 @@ where
     F: FnMut(&Tensor, &StepInfo) -> std::result::Result<Tensor, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    fn velocity(&mut self, x: &Tensor, info: &StepInfo) -> std::result::Result<Tensor, Box<dyn std::error::Error + Send + Sync>> {
+    fn velocity(
+        &mut self,
+        x: &Tensor,
+        info: &StepInfo,
+    ) -> std::result::Result<Tensor, Box<dyn std::error::Error + Send + Sync>> {
         self(x, info).map_err(Into::into)
     }
 }
@@ -60,7 +68,13 @@ pub struct SampleOptions {
 ///
 /// # Shapes
 /// `x`: any shape (FLUX uses packed `(B, L_img, 64)`); the denoiser must return the same shape.
-pub fn sample<D, C>(x: Tensor, timesteps: &[f32], opts: &SampleOptions, denoiser: &mut D, mut on_step: C) -> Result<Tensor>
+pub fn sample<D, C>(
+    x: Tensor,
+    timesteps: &[f32],
+    opts: &SampleOptions,
+    denoiser: &mut D,
+    mut on_step: C,
+) -> Result<Tensor>
 where
     D: Denoiser + ?Sized,
     C: FnMut(&StepInfo, &Tensor),
@@ -87,7 +101,10 @@ where
         };
         let v = denoiser
             .velocity(&x, &info)
-            .map_err(|source| Error::Denoiser { step: index, source })?;
+            .map_err(|source| Error::Denoiser {
+                step: index,
+                source,
+            })?;
         x = euler_step(&x, &v, info.t_curr, info.t_prev, opts.reference)?;
         on_step(&info, &x);
     }
@@ -107,7 +124,10 @@ mod tests {
         let ts = [1.0, 0.75, 0.5, 0.25, 0.0];
         let mut seen = vec![];
         let mut den = |_: &Tensor, _: &StepInfo| -> candle::Result<Tensor> { Ok(v.clone()) };
-        let out = sample(noise, &ts, &SampleOptions::default(), &mut den, |i, _| seen.push(i.index)).unwrap();
+        let out = sample(noise, &ts, &SampleOptions::default(), &mut den, |i, _| {
+            seen.push(i.index)
+        })
+        .unwrap();
         assert_eq!(out.to_vec1::<f32>().unwrap(), vec![0.5, -1.0, 0.25]);
         assert_eq!(seen, vec![0, 1, 2, 3]);
     }
@@ -121,7 +141,14 @@ mod tests {
             }
             Tensor::zeros(4, DType::F32, &Device::Cpu)
         };
-        let err = sample(x, &[1.0, 0.75, 0.5, 0.25, 0.0], &SampleOptions::default(), &mut den, |_, _| {}).unwrap_err();
+        let err = sample(
+            x,
+            &[1.0, 0.75, 0.5, 0.25, 0.0],
+            &SampleOptions::default(),
+            &mut den,
+            |_, _| {},
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::Denoiser { step: 2, .. }), "{err}");
     }
 
@@ -129,7 +156,14 @@ mod tests {
     fn wrong_velocity_shape_is_an_error() {
         let x = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
         let mut den = |_: &Tensor, _: &StepInfo| Tensor::zeros(5, DType::F32, &Device::Cpu);
-        let err = sample(x, &[1.0, 0.0], &SampleOptions::default(), &mut den, |_, _| {}).unwrap_err();
+        let err = sample(
+            x,
+            &[1.0, 0.0],
+            &SampleOptions::default(),
+            &mut den,
+            |_, _| {},
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     }
 

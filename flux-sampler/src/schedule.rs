@@ -54,7 +54,12 @@ impl ShiftParams {
     }
 
     fn validate(&self) -> Result<()> {
-        let all = [self.base_shift, self.max_shift, self.base_seq_len, self.max_seq_len];
+        let all = [
+            self.base_shift,
+            self.max_shift,
+            self.base_seq_len,
+            self.max_seq_len,
+        ];
         if all.iter().any(|v| !v.is_finite()) {
             return Err(Error::InvalidShift(format!("non-finite value in {self:?}")));
         }
@@ -95,7 +100,11 @@ fn torch_linspace_1_to_0(n: usize) -> Vec<f32> {
 ///
 /// Reproduced as PyTorch computes it, including one quirk: for some sequence lengths (about one
 /// in seven above ~20k tokens, e.g. 45217) the first entry is `1 − 2⁻²⁴` (0.99999994), not 1.
-pub fn schedule(num_steps: usize, image_seq_len: usize, shift: Option<ShiftParams>) -> Result<Vec<f32>> {
+pub fn schedule(
+    num_steps: usize,
+    image_seq_len: usize,
+    shift: Option<ShiftParams>,
+) -> Result<Vec<f32>> {
     if num_steps == 0 {
         return Err(Error::ZeroSteps);
     }
@@ -119,7 +128,11 @@ pub fn schedule(num_steps: usize, image_seq_len: usize, shift: Option<ShiftParam
 ///
 /// `shift = None` is the schnell scheduler (no dynamic shifting, shift 1.0: identity).
 /// The scheduler's `timesteps` are these sigmas times 1000 in f32 (without the final 0).
-pub fn diffusers_sigmas(num_steps: usize, image_seq_len: usize, shift: Option<ShiftParams>) -> Result<Vec<f32>> {
+pub fn diffusers_sigmas(
+    num_steps: usize,
+    image_seq_len: usize,
+    shift: Option<ShiftParams>,
+) -> Result<Vec<f32>> {
     if num_steps == 0 {
         return Err(Error::ZeroSteps);
     }
@@ -131,7 +144,13 @@ pub fn diffusers_sigmas(num_steps: usize, image_seq_len: usize, shift: Option<Sh
     } else {
         let step = (stop - 1.0) / (n - 1) as f64;
         (0..n)
-            .map(|i| if i == n - 1 { stop } else { i as f64 * step + 1.0 })
+            .map(|i| {
+                if i == n - 1 {
+                    stop
+                } else {
+                    i as f64 * step + 1.0
+                }
+            })
             .map(|v| v as f32)
             .collect()
     };
@@ -184,8 +203,14 @@ mod tests {
 
     #[test]
     fn schnell_four_steps() {
-        assert_eq!(schedule(4, 4096, None).unwrap(), vec![1.0, 0.75, 0.5, 0.25, 0.0]);
-        assert_eq!(diffusers_sigmas(4, 4096, None).unwrap(), vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+        assert_eq!(
+            schedule(4, 4096, None).unwrap(),
+            vec![1.0, 0.75, 0.5, 0.25, 0.0]
+        );
+        assert_eq!(
+            diffusers_sigmas(4, 4096, None).unwrap(),
+            vec![1.0, 0.75, 0.5, 0.25, 0.0]
+        );
     }
 
     #[test]
@@ -200,7 +225,10 @@ mod tests {
     #[test]
     fn bad_input_is_typed() {
         assert!(matches!(schedule(0, 16, None), Err(Error::ZeroSteps)));
-        assert!(matches!(diffusers_sigmas(0, 16, None), Err(Error::ZeroSteps)));
+        assert!(matches!(
+            diffusers_sigmas(0, 16, None),
+            Err(Error::ZeroSteps)
+        ));
         assert!(matches!(
             schedule(4, 0, Some(ShiftParams::default())),
             Err(Error::ZeroSequenceLength)
@@ -209,19 +237,34 @@ mod tests {
             max_seq_len: 256.0,
             ..Default::default()
         };
-        assert!(matches!(schedule(4, 16, Some(flat)), Err(Error::InvalidShift(_))));
+        assert!(matches!(
+            schedule(4, 16, Some(flat)),
+            Err(Error::InvalidShift(_))
+        ));
         let nan = ShiftParams {
             max_shift: f64::NAN,
             ..Default::default()
         };
-        assert!(matches!(schedule(4, 16, Some(nan)), Err(Error::InvalidShift(_))));
-        assert!(matches!(validate_schedule(&[1.0]), Err(Error::ScheduleTooShort(1))));
+        assert!(matches!(
+            schedule(4, 16, Some(nan)),
+            Err(Error::InvalidShift(_))
+        ));
+        assert!(matches!(
+            validate_schedule(&[1.0]),
+            Err(Error::ScheduleTooShort(1))
+        ));
         assert!(matches!(
             validate_schedule(&[1.0, 0.5, 0.6]),
             Err(Error::IncreasingSchedule { index: 2, .. })
         ));
-        assert!(matches!(validate_schedule(&[0.5, 0.5]), Err(Error::IncreasingSchedule { .. })));
+        assert!(matches!(
+            validate_schedule(&[0.5, 0.5]),
+            Err(Error::IncreasingSchedule { .. })
+        ));
         assert!(validate_schedule(&[1.0, 1.0, 0.0]).is_ok());
-        assert!(matches!(validate_schedule(&[1.0, f32::NAN]), Err(Error::NotFinite { .. })));
+        assert!(matches!(
+            validate_schedule(&[1.0, f32::NAN]),
+            Err(Error::NotFinite { .. })
+        ));
     }
 }

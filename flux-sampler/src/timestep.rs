@@ -71,9 +71,23 @@ mod tests {
     fn spec_examples() {
         assert_eq!(embedded_timestep(0.75, TimestepRounding::Bfl), 752.0);
         assert_eq!(embedded_timestep(0.75, TimestepRounding::None), 750.0);
-        for (g, want) in [(1.0, 1000.0), (2.5, 2496.0), (3.5, 3504.0), (7.0, 7008.0), (30.0, 29952.0)] {
-            assert_eq!(embedded_guidance(g, TimestepRounding::Bfl), want, "guidance {g}");
-            assert_eq!(embedded_guidance(g, TimestepRounding::Diffusers), want, "guidance {g}");
+        for (g, want) in [
+            (1.0, 1000.0),
+            (2.5, 2496.0),
+            (3.5, 3504.0),
+            (7.0, 7008.0),
+            (30.0, 29952.0),
+        ] {
+            assert_eq!(
+                embedded_guidance(g, TimestepRounding::Bfl),
+                want,
+                "guidance {g}"
+            );
+            assert_eq!(
+                embedded_guidance(g, TimestepRounding::Diffusers),
+                want,
+                "guidance {g}"
+            );
         }
     }
 }

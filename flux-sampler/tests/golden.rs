@@ -11,7 +11,12 @@ fn golden(file: &str) -> Golden {
 }
 
 fn vals(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -35,10 +40,22 @@ fn schedules_match_bfl_and_diffusers() {
     let g = golden("schedule");
     for (name, n, seq, sh) in CASES {
         let bfl = schedule(n, seq, shift(sh)).unwrap();
-        g.check_values(&format!("{name}/bfl"), "f32", &f64s(&bfl), &vals(&g.tensor(&format!("{name}/bfl"))), Tolerance::EXACT);
+        g.check_values(
+            &format!("{name}/bfl"),
+            "f32",
+            &f64s(&bfl),
+            &vals(&g.tensor(&format!("{name}/bfl"))),
+            Tolerance::EXACT,
+        );
         let dif = diffusers_sigmas(n, seq, shift(sh)).unwrap();
         let key = format!("{name}/diffusers_sigmas");
-        g.check_values(&key, "f32", &f64s(&dif), &vals(&g.tensor(&key)), Tolerance::EXACT);
+        g.check_values(
+            &key,
+            "f32",
+            &f64s(&dif),
+            &vals(&g.tensor(&key)),
+            Tolerance::EXACT,
+        );
         let key = format!("{name}/diffusers_timesteps");
         let ts: Vec<f64> = dif[..n].iter().map(|&s| (s * 1000.0) as f64).collect();
         g.check_values(&key, "f32", &ts, &vals(&g.tensor(&key)), Tolerance::EXACT);
@@ -50,8 +67,16 @@ fn schedule_sweeps_match_bit_for_bit() {
     let g = golden("schedule");
     let meta = &g.meta()["sweep"];
     let steps = meta["steps"].as_array().unwrap();
-    let (lo, hi) = (steps[0].as_u64().unwrap() as usize, steps[1].as_u64().unwrap() as usize);
-    let seqs: Vec<usize> = meta["image_seq_len"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let (lo, hi) = (
+        steps[0].as_u64().unwrap() as usize,
+        steps[1].as_u64().unwrap() as usize,
+    );
+    let seqs: Vec<usize> = meta["image_seq_len"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
     let (mut lin, mut bfl, mut dif) = (vec![], vec![], vec![]);
     for n in lo..=hi {
         lin.extend(schedule(n, 1, None).unwrap());
@@ -60,9 +85,27 @@ fn schedule_sweeps_match_bit_for_bit() {
             dif.extend(diffusers_sigmas(n, seq, Some(ShiftParams::default())).unwrap());
         }
     }
-    g.check_values("sweep/linspace", "f32", &f64s(&lin), &vals(&g.tensor("sweep/linspace")), Tolerance::EXACT);
-    g.check_values("sweep/bfl", "f32", &f64s(&bfl), &vals(&g.tensor("sweep/bfl")), Tolerance::EXACT);
-    g.check_values("sweep/diffusers_sigmas", "f32", &f64s(&dif), &vals(&g.tensor("sweep/diffusers_sigmas")), Tolerance::EXACT);
+    g.check_values(
+        "sweep/linspace",
+        "f32",
+        &f64s(&lin),
+        &vals(&g.tensor("sweep/linspace")),
+        Tolerance::EXACT,
+    );
+    g.check_values(
+        "sweep/bfl",
+        "f32",
+        &f64s(&bfl),
+        &vals(&g.tensor("sweep/bfl")),
+        Tolerance::EXACT,
+    );
+    g.check_values(
+        "sweep/diffusers_sigmas",
+        "f32",
+        &f64s(&dif),
+        &vals(&g.tensor("sweep/diffusers_sigmas")),
+        Tolerance::EXACT,
+    );
 }
 
 #[test]
@@ -70,13 +113,31 @@ fn embedded_timesteps_match_both_references() {
     let g = golden("schedule");
     for (name, n, seq, sh) in CASES {
         let bfl = schedule(n, seq, shift(sh)).unwrap();
-        let ours: Vec<f64> = bfl[..n].iter().map(|&s| embedded_timestep(s, TimestepRounding::Bfl) as f64).collect();
+        let ours: Vec<f64> = bfl[..n]
+            .iter()
+            .map(|&s| embedded_timestep(s, TimestepRounding::Bfl) as f64)
+            .collect();
         let key = format!("{name}/bfl_embedded_t");
-        g.check_values(&key, "bf16", &ours, &vals(&g.tensor(&key)), Tolerance::EXACT);
+        g.check_values(
+            &key,
+            "bf16",
+            &ours,
+            &vals(&g.tensor(&key)),
+            Tolerance::EXACT,
+        );
         let dif = diffusers_sigmas(n, seq, shift(sh)).unwrap();
-        let ours: Vec<f64> = dif[..n].iter().map(|&s| embedded_timestep(s, TimestepRounding::Diffusers) as f64).collect();
+        let ours: Vec<f64> = dif[..n]
+            .iter()
+            .map(|&s| embedded_timestep(s, TimestepRounding::Diffusers) as f64)
+            .collect();
         let key = format!("{name}/diffusers_embedded_t");
-        g.check_values(&key, "bf16", &ours, &vals(&g.tensor(&key)), Tolerance::EXACT);
+        g.check_values(
+            &key,
+            "bf16",
+            &ours,
+            &vals(&g.tensor(&key)),
+            Tolerance::EXACT,
+        );
     }
 }
 
@@ -91,15 +152,24 @@ fn spec_table_dev_28_embedded_timesteps() {
     assert_eq!(bfl.iter().zip(&dif).filter(|(a, b)| a != b).count(), 7);
     let sigmas = schedule(28, 4096, Some(ShiftParams::default())).unwrap();
     assert_eq!(embedded_timestep(sigmas[7], TimestepRounding::Bfl), 908.0);
-    assert_eq!(embedded_timestep(sigmas[7], TimestepRounding::Diffusers), 904.0);
+    assert_eq!(
+        embedded_timestep(sigmas[7], TimestepRounding::Diffusers),
+        904.0
+    );
 }
 
 #[test]
 fn embedded_guidance_matches_both_references() {
     let g = golden("schedule");
     let values = vals(&g.tensor("guidance/values"));
-    for (key, r) in [("guidance/bfl_embedded", TimestepRounding::Bfl), ("guidance/diffusers_embedded", TimestepRounding::Diffusers)] {
-        let ours: Vec<f64> = values.iter().map(|&v| embedded_guidance(v as f32, r) as f64).collect();
+    for (key, r) in [
+        ("guidance/bfl_embedded", TimestepRounding::Bfl),
+        ("guidance/diffusers_embedded", TimestepRounding::Diffusers),
+    ] {
+        let ours: Vec<f64> = values
+            .iter()
+            .map(|&v| embedded_guidance(v as f32, r) as f64)
+            .collect();
         g.check_values(key, "bf16", &ours, &vals(&g.tensor(key)), Tolerance::EXACT);
     }
 }
@@ -114,7 +184,16 @@ fn trajectory(g: &Golden, dtype: DType, reference: Reference) -> Vec<Tensor> {
         ..Default::default()
     };
     let out = sample(x0, &ts, &opts, &mut den, |_, x| steps.push(x.clone())).unwrap();
-    assert_eq!(out.to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap(), steps.last().unwrap().to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap());
+    assert_eq!(
+        out.to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap(),
+        steps
+            .last()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec3::<f64>()
+            .unwrap()
+    );
     steps
 }
 
@@ -133,7 +212,10 @@ fn euler_trajectories_match_bfl_in_f32_and_bf16() {
 fn euler_matches_diffusers_scheduler_step() {
     let g = golden("euler");
     for (dtype, tag) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
-        for (i, x) in trajectory(&g, dtype, Reference::Diffusers).iter().enumerate() {
+        for (i, x) in trajectory(&g, dtype, Reference::Diffusers)
+            .iter()
+            .enumerate()
+        {
             let key = format!("diffusers_{tag}/{i}");
             g.check(&key, x, &g.tensor(&key), Tolerance::EXACT);
         }
@@ -147,7 +229,15 @@ fn bf16_euler_conventions_differ_somewhere() {
     let g = golden("euler");
     let a = g.tensor("bfl_bf16/0").to_dtype(DType::F32).unwrap();
     let b = g.tensor("diffusers_bf16/0").to_dtype(DType::F32).unwrap();
-    let differ = a.ne(&b).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let differ = a
+        .ne(&b)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(differ > 0.0);
 }
 
@@ -160,7 +250,13 @@ fn img2img_noising_matches_both_references() {
         let t = t.as_f64().unwrap();
         for (dtype, tag) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
             for (reference, who) in [(Reference::Bfl, "bfl"), (Reference::Diffusers, "diffusers")] {
-                let ours = noise_latents(&x0.to_dtype(dtype).unwrap(), &noise.to_dtype(dtype).unwrap(), t, reference).unwrap();
+                let ours = noise_latents(
+                    &x0.to_dtype(dtype).unwrap(),
+                    &noise.to_dtype(dtype).unwrap(),
+                    t,
+                    reference,
+                )
+                .unwrap();
                 // Python prints 0.0 and 1.0 with a trailing ".0"; match its key spelling.
                 let key = format!("noising/{who}_{tag}/{t:?}");
                 g.check(&key, &ours, &g.tensor(&key), Tolerance::EXACT);
@@ -187,8 +283,20 @@ fn img2img_start_indices_match_both_conventions() {
     }
     assert_eq!(k, bfl.len());
     let to_f = |v: &[i64]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    g.check_values("strength/bfl_index", "i64", &ours_bfl, &to_f(&bfl), Tolerance::EXACT);
-    g.check_values("strength/diffusers_index", "i64", &ours_dif, &to_f(&dif), Tolerance::EXACT);
+    g.check_values(
+        "strength/bfl_index",
+        "i64",
+        &ours_bfl,
+        &to_f(&bfl),
+        Tolerance::EXACT,
+    );
+    g.check_values(
+        "strength/diffusers_index",
+        "i64",
+        &ours_dif,
+        &to_f(&dif),
+        Tolerance::EXACT,
+    );
 }
 
 fn check_noise(file: &str, kernel: TorchCpuKernel) {
@@ -197,9 +305,15 @@ fn check_noise(file: &str, kernel: TorchCpuKernel) {
     assert!(!cases.is_empty());
     for (name, c) in cases {
         let seed = c["seed"].as_u64().unwrap();
-        let shape: Vec<usize> = c["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = c["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         for (dtype, tag) in [(NoiseDtype::F32, "f32"), (NoiseDtype::Bf16, "bf16")] {
-            let ours = seeded_noise(seed, &shape, NoiseOptions { dtype, kernel }, &Device::Cpu).unwrap();
+            let ours =
+                seeded_noise(seed, &shape, NoiseOptions { dtype, kernel }, &Device::Cpu).unwrap();
             let key = format!("{name}/{tag}");
             g.check(&key, &ours, &g.tensor(&key), Tolerance::EXACT);
         }

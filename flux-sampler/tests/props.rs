@@ -7,12 +7,21 @@ use proptest::prelude::*;
 /// length in seven above ~20k tokens, as PyTorch does); diffusers divides and always gives 1.
 fn check_schedule(ts: &[f32], n: usize, strict: bool) -> std::result::Result<(), TestCaseError> {
     prop_assert_eq!(ts.len(), n + 1);
-    prop_assert!(ts[0] == 1.0 || ts[0] == 1.0 - f32::EPSILON / 2.0, "first entry {}", ts[0]);
+    prop_assert!(
+        ts[0] == 1.0 || ts[0] == 1.0 - f32::EPSILON / 2.0,
+        "first entry {}",
+        ts[0]
+    );
     prop_assert_eq!(ts[n], 0.0);
     for w in ts.windows(2) {
         prop_assert!(w[1] <= w[0], "increasing: {} then {}", w[0], w[1]);
         if strict {
-            prop_assert!(w[1] < w[0], "not strictly decreasing: {} then {}", w[0], w[1]);
+            prop_assert!(
+                w[1] < w[0],
+                "not strictly decreasing: {} then {}",
+                w[0],
+                w[1]
+            );
         }
     }
     prop_assert!(validate_schedule(ts).is_ok());
@@ -114,7 +123,16 @@ proptest! {
 
 #[test]
 fn empty_sizes_are_errors() {
-    assert!(matches!(latent_shape(0, 16, 16, SizeRounding::Strict), Err(Error::EmptySize { .. })));
-    assert!(matches!(latent_shape(1, 0, 16, SizeRounding::Ceil), Err(Error::EmptySize { .. })));
-    assert!(matches!(seeded_noise(0, &[1, 0, 4], NoiseOptions::BFL, &candle::Device::Cpu), Err(Error::EmptyShape(_))));
+    assert!(matches!(
+        latent_shape(0, 16, 16, SizeRounding::Strict),
+        Err(Error::EmptySize { .. })
+    ));
+    assert!(matches!(
+        latent_shape(1, 0, 16, SizeRounding::Ceil),
+        Err(Error::EmptySize { .. })
+    ));
+    assert!(matches!(
+        seeded_noise(0, &[1, 0, 4], NoiseOptions::BFL, &candle::Device::Cpu),
+        Err(Error::EmptyShape(_))
+    ));
 }

@@ -8,7 +8,14 @@ use std::process::Command;
 use crate::root;
 
 /// Library crates, in dependency order; each may have golden tests (`tests/golden*.rs`).
-const CRATES: &[&str] = &["flux-kernels", "flux-sampler", "flux-dit", "flux-vae", "flux-text", "flux-pipeline"];
+const CRATES: &[&str] = &[
+    "flux-kernels",
+    "flux-sampler",
+    "flux-dit",
+    "flux-vae",
+    "flux-text",
+    "flux-pipeline",
+];
 
 /// Reference generators: component name, script in `xtask/reference/`, crate that owns the output.
 const GENERATORS: &[(&str, &str, &str)] = &[("sampler", "gen_sampler.py", "flux-sampler")];
@@ -44,7 +51,8 @@ pub fn check(args: &[&str]) -> Result<()> {
         }
         other => bail!("usage: cargo xtask golden [--crate NAME] (got {other:?})"),
     };
-    let report = std::env::temp_dir().join(format!("flux-golden-report-{}.txt", std::process::id()));
+    let report =
+        std::env::temp_dir().join(format!("flux-golden-report-{}.txt", std::process::id()));
     let _ = std::fs::remove_file(&report);
     let mut broken = vec![];
     for krate in CRATES.iter().filter(|c| only.is_none_or(|o| o == **c)) {
@@ -62,9 +70,24 @@ pub fn check(args: &[&str]) -> Result<()> {
     }
     let text = std::fs::read_to_string(&report).unwrap_or_default();
     let _ = std::fs::remove_file(&report);
-    let mut rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).filter(|r: &Vec<&str>| r.len() == 7).collect();
-    rows.sort_by(|a, b| (CRATES.iter().position(|c| *c == a[0]), a[1]).cmp(&(CRATES.iter().position(|c| *c == b[0]), b[1])));
-    let header = ["crate", "case", "dtype", "max-abs", "max-rel", "tolerance", "result"];
+    let mut rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|r: &Vec<&str>| r.len() == 7)
+        .collect();
+    rows.sort_by(|a, b| {
+        (CRATES.iter().position(|c| *c == a[0]), a[1])
+            .cmp(&(CRATES.iter().position(|c| *c == b[0]), b[1]))
+    });
+    let header = [
+        "crate",
+        "case",
+        "dtype",
+        "max-abs",
+        "max-rel",
+        "tolerance",
+        "result",
+    ];
     let mut width = header.map(str::len);
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -72,7 +95,11 @@ pub fn check(args: &[&str]) -> Result<()> {
         }
     }
     let line = |cells: &[&str]| {
-        let s: Vec<String> = cells.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(&header);
@@ -88,7 +115,11 @@ pub fn check(args: &[&str]) -> Result<()> {
             failed += 1;
         }
         eprintln!("\n--- cargo test -p {krate} --test {target} failed; its output ends:");
-        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let lines: Vec<&str> = all.lines().collect();
         for l in &lines[lines.len().saturating_sub(40)..] {
             eprintln!("{l}");
@@ -121,7 +152,8 @@ fn venv_python() -> Result<PathBuf> {
     let dir = reference_dir();
     let venv = dir.join(".venv");
     let python = venv.join("bin").join("python");
-    let reqs = std::fs::read_to_string(dir.join("requirements.txt")).context("reading xtask/reference/requirements.txt")?;
+    let reqs = std::fs::read_to_string(dir.join("requirements.txt"))
+        .context("reading xtask/reference/requirements.txt")?;
     let stamp = venv.join("flux-requirements.txt");
     if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(reqs.as_str()) {
         return Ok(python);
@@ -131,7 +163,9 @@ fn venv_python() -> Result<PathBuf> {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
     eprintln!("installing the pinned reference (xtask/reference/requirements.txt); this downloads several GB once");
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(dir.join("requirements.txt")))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "-r"])
+        .arg(dir.join("requirements.txt")))?;
     std::fs::write(&stamp, reqs)?;
     Ok(python)
 }
@@ -154,7 +188,11 @@ pub fn generate(args: &[&str]) -> Result<()> {
             Some(g) => vec![g],
             None => bail!(
                 "unknown component {one}; known: {}",
-                GENERATORS.iter().map(|g| g.0).collect::<Vec<_>>().join(", ")
+                GENERATORS
+                    .iter()
+                    .map(|g| g.0)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         },
         other => bail!("usage: cargo xtask golden gen [COMPONENT] [--verify] (got {other:?})"),
@@ -186,7 +224,10 @@ pub fn generate(args: &[&str]) -> Result<()> {
             for d in &differing {
                 println!("differs: {d}");
             }
-            bail!("{} golden file(s) differ from a fresh generation", differing.len());
+            bail!(
+                "{} golden file(s) differ from a fresh generation",
+                differing.len()
+            );
         }
     }
     Ok(())
@@ -209,7 +250,14 @@ fn compare_dirs(fresh: &Path, committed: &Path) -> Result<Vec<String>> {
         let a = std::fs::read(fresh.join(&n)).ok();
         let b = std::fs::read(committed.join(&n)).ok();
         if a.is_none() || a != b {
-            differing.push(committed.join(&n).strip_prefix(root()).unwrap_or(&committed.join(&n)).display().to_string());
+            differing.push(
+                committed
+                    .join(&n)
+                    .strip_prefix(root())
+                    .unwrap_or(&committed.join(&n))
+                    .display()
+                    .to_string(),
+            );
         }
     }
     Ok(differing)

@@ -166,7 +166,10 @@ pub fn compare_values(a: &[f64], e: &[f64], shape: &[usize], tol: Tolerance) -> 
         mismatches: 0,
         max_abs: 0.0,
         max_abs_index: vec![0; shape.len()],
-        at_max: (a.first().copied().unwrap_or(0.0), e.first().copied().unwrap_or(0.0)),
+        at_max: (
+            a.first().copied().unwrap_or(0.0),
+            e.first().copied().unwrap_or(0.0),
+        ),
         max_rel: 0.0,
         first_mismatch: None,
         cosine: 1.0,
@@ -233,16 +236,18 @@ impl Golden {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "unknown".into());
-        let path = dir.join("tests").join("golden").join(format!("{file}.safetensors"));
+        let path = dir
+            .join("tests")
+            .join("golden")
+            .join(format!("{file}.safetensors"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
                 "golden file {} unreadable ({e}); regenerate with `{REGEN_COMMAND}`",
                 path.display()
             )
         });
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap_or_else(|e| {
-            panic!("golden file {} is not safetensors: {e}", path.display())
-        });
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .unwrap_or_else(|e| panic!("golden file {} is not safetensors: {e}", path.display()));
         let meta = header
             .metadata()
             .as_ref()
@@ -300,14 +305,27 @@ impl Golden {
     }
 
     /// Compares `actual` with `expected`, records a report row and panics on failure.
-    pub fn check(&self, case: &str, actual: &Tensor, expected: &Tensor, tol: Tolerance) -> Comparison {
+    pub fn check(
+        &self,
+        case: &str,
+        actual: &Tensor,
+        expected: &Tensor,
+        tol: Tolerance,
+    ) -> Comparison {
         let dtype = format!("{:?}", actual.dtype()).to_lowercase();
         let result = compare(actual, expected, tol);
         self.finish(case, &dtype, result, tol)
     }
 
     /// Compares flat values (for non-tensor results such as schedules) and records a row.
-    pub fn check_values(&self, case: &str, dtype: &str, actual: &[f64], expected: &[f64], tol: Tolerance) -> Comparison {
+    pub fn check_values(
+        &self,
+        case: &str,
+        dtype: &str,
+        actual: &[f64],
+        expected: &[f64],
+        tol: Tolerance,
+    ) -> Comparison {
         let result = if actual.len() == expected.len() {
             Ok(compare_values(actual, expected, &[actual.len()], tol))
         } else {
@@ -320,7 +338,13 @@ impl Golden {
         self.finish(case, dtype, result, tol)
     }
 
-    fn finish(&self, case: &str, dtype: &str, result: Result<Comparison, String>, tol: Tolerance) -> Comparison {
+    fn finish(
+        &self,
+        case: &str,
+        dtype: &str,
+        result: Result<Comparison, String>,
+        tol: Tolerance,
+    ) -> Comparison {
         let case = format!("{}/{case}", self.file);
         match result {
             Err(msg) => {
@@ -337,7 +361,9 @@ impl Golden {
                     let first = c
                         .first_mismatch
                         .as_ref()
-                        .map(|(i, a, e)| format!("first mismatch at {i:?}: actual {a:e}, expected {e:e}; "))
+                        .map(|(i, a, e)| {
+                            format!("first mismatch at {i:?}: actual {a:e}, expected {e:e}; ")
+                        })
                         .unwrap_or_default();
                     panic!(
                         "golden {} {case} ({dtype}) outside {tol}: {} of {} elements differ; {first}\
@@ -386,7 +412,10 @@ mod tests {
         assert!(!c.passed);
         assert_eq!(c.mismatches, 1);
         assert_eq!(c.max_abs_index, vec![1]);
-        assert_eq!(c.first_mismatch.as_ref().map(|m| m.0.clone()), Some(vec![1]));
+        assert_eq!(
+            c.first_mismatch.as_ref().map(|m| m.0.clone()),
+            Some(vec![1])
+        );
     }
 
     #[test]
@@ -412,7 +441,12 @@ mod tests {
 
     #[test]
     fn cosine_floor() {
-        let c = compare_values(&[1.0, 0.0], &[0.0, 1.0], &[2], Tolerance::new(10.0, 0.0).with_min_cosine(0.9));
+        let c = compare_values(
+            &[1.0, 0.0],
+            &[0.0, 1.0],
+            &[2],
+            Tolerance::new(10.0, 0.0).with_min_cosine(0.9),
+        );
         assert_eq!(c.mismatches, 0);
         assert!(!c.passed);
     }
