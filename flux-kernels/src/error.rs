@@ -1,31 +1,42 @@
 //! The error type of flux-kernels.
 
-/// Errors of this crate. Every variant names what was wrong.
+use candle::DType;
+
+/// Errors of the shared ops. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A tensor the model needs is absent from the checkpoint.
-    #[error("missing tensor `{name}`")]
-    MissingTensor {
-        /// Checkpoint key.
-        name: String,
-    },
-    /// A tensor has the wrong shape.
-    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    /// An input has the wrong shape.
+    #[error("{what}: expected shape {expected:?}, got {got:?}")]
     ShapeMismatch {
-        /// Checkpoint key or input name.
-        name: String,
-        /// The shape required.
+        /// Which input.
+        what: &'static str,
+        /// The shape (or pattern) required; `usize::MAX` marks a free dimension.
         expected: Vec<usize>,
-        /// The shape found.
+        /// The shape given.
         got: Vec<usize>,
     },
-    /// A configuration that breaks an invariant of the model.
-    #[error("invalid config: {0}")]
-    InvalidConfig(String),
-    /// A dtype this crate does not support here.
-    #[error("unsupported dtype {0:?}")]
-    UnsupportedDtype(candle::DType),
+    /// An input has the wrong rank.
+    #[error("{what}: expected rank {expected}, got shape {got:?}")]
+    RankMismatch {
+        /// Which input.
+        what: &'static str,
+        /// The rank required.
+        expected: usize,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// A dtype the op does not support.
+    #[error("{what}: unsupported dtype {dtype:?}")]
+    UnsupportedDtype {
+        /// Which op.
+        what: &'static str,
+        /// The dtype given.
+        dtype: DType,
+    },
+    /// Invalid op parameters (odd RoPE axis, axes not summing to the head dim, …).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle::Error),

@@ -1,6 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod attention;
 mod error;
+mod linear;
+mod ops;
+mod rope;
 
+pub use attention::{attention, softmax_last_dim, AttnOpts};
 pub use error::{Error, Result};
+pub use linear::Linear;
+pub use ops::{gelu_tanh, layer_norm, modulate, rms_norm, silu};
+pub use rope::{apply_rope, rope_table, AngleMode, RopeTable};

@@ -1,0 +1,157 @@
+//! The elementwise and normalisation ops: RMSNorm, LayerNorm without affine, adaLN modulation,
+//! GELU (tanh approximation).
+//!
+//! Each computes in f32 internally and returns the input dtype, as PyTorch does for bf16 I/O.
+
+use candle::{DType, Tensor, D};
+
+use crate::{Error, Result};
+
+fn float_dtype(what: &'static str, x: &Tensor) -> Result<DType> {
+    match x.dtype() {
+        d @ (DType::F32 | DType::BF16 | DType::F16 | DType::F64) => Ok(d),
+        dtype => Err(Error::UnsupportedDtype { what, dtype }),
+    }
+}
+
+/// RMSNorm with a learnable scale, FLUX's QK-norm (BFL `RMSNorm`, torch `nn.RMSNorm`):
+/// `bf16(x·rsqrt(mean(x²) + eps)) · scale` — normalised in f32, cast back to `x`'s dtype
+/// *before* the scale multiplies.
+///
+/// # Shapes
+/// `x`: `(…, D)`; `scale`: `(D)`. Returns `x`'s shape and dtype.
+pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = float_dtype("rms_norm", x)?;
+    let d = x.dim(D::Minus1)?;
+    if scale.dims() != [d] {
+        return Err(Error::ShapeMismatch {
+            what: "rms_norm scale",
+            expected: vec![d],
+            got: scale.dims().to_vec(),
+        });
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let rrms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = xf.broadcast_mul(&rrms)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(&scale.to_dtype(dtype)?)?)
+}
+
+/// LayerNorm over the last dimension without weight or bias (biased variance), computed in f32.
+///
+/// # Shapes
+/// `x`: `(…, D)`. Returns `x`'s shape and dtype.
+pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = float_dtype("layer_norm", x)?;
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    Ok(centered.broadcast_mul(&rstd)?.to_dtype(dtype)?)
+}
+
+/// adaLN modulation `(1 + scale)·x + shift`, in `x`'s dtype.
+///
+/// # Shapes
+/// `x`: `(B, L, C)`; `shift`, `scale`: broadcastable to it, usually `(B, 1, C)`.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok((scale + 1.0)?.broadcast_mul(x)?.broadcast_add(shift)?)
+}
+
+/// GELU with the tanh approximation (`approximate="tanh"`), computed in f32.
+///
+/// # Shapes
+/// Any. Returns `x`'s shape and dtype.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let dtype = float_dtype("gelu_tanh", x)?;
+    Ok(x.to_dtype(DType::F32)?.gelu()?.to_dtype(dtype)?)
+}
+
+/// SiLU `x·sigmoid(x)`, computed in f32.
+///
+/// # Shapes
+/// Any. Returns `x`'s shape and dtype.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let dtype = float_dtype("silu", x)?;
+    Ok(x.to_dtype(DType::F32)?.silu()?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Device;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn rms_norm_by_hand() {
+        // x = [3, 4]: mean(x²) = 12.5, rrms = 1/sqrt(12.5).
+        let y = rms_norm(&t(&[3.0, 4.0], &[1, 2]), &t(&[1.0, 2.0], &[2]), 0.0).unwrap();
+        let r = 1.0 / 12.5f32.sqrt();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            (got[0] - 3.0 * r).abs() < 1e-6 && (got[1] - 8.0 * r).abs() < 1e-6,
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn rms_norm_rejects_wrong_scale() {
+        let e = rms_norm(&t(&[3.0, 4.0], &[1, 2]), &t(&[1.0, 2.0, 3.0], &[3]), 1e-6).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }));
+    }
+
+    #[test]
+    fn layer_norm_by_hand() {
+        // [1, 2, 3]: mean 2, var 2/3.
+        let y = layer_norm(&t(&[1.0, 2.0, 3.0], &[1, 3]), 0.0).unwrap();
+        let s = (2.0f32 / 3.0).sqrt();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (g, w) in got.iter().zip([-1.0 / s, 0.0, 1.0 / s]) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn modulate_by_hand() {
+        let y = modulate(
+            &t(&[2.0, 3.0], &[1, 1, 2]),
+            &t(&[1.0, -1.0], &[1, 1, 2]),
+            &t(&[0.5, 0.0], &[1, 1, 2]),
+        )
+        .unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![4.0, 2.0]
+        );
+    }
+
+    #[test]
+    fn gelu_tanh_by_hand() {
+        let x = [-3.0f32, -1.0, 0.0, 0.5, 2.0];
+        let got = gelu_tanh(&t(&x, &[5])).unwrap().to_vec1::<f32>().unwrap();
+        for (g, &x) in got.iter().zip(&x) {
+            let c = (2.0f64 / std::f64::consts::PI).sqrt();
+            let x = x as f64;
+            let want = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh());
+            assert!(
+                (*g as f64 - want).abs() < 1e-6,
+                "gelu({x}) = {g}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn integer_input_is_a_typed_error() {
+        let i = Tensor::zeros(3, DType::U32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            layer_norm(&i, 1e-6),
+            Err(Error::UnsupportedDtype { .. })
+        ));
+        assert!(matches!(gelu_tanh(&i), Err(Error::UnsupportedDtype { .. })));
+    }
+}

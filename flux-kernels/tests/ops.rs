@@ -1,0 +1,234 @@
+//! Hand-checked cases and properties of the shared ops.
+
+use candle::{DType, Device, Tensor, D};
+use flux_kernels::*;
+use proptest::prelude::*;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A small deterministic generator keeps the tests independent of candle's RNG.
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn ids(l: usize, seed: u64) -> Tensor {
+    let v: Vec<f32> = (0..l * 3)
+        .map(|i| ((i as u64 * 7 + seed) % 50) as f32)
+        .collect();
+    Tensor::from_vec(v, (1, l, 3), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_rows_sum_to_one_and_match_a_hand_case() {
+    // With v = identity rows, the output rows are the attention probabilities.
+    let q = randn(&[1, 2, 3, 4], 1);
+    let k = randn(&[1, 2, 5, 4], 2);
+    let v = Tensor::eye(5, DType::F32, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 5, 5))
+        .unwrap()
+        .repeat((1, 2, 1, 1))
+        .unwrap();
+    for causal in [false, true] {
+        let p = attention(
+            &q,
+            &k,
+            &v,
+            AttnOpts {
+                causal,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let sums = p
+            .sum(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6), "{sums:?}");
+        if causal {
+            let p4 = p.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+            for h in 0..2 {
+                for i in 0..3 {
+                    for j in i + 1..5 {
+                        assert_eq!(
+                            p4[h][i][j], 0.0,
+                            "causal leak at head {h}, row {i}, col {j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Hand case: one query, two keys, logits (0, ln 3)·scale⁻¹ with scale 1 → probs (1/4, 3/4).
+    let q = Tensor::new(&[[[[1.0f32]]]], &Device::Cpu).unwrap();
+    let k = Tensor::new(&[[[[0.0f32], [3.0f32.ln()]]]], &Device::Cpu).unwrap();
+    let v = Tensor::new(&[[[[4.0f32], [8.0]]]], &Device::Cpu).unwrap();
+    let o = attention(
+        &q,
+        &k,
+        &v,
+        AttnOpts {
+            scale: Some(1.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!((o.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 7.0).abs() < 1e-5);
+    // An additive bias of −∞ on the second key leaves only the first.
+    let bias = Tensor::new(&[[[[0.0f32, f32::NEG_INFINITY]]]], &Device::Cpu).unwrap();
+    let o = attention(
+        &q,
+        &k,
+        &v,
+        AttnOpts {
+            scale: Some(1.0),
+            bias: Some(&bias),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        o.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![4.0]
+    );
+}
+
+#[test]
+fn attention_rejects_bad_shapes() {
+    let q = randn(&[1, 2, 3, 4], 1);
+    assert!(matches!(
+        attention(&q, &randn(&[1, 2, 3, 5], 1), &q, AttnOpts::default()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        attention(&randn(&[2, 3, 4], 1), &q, &q, AttnOpts::default()),
+        Err(Error::RankMismatch { .. })
+    ));
+}
+
+#[test]
+fn rope_is_identity_at_position_zero() {
+    let zeros = Tensor::zeros((1, 4, 3), DType::F32, &Device::Cpu).unwrap();
+    for mode in [AngleMode::F32, AngleMode::F64] {
+        let pe = rope_table(&zeros, &[4, 6, 6], 10_000.0, mode).unwrap();
+        let x = randn(&[1, 2, 4, 16], 3);
+        let y = apply_rope(&x, &pe).unwrap();
+        let diff = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+}
+
+#[test]
+fn rope_rotates_pairs_by_hand() {
+    // One axis of dim 2: ω = 1; position 1 rotates (1, 0) by 1 radian.
+    let ids = Tensor::new(&[[[1.0f32]]], &Device::Cpu).unwrap();
+    let pe = rope_table(&ids, &[2], 10_000.0, AngleMode::F64).unwrap();
+    let x = Tensor::new(&[[[[1.0f32, 0.0]]]], &Device::Cpu).unwrap();
+    let y = apply_rope(&x, &pe)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        (y[0] - 1.0f32.cos()).abs() < 1e-7 && (y[1] - 1.0f32.sin()).abs() < 1e-7,
+        "{y:?}"
+    );
+    // Frequencies per axis: axis of dim 4 has ω = (1, 1/100) at theta 10000.
+    let ids = Tensor::new(&[[[0.0f32, 2.0]]], &Device::Cpu).unwrap();
+    let pe = rope_table(&ids, &[2, 4], 10_000.0, AngleMode::F64).unwrap();
+    let cos = pe.cos.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = [1.0, 2.0f64.cos() as f32, 0.02f64.cos() as f32];
+    for (c, w) in cos.iter().zip(want) {
+        assert!((c - w).abs() < 1e-7, "{cos:?}");
+    }
+}
+
+#[test]
+fn rope_rejects_bad_axes() {
+    let ids = Tensor::zeros((1, 4, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        rope_table(&ids, &[4, 5, 7], 1e4, AngleMode::F32),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        rope_table(&ids, &[8, 8], 1e4, AngleMode::F32),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let pe = rope_table(&ids, &[4, 6, 6], 1e4, AngleMode::F32).unwrap();
+    assert!(matches!(
+        apply_rope(&randn(&[1, 2, 4, 18], 0), &pe),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn linear_by_hand_and_bad_input() {
+    let w = Tensor::new(&[[1.0f32, 2.0], [0.0, -1.0], [3.0, 0.5]], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0.5f32, 0.0, -1.0], &Device::Cpu).unwrap();
+    let lin = Linear::new(w, Some(b)).unwrap();
+    let x = Tensor::new(&[[[2.0f32, 1.0]]], &Device::Cpu).unwrap();
+    let y = lin.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[1, 1, 3]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![4.5, -1.0, 5.5]
+    );
+    assert!(matches!(
+        lin.forward(&Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let bad_bias = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        Linear::new(
+            Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(),
+            Some(bad_bias)
+        ),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn rope_preserves_pair_norms(l in 1usize..12, seed in 0u64..1000, f64_angles: bool) {
+        let mode = if f64_angles { AngleMode::F64 } else { AngleMode::F32 };
+        let pe = rope_table(&ids(l, seed), &[4, 6, 6], 10_000.0, mode).unwrap();
+        let x = randn(&[1, 3, l, 16], seed);
+        let y = apply_rope(&x, &pe).unwrap();
+        let norms = |t: &Tensor| t.reshape((1, 3, l, 8, 2)).unwrap().sqr().unwrap().sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in norms(&x).iter().zip(norms(&y)) {
+            prop_assert!((a - b).abs() <= 1e-5 * a.max(1.0), "{} vs {}", a, b);
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one(rows in 1usize..6, cols in 1usize..40, seed in 0u64..1000) {
+        let x = (randn(&[rows, cols], seed) * 30.0).unwrap();
+        let s = softmax_last_dim(&x).unwrap().sum(D::Minus1).unwrap().to_vec1::<f32>().unwrap();
+        for v in s {
+            prop_assert!((v - 1.0).abs() < 1e-5);
+        }
+    }
+}
