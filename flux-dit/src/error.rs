@@ -1,34 +1,94 @@
 //! The error type of flux-dit.
 
-/// Errors of this crate. Every variant names what was wrong.
+use candle::DType;
+use std::path::PathBuf;
+
+/// Errors of flux-dit. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A tensor the model needs is absent from the checkpoint.
-    #[error("missing tensor `{name}`")]
-    MissingTensor {
-        /// Checkpoint key.
-        name: String,
-    },
-    /// A tensor has the wrong shape.
-    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch {
-        /// Checkpoint key or input name.
-        name: String,
-        /// The shape required.
-        expected: Vec<usize>,
-        /// The shape found.
-        got: Vec<usize>,
-    },
     /// A configuration that breaks an invariant of the model.
     #[error("invalid config: {0}")]
     InvalidConfig(String),
-    /// A dtype this crate does not support here.
-    #[error("unsupported dtype {0:?}")]
-    UnsupportedDtype(candle::DType),
+    /// A checkpoint lacks a tensor the model needs.
+    #[error("missing tensor `{name}` in {source_desc}")]
+    MissingTensor {
+        /// Key in the checkpoint's own layout.
+        name: String,
+        /// Which checkpoint.
+        source_desc: String,
+    },
+    /// A checkpoint tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// Key in the checkpoint's own layout.
+        name: String,
+        /// The shape the config requires.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A checkpoint holds tensors the model does not use (a different model or variant).
+    #[error("{} unexpected tensor(s) in {source_desc}: {}", names.len(), preview(names))]
+    UnexpectedTensors {
+        /// The unused keys, sorted.
+        names: Vec<String>,
+        /// Which checkpoint.
+        source_desc: String,
+    },
+    /// A file that holds no FLUX transformer at all.
+    #[error("{source_desc} does not look like a FLUX transformer in the {layout} layout (its keys look like: {})", preview(sample_keys))]
+    NotAFluxTransformer {
+        /// Which checkpoint.
+        source_desc: String,
+        /// The layout tried.
+        layout: &'static str,
+        /// A few of the file's keys.
+        sample_keys: Vec<String>,
+    },
+    /// A checkpoint file that cannot be read or parsed (missing, truncated, corrupt).
+    #[error("cannot read checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A model input with the wrong rank or shape.
+    #[error("input `{name}` has shape {got:?}, expected {expected}")]
+    InputShape {
+        /// Which `DitInput` field.
+        name: &'static str,
+        /// The expected shape, in words.
+        expected: String,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// A guidance-distilled model (dev) called without guidance.
+    #[error("this model has a guidance embedder (FLUX.1-dev family) and needs `guidance`; none was given")]
+    MissingGuidance,
+    /// A dtype the model does not run in.
+    #[error("unsupported dtype {dtype:?} for {what} (supported: f32, bf16, f16)")]
+    UnsupportedDtype {
+        /// What was asked.
+        what: &'static str,
+        /// The dtype.
+        dtype: DType,
+    },
+    /// An error from the shared ops.
+    #[error(transparent)]
+    Kernels(#[from] flux_kernels::Error),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle::Error),
+}
+
+fn preview(names: &[String]) -> String {
+    let mut s = names.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 8 {
+        s.push_str(&format!(", … ({} more)", names.len() - 8));
+    }
+    s
 }
 
 /// `Result` with [`Error`].

@@ -1,6 +1,20 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod config;
 mod error;
+mod model;
+mod pack;
+mod weights;
 
+pub use config::{Config, DiffusersConfig};
 pub use error::{Error, Result};
+pub use flux_kernels::AngleMode;
+pub use model::{
+    timestep_embedding, DitInput, DoubleStreamBlock, Flux, FluxOptions, LastLayer, MlpEmbedder,
+    Modulation, ModulationOut, QkNorm, SingleStreamBlock,
+};
+pub use pack::{img_ids, pack, txt_ids, unpack};
+pub use weights::{
+    bfl_tensor_shapes, diffusers_recipe, diffusers_tensor_shapes, Layout, Recipe, Weights,
+};

@@ -18,7 +18,10 @@ const CRATES: &[&str] = &[
 ];
 
 /// Reference generators: component name, script in `xtask/reference/`, crate that owns the output.
-const GENERATORS: &[(&str, &str, &str)] = &[("sampler", "gen_sampler.py", "flux-sampler")];
+const GENERATORS: &[(&str, &str, &str)] = &[
+    ("sampler", "gen_sampler.py", "flux-sampler"),
+    ("dit", "gen_dit.py", "flux-dit"),
+];
 
 const REGEN: &str = "cargo xtask golden gen";
 

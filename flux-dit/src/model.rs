@@ -1,0 +1,607 @@
+//! The FLUX transformer, module by module as BFL's `src/flux/model.py` and
+//! `src/flux/modules/layers.py` define it. Field and prefix names equal the BFL checkpoint keys.
+
+use candle::{DType, Device, Tensor, D};
+use flux_kernels::{
+    apply_rope, attention, gelu_tanh, layer_norm, modulate, rms_norm, rope_table, silu, AngleMode,
+    AttnOpts, Linear, RopeTable,
+};
+
+use crate::config::Config;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+const NORM_EPS: f64 = 1e-6;
+const TIME_DIM: usize = 256;
+
+/// The sinusoidal embedding of `1000·t` (BFL `timestep_embedding`): `t` and `1000·t` are rounded
+/// to the reduced dtype when either `t` or the model `dtype` is bf16/f16 (as the references do,
+/// whose `t` is a tensor of the model dtype), the sinusoid is computed in f32 with
+/// `f_j = exp(f32(−ln 10000)·j / half)`, laid out `[cos, sin]`, and cast to `dtype`.
+///
+/// # Shapes
+/// `t`: `(B)`. Returns `(B, dim)`.
+pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> Result<Tensor> {
+    if t.rank() != 1 {
+        return Err(Error::InputShape {
+            name: "timesteps",
+            expected: "(B)".into(),
+            got: t.dims().to_vec(),
+        });
+    }
+    let round = if t.dtype() == DType::F32 || t.dtype() == DType::F64 {
+        dtype
+    } else {
+        t.dtype()
+    };
+    let mut scaled = (t.to_dtype(round)?.to_dtype(DType::F32)? * 1000.0)?;
+    if round != DType::F32 {
+        scaled = scaled.to_dtype(round)?.to_dtype(DType::F32)?;
+    }
+    let half = dim / 2;
+    let neg_log = -(10_000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| ((neg_log * j as f32) / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = scaled.unsqueeze(1)?.broadcast_mul(&freqs)?; // (b, half)
+    let mut parts = vec![args.cos()?, args.sin()?];
+    if dim % 2 == 1 {
+        parts.push(Tensor::zeros((t.dim(0)?, 1), DType::F32, t.device())?);
+    }
+    Ok(Tensor::cat(&parts, D::Minus1)?.to_dtype(dtype)?)
+}
+
+/// `out_layer(SiLU(in_layer(x)))` (time_in, guidance_in, vector_in).
+#[derive(Debug, Clone)]
+pub struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn load(w: &Weights, p: &str, inp: usize, hidden: usize) -> Result<Self> {
+        Ok(MlpEmbedder {
+            in_layer: w.linear(&format!("{p}.in_layer"), inp, hidden, true)?,
+            out_layer: w.linear(&format!("{p}.out_layer"), hidden, hidden, true)?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: `(B, in)`. Returns `(B, hidden)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.out_layer.forward(&silu(&self.in_layer.forward(x)?)?)?)
+    }
+}
+
+/// adaLN modulation: `lin(SiLU(vec))` split into 3 (single) or 6 (double) chunks
+/// `(shift, scale, gate[, shift2, scale2, gate2])`.
+#[derive(Debug, Clone)]
+pub struct Modulation {
+    lin: Linear,
+    chunks: usize,
+}
+
+/// One `(shift, scale, gate)` triple, each `(B, 1, C)`.
+#[derive(Debug, Clone)]
+pub struct ModulationOut {
+    /// Added after the norm.
+    pub shift: Tensor,
+    /// Multiplies the norm as `1 + scale`.
+    pub scale: Tensor,
+    /// Multiplies the residual branch.
+    pub gate: Tensor,
+}
+
+impl Modulation {
+    fn load(w: &Weights, p: &str, hidden: usize, double: bool) -> Result<Self> {
+        let chunks = if double { 6 } else { 3 };
+        Ok(Modulation {
+            lin: w.linear(&format!("{p}.lin"), hidden, chunks * hidden, true)?,
+            chunks,
+        })
+    }
+
+    /// Takes `SiLU(vec)` (computed once per forward) and returns the triples.
+    fn forward(&self, vec_act: &Tensor) -> Result<Vec<ModulationOut>> {
+        let out = self.lin.forward(vec_act)?.unsqueeze(1)?; // (b, 1, m·c)
+        let c = out.chunk(self.chunks, D::Minus1)?;
+        Ok(c.chunks(3)
+            .map(|t| ModulationOut {
+                shift: t[0].clone(),
+                scale: t[1].clone(),
+                gate: t[2].clone(),
+            })
+            .collect())
+    }
+}
+
+/// QK-norm: RMSNorm with learnable scales on q and k per head.
+#[derive(Debug, Clone)]
+pub struct QkNorm {
+    query_norm: Tensor,
+    key_norm: Tensor,
+}
+
+impl QkNorm {
+    fn load(w: &Weights, p: &str, head_dim: usize) -> Result<Self> {
+        Ok(QkNorm {
+            query_norm: w.get(&format!("{p}.query_norm.scale"), &[head_dim])?,
+            key_norm: w.get(&format!("{p}.key_norm.scale"), &[head_dim])?,
+        })
+    }
+
+    /// # Shapes
+    /// `q`, `k`: `(B, H, L, D)`.
+    pub fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            rms_norm(q, &self.query_norm, NORM_EPS)?,
+            rms_norm(k, &self.key_norm, NORM_EPS)?,
+        ))
+    }
+}
+
+/// `(B, L, 3·H·D)` → q, k, v each `(B, H, L, D)` (layout "(K H D)", K outermost).
+fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, three_hd) = qkv.dims3()?;
+    let d = three_hd / (3 * heads);
+    let qkv = qkv.reshape((b, l, 3, heads, d))?.permute((2, 0, 3, 1, 4))?; // (3, b, h, l, d)
+    Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
+}
+
+/// RoPE on q and k, attention, and `(B, H, L, D) → (B, L, H·D)` (BFL `math.attention`).
+fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &RopeTable) -> Result<Tensor> {
+    let q = apply_rope(q, pe)?;
+    let k = apply_rope(k, pe)?;
+    let x = attention(&q, &k, v, AttnOpts::default())?; // (b, h, l, d)
+    let (b, h, l, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
+}
+
+/// `fc2(GELU_tanh(fc0(x)))`, keys `.0` and `.2`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc0: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn load(w: &Weights, p: &str, hidden: usize, mlp: usize) -> Result<Self> {
+        Ok(Mlp {
+            fc0: w.linear(&format!("{p}.0"), hidden, mlp, true)?,
+            fc2: w.linear(&format!("{p}.2"), mlp, hidden, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.fc2.forward(&gelu_tanh(&self.fc0.forward(x)?)?)?)
+    }
+}
+
+/// One stream's half of a double block: modulation, attention projections, MLP.
+#[derive(Debug, Clone)]
+struct Stream {
+    modulation: Modulation,
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+    mlp: Mlp,
+}
+
+impl Stream {
+    fn load(w: &Weights, p: &str, cfg: &Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Stream {
+            modulation: Modulation::load(w, &format!("{p}_mod"), h, true)?,
+            qkv: w.linear(&format!("{p}_attn.qkv"), h, 3 * h, cfg.qkv_bias)?,
+            norm: QkNorm::load(w, &format!("{p}_attn.norm"), cfg.head_dim())?,
+            proj: w.linear(&format!("{p}_attn.proj"), h, h, true)?,
+            mlp: Mlp::load(w, &format!("{p}_mlp"), h, cfg.mlp_hidden())?,
+        })
+    }
+
+    /// Modulated norm → qkv → QK-norm. Returns the two modulations and q, k, v.
+    fn prepare(
+        &self,
+        x: &Tensor,
+        vec_act: &Tensor,
+        heads: usize,
+    ) -> Result<(Vec<ModulationOut>, [Tensor; 3])> {
+        let m = self.modulation.forward(vec_act)?;
+        let xm = modulate(&layer_norm(x, NORM_EPS)?, &m[0].shift, &m[0].scale)?;
+        let (q, k, v) = split_qkv(&self.qkv.forward(&xm)?, heads)?;
+        let (q, k) = self.norm.forward(&q, &k)?;
+        let (q, k) = (q.to_dtype(v.dtype())?, k.to_dtype(v.dtype())?);
+        Ok((m, [q, k, v]))
+    }
+
+    /// Attention and MLP residuals.
+    fn finish(&self, x: &Tensor, attn: &Tensor, m: &[ModulationOut]) -> Result<Tensor> {
+        let x = (x + m[0].gate.broadcast_mul(&self.proj.forward(attn)?)?)?;
+        let h = modulate(&layer_norm(&x, NORM_EPS)?, &m[1].shift, &m[1].scale)?;
+        Ok((&x + m[1].gate.broadcast_mul(&self.mlp.forward(&h)?)?)?)
+    }
+}
+
+/// BFL `DoubleStreamBlock`: separate image and text weights, joint attention (text first).
+#[derive(Debug, Clone)]
+pub struct DoubleStreamBlock {
+    img: Stream,
+    txt: Stream,
+    num_heads: usize,
+}
+
+impl DoubleStreamBlock {
+    /// Loads `double_blocks.{i}`.
+    pub fn load(w: &Weights, p: &str, cfg: &Config) -> Result<Self> {
+        Ok(DoubleStreamBlock {
+            img: Stream::load(w, &format!("{p}.img"), cfg)?,
+            txt: Stream::load(w, &format!("{p}.txt"), cfg)?,
+            num_heads: cfg.num_heads,
+        })
+    }
+
+    /// # Shapes
+    /// `img`: `(B, L_img, C)`, `txt`: `(B, L_txt, C)`, `vec_act` = SiLU(vec): `(B, C)`,
+    /// `pe` over `L_txt + L_img`. Returns `(img, txt)`.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec_act: &Tensor,
+        pe: &RopeTable,
+    ) -> Result<(Tensor, Tensor)> {
+        // prepare image and text for attention
+        let (img_m, [img_q, img_k, img_v]) = self.img.prepare(img, vec_act, self.num_heads)?;
+        let (txt_m, [txt_q, txt_k, txt_v]) = self.txt.prepare(txt, vec_act, self.num_heads)?;
+        // run joint attention, text first
+        let q = Tensor::cat(&[txt_q, img_q], 2)?;
+        let k = Tensor::cat(&[txt_k, img_k], 2)?;
+        let v = Tensor::cat(&[txt_v, img_v], 2)?;
+        let attn = rope_attention(&q, &k, &v, pe)?; // (b, l, c)
+        let l_txt = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, l_txt)?;
+        let img_attn = attn.narrow(1, l_txt, attn.dim(1)? - l_txt)?;
+        // image and text residuals
+        let img = self.img.finish(img, &img_attn, &img_m)?;
+        let txt = self.txt.finish(txt, &txt_attn, &txt_m)?;
+        Ok((img, txt))
+    }
+}
+
+/// BFL `SingleStreamBlock`: fused qkv+MLP input projection, parallel attention and MLP.
+#[derive(Debug, Clone)]
+pub struct SingleStreamBlock {
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+    modulation: Modulation,
+    num_heads: usize,
+    hidden: usize,
+    mlp_hidden: usize,
+}
+
+impl SingleStreamBlock {
+    /// Loads `single_blocks.{j}`.
+    pub fn load(w: &Weights, p: &str, cfg: &Config) -> Result<Self> {
+        let (h, mlp) = (cfg.hidden_size, cfg.mlp_hidden());
+        Ok(SingleStreamBlock {
+            linear1: w.linear(&format!("{p}.linear1"), h, 3 * h + mlp, true)?,
+            linear2: w.linear(&format!("{p}.linear2"), h + mlp, h, true)?,
+            norm: QkNorm::load(w, &format!("{p}.norm"), cfg.head_dim())?,
+            modulation: Modulation::load(w, &format!("{p}.modulation"), h, false)?,
+            num_heads: cfg.num_heads,
+            hidden: h,
+            mlp_hidden: mlp,
+        })
+    }
+
+    /// # Shapes
+    /// `x` = `[txt; img]`: `(B, L, C)`, `vec_act` = SiLU(vec): `(B, C)`. Returns `(B, L, C)`.
+    pub fn forward(&self, x: &Tensor, vec_act: &Tensor, pe: &RopeTable) -> Result<Tensor> {
+        let m = self.modulation.forward(vec_act)?.remove(0);
+        let xm = modulate(&layer_norm(x, NORM_EPS)?, &m.shift, &m.scale)?;
+        let h = self.linear1.forward(&xm)?;
+        let qkv = h.narrow(D::Minus1, 0, 3 * self.hidden)?;
+        let mlp = h.narrow(D::Minus1, 3 * self.hidden, self.mlp_hidden)?;
+        let (q, k, v) = split_qkv(&qkv.contiguous()?, self.num_heads)?;
+        let (q, k) = self.norm.forward(&q, &k)?;
+        let (q, k) = (q.to_dtype(v.dtype())?, k.to_dtype(v.dtype())?);
+        let attn = rope_attention(&q, &k, &v, pe)?;
+        // attention output first, MLP activation second
+        let o = self
+            .linear2
+            .forward(&Tensor::cat(&[attn, gelu_tanh(&mlp)?], D::Minus1)?)?;
+        Ok((x + m.gate.broadcast_mul(&o)?)?)
+    }
+}
+
+/// BFL `LastLayer`: adaLN with **(shift, scale)** halves, then the output projection.
+#[derive(Debug, Clone)]
+pub struct LastLayer {
+    linear: Linear,
+    ada_ln: Linear,
+}
+
+impl LastLayer {
+    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(LastLayer {
+            linear: w.linear("final_layer.linear", h, cfg.out_channels, true)?,
+            ada_ln: w.linear("final_layer.adaLN_modulation.1", h, 2 * h, true)?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: `(B, L_img, C)`, `vec_act` = SiLU(vec): `(B, C)`. Returns `(B, L_img, out_channels)`.
+    pub fn forward(&self, x: &Tensor, vec_act: &Tensor) -> Result<Tensor> {
+        let m = self.ada_ln.forward(vec_act)?.unsqueeze(1)?;
+        let c = m.chunk(2, D::Minus1)?;
+        let x = modulate(&layer_norm(x, NORM_EPS)?, &c[0], &c[1])?;
+        Ok(self.linear.forward(&x)?)
+    }
+}
+
+/// The inputs of one transformer evaluation (BFL `Flux.forward`'s arguments).
+#[derive(Debug, Clone)]
+pub struct DitInput<'a> {
+    /// Packed image tokens `(B, L_img, in_channels)`.
+    pub img: &'a Tensor,
+    /// Image position ids `(B, L_img, 3)`.
+    pub img_ids: &'a Tensor,
+    /// Text tokens (T5 states) `(B, L_txt, context_in_dim)`.
+    pub txt: &'a Tensor,
+    /// Text position ids `(B, L_txt, 3)` (zeros).
+    pub txt_ids: &'a Tensor,
+    /// Timesteps `t ∈ [0, 1]`, `(B)`. The model embeds `1000·t` formed in this tensor's dtype:
+    /// pass bf16 to reproduce the reference's rounding.
+    pub timesteps: &'a Tensor,
+    /// Pooled text vector (CLIP) `(B, vec_in_dim)`.
+    pub y: &'a Tensor,
+    /// Guidance scale `(B)`: required by guidance-distilled models (dev); ignored by models
+    /// without a guidance embedder, as in BFL.
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// Options of the model that are not part of the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FluxOptions {
+    /// RoPE angle precision: f32 as BFL today, f64 as diffusers.
+    pub rope: AngleMode,
+}
+
+/// The FLUX transformer.
+#[derive(Debug, Clone)]
+pub struct Flux {
+    img_in: Linear,
+    time_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    vector_in: MlpEmbedder,
+    txt_in: Linear,
+    double_blocks: Vec<DoubleStreamBlock>,
+    single_blocks: Vec<SingleStreamBlock>,
+    final_layer: LastLayer,
+    cfg: Config,
+    opts: FluxOptions,
+    dtype: DType,
+    device: Device,
+}
+
+impl Flux {
+    /// Builds the model from `w` (any layout); strict: every tensor must be present with its
+    /// shape and none may be left over.
+    pub fn load(cfg: &Config, w: &Weights, opts: FluxOptions) -> Result<Self> {
+        cfg.validate()?;
+        w.check_looks_like(cfg)?;
+        let h = cfg.hidden_size;
+        let model = Flux {
+            img_in: w.linear("img_in", cfg.in_channels, h, true)?,
+            time_in: MlpEmbedder::load(w, "time_in", TIME_DIM, h)?,
+            guidance_in: if cfg.guidance_embed {
+                Some(MlpEmbedder::load(w, "guidance_in", TIME_DIM, h)?)
+            } else {
+                None
+            },
+            vector_in: MlpEmbedder::load(w, "vector_in", cfg.vec_in_dim, h)?,
+            txt_in: w.linear("txt_in", cfg.context_in_dim, h, true)?,
+            double_blocks: (0..cfg.depth)
+                .map(|i| DoubleStreamBlock::load(w, &format!("double_blocks.{i}"), cfg))
+                .collect::<Result<_>>()?,
+            single_blocks: (0..cfg.depth_single_blocks)
+                .map(|j| SingleStreamBlock::load(w, &format!("single_blocks.{j}"), cfg))
+                .collect::<Result<_>>()?,
+            final_layer: LastLayer::load(w, cfg)?,
+            cfg: cfg.clone(),
+            opts,
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        };
+        w.finish()?;
+        Ok(model)
+    }
+
+    /// Loads a BFL single-file checkpoint (`flux1-dev.safetensors`; keys may carry the
+    /// `model.diffusion_model.` prefix), memory-mapped, converting weights to `dtype`.
+    pub fn from_bfl_file(
+        path: impl AsRef<std::path::Path>,
+        cfg: &Config,
+        dtype: DType,
+        device: &Device,
+        opts: FluxOptions,
+    ) -> Result<Self> {
+        let w = Weights::open(
+            &[path.as_ref().to_path_buf()],
+            crate::Layout::Bfl,
+            dtype,
+            device,
+        )?;
+        Self::load(cfg, &w, opts)
+    }
+
+    /// Loads a diffusers `transformer/` folder (config.json + one or more safetensors shards).
+    pub fn from_diffusers_folder(
+        dir: impl AsRef<std::path::Path>,
+        dtype: DType,
+        device: &Device,
+        opts: FluxOptions,
+    ) -> Result<Self> {
+        let (cfg, w) = Weights::open_diffusers_folder(dir.as_ref(), dtype, device)?;
+        Self::load(&cfg, &w, opts)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The weights' dtype (activations run in it).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn check_inputs(&self, x: &DitInput) -> Result<(usize, usize, usize)> {
+        let c = &self.cfg;
+        let shape = |name: &'static str,
+                     t: &Tensor,
+                     want: &[Option<usize>],
+                     words: String|
+         -> Result<Vec<usize>> {
+            let d = t.dims();
+            let ok =
+                d.len() == want.len() && d.iter().zip(want).all(|(g, w)| w.is_none_or(|w| w == *g));
+            if !ok {
+                return Err(Error::InputShape {
+                    name,
+                    expected: words,
+                    got: d.to_vec(),
+                });
+            }
+            Ok(d.to_vec())
+        };
+        let img = shape(
+            "img",
+            x.img,
+            &[None, None, Some(c.in_channels)],
+            format!("(B, L_img, {})", c.in_channels),
+        )?;
+        let (b, l_img) = (img[0], img[1]);
+        shape(
+            "img_ids",
+            x.img_ids,
+            &[Some(b), Some(l_img), Some(3)],
+            format!("({b}, {l_img}, 3)"),
+        )?;
+        let txt = shape(
+            "txt",
+            x.txt,
+            &[Some(b), None, Some(c.context_in_dim)],
+            format!("({b}, L_txt, {})", c.context_in_dim),
+        )?;
+        let l_txt = txt[1];
+        shape(
+            "txt_ids",
+            x.txt_ids,
+            &[Some(b), Some(l_txt), Some(3)],
+            format!("({b}, {l_txt}, 3) matching txt"),
+        )?;
+        shape("timesteps", x.timesteps, &[Some(b)], format!("({b})"))?;
+        shape(
+            "y",
+            x.y,
+            &[Some(b), Some(c.vec_in_dim)],
+            format!("({b}, {})", c.vec_in_dim),
+        )?;
+        if self.guidance_in.is_some() {
+            let g = x.guidance.ok_or(Error::MissingGuidance)?;
+            shape("guidance", g, &[Some(b)], format!("({b})"))?;
+        }
+        if l_img == 0 {
+            return Err(Error::InputShape {
+                name: "img",
+                expected: "at least one image token".into(),
+                got: img,
+            });
+        }
+        Ok((b, l_txt, l_img))
+    }
+
+    /// The conditioning vector `time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y)`, before SiLU.
+    ///
+    /// # Shapes
+    /// `timesteps`, `guidance`: `(B)`; `y`: `(B, vec_in_dim)`. Returns `(B, hidden_size)`.
+    pub fn embed_vec(
+        &self,
+        timesteps: &Tensor,
+        guidance: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let mut vec = self
+            .time_in
+            .forward(&timestep_embedding(timesteps, TIME_DIM, dt)?)?;
+        if let Some(g_in) = &self.guidance_in {
+            let g = guidance.ok_or(Error::MissingGuidance)?;
+            vec = (vec + g_in.forward(&timestep_embedding(g, TIME_DIM, dt)?)?)?;
+        }
+        Ok((vec + self.vector_in.forward(&y.to_dtype(dt)?)?)?)
+    }
+
+    /// The RoPE table for `[txt_ids; img_ids]` with this model's axes, theta and angle mode.
+    ///
+    /// # Shapes
+    /// `txt_ids`: `(B, L_txt, 3)`, `img_ids`: `(B, L_img, 3)`. Returns `(B, 1, L, head_dim/2)` tables.
+    pub fn rope(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<RopeTable> {
+        let ids = Tensor::cat(&[txt_ids, img_ids], 1)?;
+        Ok(rope_table(
+            &ids,
+            &self.cfg.axes_dim,
+            self.cfg.theta,
+            self.opts.rope,
+        )?)
+    }
+
+    /// The double-stream blocks, for per-block checks.
+    pub fn double_blocks(&self) -> &[DoubleStreamBlock] {
+        &self.double_blocks
+    }
+
+    /// The single-stream blocks, for per-block checks.
+    pub fn single_blocks(&self) -> &[SingleStreamBlock] {
+        &self.single_blocks
+    }
+
+    /// The last layer.
+    pub fn final_layer(&self) -> &LastLayer {
+        &self.final_layer
+    }
+
+    /// The velocity prediction (BFL `Flux.forward`).
+    ///
+    /// # Shapes
+    /// See [`DitInput`]. Returns `(B, L_img, out_channels)` in the model dtype.
+    pub fn forward(&self, x: &DitInput) -> Result<Tensor> {
+        let (_, l_txt, _) = self.check_inputs(x)?;
+        let dt = self.dtype;
+        let img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
+        let vec = self.embed_vec(x.timesteps, x.guidance, x.y)?;
+        let txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
+        let pe = self.rope(x.txt_ids, x.img_ids)?;
+        // SiLU(vec) feeds every modulation: compute it once.
+        let vec_act = silu(&vec)?;
+        let (mut img, mut txt) = (img, txt);
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &vec_act, &pe)?;
+        }
+        let mut x_all = Tensor::cat(&[txt, img], 1)?;
+        for block in &self.single_blocks {
+            x_all = block.forward(&x_all, &vec_act, &pe)?;
+        }
+        let img = x_all.narrow(1, l_txt, x_all.dim(1)? - l_txt)?;
+        self.final_layer.forward(&img, &vec_act)
+    }
+}

@@ -1,0 +1,505 @@
+//! Checkpoint layouts and strict loading.
+//!
+//! The model is defined once, with BFL's key names. Every other layout is a key mapping applied
+//! at load time: a diffusers tensor may be renamed, several may be concatenated along dim 0
+//! (qkv, single-block linear1), or its halves may be swapped (the last layer's adaLN, which
+//! diffusers orders (scale, shift)). Loading is strict: each expected tensor must be present
+//! with the expected shape, and tensors the model does not use are an error, so a file of a
+//! different model or variant is caught. Files are memory-mapped, never read whole.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle::safetensors::MmapedSafetensors;
+use candle::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::{Error, Result};
+
+/// A transformer checkpoint layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// BFL's single file (`flux1-dev.safetensors`), optionally with every key prefixed by
+    /// `model.diffusion_model.` (as some repackagings ship it).
+    Bfl,
+    /// diffusers' `transformer/` folder (`FluxTransformer2DModel`).
+    Diffusers,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Bfl => "BFL",
+            Layout::Diffusers => "diffusers",
+        }
+    }
+}
+
+/// Every tensor of a BFL-layout transformer for `cfg`, with its shape, in module order.
+pub fn bfl_tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let hd = cfg.head_dim();
+    let mlp = cfg.mlp_hidden();
+    let mut out = vec![];
+    let mut lin = |name: String, i: usize, o: usize, bias: bool| {
+        out.push((format!("{name}.weight"), vec![o, i]));
+        if bias {
+            out.push((format!("{name}.bias"), vec![o]));
+        }
+    };
+    lin("img_in".into(), cfg.in_channels, h, true);
+    lin("time_in.in_layer".into(), 256, h, true);
+    lin("time_in.out_layer".into(), h, h, true);
+    if cfg.guidance_embed {
+        lin("guidance_in.in_layer".into(), 256, h, true);
+        lin("guidance_in.out_layer".into(), h, h, true);
+    }
+    lin("vector_in.in_layer".into(), cfg.vec_in_dim, h, true);
+    lin("vector_in.out_layer".into(), h, h, true);
+    lin("txt_in".into(), cfg.context_in_dim, h, true);
+    for i in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            let p = format!("double_blocks.{i}.{s}");
+            lin(format!("{p}_mod.lin"), h, 6 * h, true);
+            lin(format!("{p}_attn.qkv"), h, 3 * h, cfg.qkv_bias);
+            lin(format!("{p}_attn.proj"), h, h, true);
+            lin(format!("{p}_mlp.0"), h, mlp, true);
+            lin(format!("{p}_mlp.2"), mlp, h, true);
+        }
+    }
+    for j in 0..cfg.depth_single_blocks {
+        let p = format!("single_blocks.{j}");
+        lin(format!("{p}.linear1"), h, 3 * h + mlp, true);
+        lin(format!("{p}.linear2"), h + mlp, h, true);
+        lin(format!("{p}.modulation.lin"), h, 3 * h, true);
+    }
+    lin("final_layer.linear".into(), h, cfg.out_channels, true);
+    lin("final_layer.adaLN_modulation.1".into(), h, 2 * h, true);
+    for i in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            for n in ["query_norm", "key_norm"] {
+                out.push((
+                    format!("double_blocks.{i}.{s}_attn.norm.{n}.scale"),
+                    vec![hd],
+                ));
+            }
+        }
+    }
+    for j in 0..cfg.depth_single_blocks {
+        for n in ["query_norm", "key_norm"] {
+            out.push((format!("single_blocks.{j}.norm.{n}.scale"), vec![hd]));
+        }
+    }
+    out
+}
+
+/// How a BFL tensor is assembled from a diffusers checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recipe {
+    /// One diffusers tensor, renamed.
+    Rename(String),
+    /// Several diffusers tensors concatenated along dim 0, in order.
+    Concat(Vec<String>),
+    /// One diffusers tensor whose two halves along dim 0 are swapped.
+    SwapHalves(String),
+}
+
+impl Recipe {
+    /// The diffusers keys this recipe reads.
+    pub fn sources(&self) -> Vec<&str> {
+        match self {
+            Recipe::Rename(s) | Recipe::SwapHalves(s) => vec![s.as_str()],
+            Recipe::Concat(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// The diffusers recipe for a BFL key (the inverse of diffusers' converter, spec §3.3).
+pub fn diffusers_recipe(bfl: &str) -> Option<Recipe> {
+    let (stem, param) = bfl.rsplit_once('.')?;
+    let p = |s: &str| format!("{s}.{param}");
+    let rename = |s: &str| Some(Recipe::Rename(p(s)));
+    let direct = match stem {
+        "img_in" => return rename("x_embedder"),
+        "txt_in" => return rename("context_embedder"),
+        "time_in.in_layer" => return rename("time_text_embed.timestep_embedder.linear_1"),
+        "time_in.out_layer" => return rename("time_text_embed.timestep_embedder.linear_2"),
+        "guidance_in.in_layer" => return rename("time_text_embed.guidance_embedder.linear_1"),
+        "guidance_in.out_layer" => return rename("time_text_embed.guidance_embedder.linear_2"),
+        "vector_in.in_layer" => return rename("time_text_embed.text_embedder.linear_1"),
+        "vector_in.out_layer" => return rename("time_text_embed.text_embedder.linear_2"),
+        "final_layer.linear" => return rename("proj_out"),
+        "final_layer.adaLN_modulation.1" => return Some(Recipe::SwapHalves(p("norm_out.linear"))),
+        _ => None,
+    };
+    if direct.is_some() {
+        return direct;
+    }
+    let norm_param = |s: &str| format!("{s}.weight");
+    if let Some(rest) = stem.strip_prefix("double_blocks.") {
+        let (i, sub) = rest.split_once('.')?;
+        let b = format!("transformer_blocks.{i}");
+        let r = |s: &str| Some(Recipe::Rename(format!("{b}.{s}.{param}")));
+        return match (sub, param) {
+            ("img_mod.lin", _) => r("norm1.linear"),
+            ("txt_mod.lin", _) => r("norm1_context.linear"),
+            ("img_attn.qkv", _) => Some(Recipe::Concat(
+                ["to_q", "to_k", "to_v"]
+                    .iter()
+                    .map(|s| format!("{b}.attn.{s}.{param}"))
+                    .collect(),
+            )),
+            ("txt_attn.qkv", _) => Some(Recipe::Concat(
+                ["add_q_proj", "add_k_proj", "add_v_proj"]
+                    .iter()
+                    .map(|s| format!("{b}.attn.{s}.{param}"))
+                    .collect(),
+            )),
+            ("img_attn.norm.query_norm", "scale") => {
+                Some(Recipe::Rename(norm_param(&format!("{b}.attn.norm_q"))))
+            }
+            ("img_attn.norm.key_norm", "scale") => {
+                Some(Recipe::Rename(norm_param(&format!("{b}.attn.norm_k"))))
+            }
+            ("txt_attn.norm.query_norm", "scale") => Some(Recipe::Rename(norm_param(&format!(
+                "{b}.attn.norm_added_q"
+            )))),
+            ("txt_attn.norm.key_norm", "scale") => Some(Recipe::Rename(norm_param(&format!(
+                "{b}.attn.norm_added_k"
+            )))),
+            ("img_attn.proj", _) => r("attn.to_out.0"),
+            ("txt_attn.proj", _) => r("attn.to_add_out"),
+            ("img_mlp.0", _) => r("ff.net.0.proj"),
+            ("img_mlp.2", _) => r("ff.net.2"),
+            ("txt_mlp.0", _) => r("ff_context.net.0.proj"),
+            ("txt_mlp.2", _) => r("ff_context.net.2"),
+            _ => None,
+        };
+    }
+    if let Some(rest) = stem.strip_prefix("single_blocks.") {
+        let (j, sub) = rest.split_once('.')?;
+        let b = format!("single_transformer_blocks.{j}");
+        return match (sub, param) {
+            ("modulation.lin", _) => Some(Recipe::Rename(format!("{b}.norm.linear.{param}"))),
+            ("linear1", _) => Some(Recipe::Concat(
+                ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+                    .iter()
+                    .map(|s| format!("{b}.{s}.{param}"))
+                    .collect(),
+            )),
+            ("linear2", _) => Some(Recipe::Rename(format!("{b}.proj_out.{param}"))),
+            ("norm.query_norm", "scale") => {
+                Some(Recipe::Rename(norm_param(&format!("{b}.attn.norm_q"))))
+            }
+            ("norm.key_norm", "scale") => {
+                Some(Recipe::Rename(norm_param(&format!("{b}.attn.norm_k"))))
+            }
+            _ => None,
+        };
+    }
+    None
+}
+
+/// Every tensor of a diffusers-layout transformer for `cfg`, with its shape (derived from the
+/// BFL list through [`diffusers_recipe`]).
+pub fn diffusers_tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mut out = vec![];
+    for (bfl, shape) in bfl_tensor_shapes(cfg) {
+        let Some(recipe) = diffusers_recipe(&bfl) else {
+            continue;
+        };
+        match recipe {
+            Recipe::Rename(s) | Recipe::SwapHalves(s) => out.push((s, shape)),
+            Recipe::Concat(parts) => {
+                // qkv: three equal parts of h rows; linear1: q, k, v (h rows each) then the MLP.
+                for (k, s) in parts.into_iter().enumerate() {
+                    let rows = if k < 3 { h } else { shape[0] - 3 * h };
+                    let mut sh = shape.clone();
+                    sh[0] = rows;
+                    out.push((s, sh));
+                }
+            }
+        }
+    }
+    out
+}
+
+const BFL_PREFIX: &str = "model.diffusion_model.";
+
+/// Memory-mapped checkpoint tensors read through a layout's key mapping, recording which file
+/// keys were used so that leftovers can be reported.
+pub struct Weights {
+    st: MmapedSafetensors,
+    keys: HashMap<String, Vec<usize>>,
+    layout: Layout,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+    desc: String,
+    used: RefCell<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("source", &self.desc)
+            .field("layout", &self.layout)
+            .field("tensors", &self.keys.len())
+            .finish()
+    }
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        dtype => Err(Error::UnsupportedDtype {
+            what: "transformer weights",
+            dtype,
+        }),
+    }
+}
+
+impl Weights {
+    /// Maps safetensors `files` (one file, or every shard) read in `layout`; tensors are
+    /// converted to `dtype` on `device` as they are loaded.
+    pub fn open(files: &[PathBuf], layout: Layout, dtype: DType, device: &Device) -> Result<Self> {
+        check_dtype(dtype)?;
+        let first = files.first().ok_or_else(|| Error::Checkpoint {
+            path: PathBuf::new(),
+            reason: "no checkpoint files given".into(),
+        })?;
+        for f in files {
+            if !f.is_file() {
+                return Err(Error::Checkpoint {
+                    path: f.clone(),
+                    reason: "no such file".into(),
+                });
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader, this assumes no
+        // one truncates or rewrites them while the model is being loaded.
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Checkpoint {
+            path: first.clone(),
+            reason: e.to_string(),
+        })?;
+        let keys: HashMap<String, Vec<usize>> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.shape().to_vec()))
+            .collect();
+        let prefix = if layout == Layout::Bfl
+            && !keys.is_empty()
+            && keys.keys().all(|k| k.starts_with(BFL_PREFIX))
+        {
+            BFL_PREFIX.to_string()
+        } else {
+            String::new()
+        };
+        let desc = if files.len() == 1 {
+            first.display().to_string()
+        } else {
+            format!(
+                "{} ({} shards)",
+                first.parent().unwrap_or(first).display(),
+                files.len()
+            )
+        };
+        Ok(Weights {
+            st,
+            keys,
+            layout,
+            prefix,
+            dtype,
+            device: device.clone(),
+            desc,
+            used: RefCell::new(BTreeSet::new()),
+        })
+    }
+
+    /// Maps a diffusers `transformer/` folder: its `config.json`, and either
+    /// `diffusion_pytorch_model.safetensors` or the shards listed in
+    /// `diffusion_pytorch_model.safetensors.index.json`.
+    pub fn open_diffusers_folder(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Config, Self)> {
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(&p).map_err(|e| Error::Checkpoint {
+                path: p.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let cfg = Config::from_diffusers_json(&read(dir.join("config.json"))?)?;
+        let single = dir.join("diffusion_pytorch_model.safetensors");
+        let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
+        let files = if index.is_file() {
+            let text = read(index.clone())?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                    path: index.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = json["weight_map"]
+                .as_object()
+                .ok_or_else(|| Error::Checkpoint {
+                    path: index.clone(),
+                    reason: "no `weight_map` object".into(),
+                })?;
+            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            shards.into_iter().map(|s| dir.join(s)).collect::<Vec<_>>()
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: "neither diffusion_pytorch_model.safetensors nor its .index.json is here"
+                    .into(),
+            });
+        };
+        let w = Self::open(&files, Layout::Diffusers, dtype, device)?;
+        Ok((cfg, w))
+    }
+
+    /// The layout being read.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn raw(&self, key: &str, expected: Option<&[usize]>) -> Result<Tensor> {
+        let full = format!("{}{key}", self.prefix);
+        let Some(shape) = self.keys.get(&full) else {
+            return Err(Error::MissingTensor {
+                name: full,
+                source_desc: self.desc.clone(),
+            });
+        };
+        if let Some(exp) = expected {
+            if shape.as_slice() != exp {
+                return Err(Error::ShapeMismatch {
+                    name: full,
+                    expected: exp.to_vec(),
+                    got: shape.clone(),
+                });
+            }
+        }
+        self.used.borrow_mut().insert(full.clone());
+        let t = self.st.load(&full, &self.device)?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// The tensor named `bfl` (BFL key) with `shape`, assembled per the layout.
+    pub fn get(&self, bfl: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.layout {
+            Layout::Bfl => self.raw(bfl, Some(shape)),
+            Layout::Diffusers => {
+                let recipe = diffusers_recipe(bfl).ok_or_else(|| {
+                    Error::InvalidConfig(format!("no diffusers mapping for `{bfl}`"))
+                })?;
+                let t = match &recipe {
+                    Recipe::Rename(s) => self.raw(s, Some(shape))?,
+                    Recipe::SwapHalves(s) => {
+                        let t = self.raw(s, Some(shape))?;
+                        let half = shape[0] / 2;
+                        Tensor::cat(
+                            &[t.narrow(0, half, shape[0] - half)?, t.narrow(0, 0, half)?],
+                            0,
+                        )?
+                    }
+                    Recipe::Concat(parts) => {
+                        let ts = parts
+                            .iter()
+                            .map(|s| self.raw(s, None))
+                            .collect::<Result<Vec<_>>>()?;
+                        let t = Tensor::cat(&ts, 0)?;
+                        if t.dims() != shape {
+                            return Err(Error::ShapeMismatch {
+                                name: format!("{} (concatenated)", parts.join(" + ")),
+                                expected: shape.to_vec(),
+                                got: t.dims().to_vec(),
+                            });
+                        }
+                        t
+                    }
+                };
+                Ok(t)
+            }
+        }
+    }
+
+    /// A linear layer `{name}.weight` `(out, in)` and, if `bias`, `{name}.bias` `(out)`.
+    pub fn linear(
+        &self,
+        name: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<flux_kernels::Linear> {
+        let w = self.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(flux_kernels::Linear::new(w, b)?)
+    }
+
+    /// Before any tensor is read: fails with [`Error::NotAFluxTransformer`] when the file has
+    /// none of the keys this layout expects for `cfg` (a VAE, a text encoder, another layout).
+    pub fn check_looks_like(&self, cfg: &Config) -> Result<()> {
+        let expected: Vec<String> = match self.layout {
+            Layout::Bfl => bfl_tensor_shapes(cfg).into_iter().map(|(k, _)| k).collect(),
+            Layout::Diffusers => diffusers_tensor_shapes(cfg)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
+        };
+        let hits = expected
+            .iter()
+            .filter(|k| self.keys.contains_key(&format!("{}{k}", self.prefix)))
+            .count();
+        if hits == 0 {
+            let mut sample: Vec<String> = self.keys.keys().cloned().collect();
+            sample.sort();
+            sample.truncate(6);
+            return Err(Error::NotAFluxTransformer {
+                source_desc: self.desc.clone(),
+                layout: self.layout.name(),
+                sample_keys: sample,
+            });
+        }
+        Ok(())
+    }
+
+    /// After loading: fails with [`Error::UnexpectedTensors`] if the file holds tensors that
+    /// were not used.
+    pub fn finish(&self) -> Result<()> {
+        let used = self.used.borrow();
+        let mut extra: Vec<String> = self
+            .keys
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        extra.sort();
+        Err(Error::UnexpectedTensors {
+            names: extra,
+            source_desc: self.desc.clone(),
+        })
+    }
+}

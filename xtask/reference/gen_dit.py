@@ -1,0 +1,338 @@
+"""Goldens for flux-dit and flux-kernels: tiny random FluxTransformer2DModel runs (diffusers),
+per-module captures, the same weights in BFL's single-file layout (made by inverting diffusers'
+converter and checked through that converter), and manifests of the real FLUX.1-dev/schnell
+tensor names and shapes in both layouts (built on PyTorch's meta device: no memory, no download).
+
+BFL's `rope` (src/flux/math.py, f32 angles at HEAD) is restated below for the f32-angle golden.
+
+Usage: python gen_dit.py --out flux-dit/tests/golden
+"""
+
+import inspect
+import json
+import math
+import os
+import shutil
+
+import torch
+
+import common
+
+TINY = dict(
+    patch_size=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    pooled_projection_dim=20,
+    axes_dims_rope=(2, 2, 4),
+)
+MODELS = {
+    # name: constructor arguments, inputs
+    "dev": dict(
+        cfg=dict(TINY, in_channels=16, out_channels=None, num_layers=2, num_single_layers=2, guidance_embeds=True),
+        batch=2, grid=(3, 5), txt_len=7, timesteps=[1.0, 0.75], guidance=[3.5, 4.0], shards=True,
+    ),
+    "schnell": dict(
+        cfg=dict(TINY, in_channels=48, out_channels=16, num_layers=1, num_single_layers=1, guidance_embeds=False),
+        batch=1, grid=(2, 4), txt_len=5, timesteps=[0.6], guidance=None, shards=False,
+    ),
+}
+
+
+# ---- diffusers ↔ BFL key mapping (our inverse of diffusers' converter) -------------------------
+def to_bfl(sd, num_layers, num_single):
+    """diffusers state dict -> BFL state dict (spec §3.3, reversed)."""
+    sd = dict(sd)
+    out = {}
+
+    def mv(dst, src):
+        for p in ("weight", "bias"):
+            if f"{src}.{p}" in sd:
+                out[f"{dst}.{p}"] = sd.pop(f"{src}.{p}")
+
+    mv("img_in", "x_embedder")
+    mv("txt_in", "context_embedder")
+    mv("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    mv("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    mv("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+    mv("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+    mv("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+    mv("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+    for i in range(num_layers):
+        b, d = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        mv(f"{d}.img_mod.lin", f"{b}.norm1.linear")
+        mv(f"{d}.txt_mod.lin", f"{b}.norm1_context.linear")
+        for p in ("weight", "bias"):
+            out[f"{d}.img_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}.attn.to_{x}.{p}") for x in "qkv"])
+            out[f"{d}.txt_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}.attn.add_{x}_proj.{p}") for x in "qkv"])
+        out[f"{d}.img_attn.norm.query_norm.scale"] = sd.pop(f"{b}.attn.norm_q.weight")
+        out[f"{d}.img_attn.norm.key_norm.scale"] = sd.pop(f"{b}.attn.norm_k.weight")
+        out[f"{d}.txt_attn.norm.query_norm.scale"] = sd.pop(f"{b}.attn.norm_added_q.weight")
+        out[f"{d}.txt_attn.norm.key_norm.scale"] = sd.pop(f"{b}.attn.norm_added_k.weight")
+        mv(f"{d}.img_attn.proj", f"{b}.attn.to_out.0")
+        mv(f"{d}.txt_attn.proj", f"{b}.attn.to_add_out")
+        mv(f"{d}.img_mlp.0", f"{b}.ff.net.0.proj")
+        mv(f"{d}.img_mlp.2", f"{b}.ff.net.2")
+        mv(f"{d}.txt_mlp.0", f"{b}.ff_context.net.0.proj")
+        mv(f"{d}.txt_mlp.2", f"{b}.ff_context.net.2")
+    for j in range(num_single):
+        b, s = f"single_transformer_blocks.{j}", f"single_blocks.{j}"
+        mv(f"{s}.modulation.lin", f"{b}.norm.linear")
+        for p in ("weight", "bias"):
+            parts = [sd.pop(f"{b}.attn.to_{x}.{p}") for x in "qkv"] + [sd.pop(f"{b}.proj_mlp.{p}")]
+            out[f"{s}.linear1.{p}"] = torch.cat(parts)
+        mv(f"{s}.linear2", f"{b}.proj_out")
+        out[f"{s}.norm.query_norm.scale"] = sd.pop(f"{b}.attn.norm_q.weight")
+        out[f"{s}.norm.key_norm.scale"] = sd.pop(f"{b}.attn.norm_k.weight")
+    mv("final_layer.linear", "proj_out")
+    for p in ("weight", "bias"):
+        scale, shift = sd.pop(f"norm_out.linear.{p}").chunk(2, dim=0)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+    if sd:
+        raise RuntimeError(f"unmapped diffusers keys: {sorted(sd)}")
+    return out
+
+
+def diffusers_converter(inner_dim):
+    """diffusers' own convert_flux_transformer_checkpoint_to_diffusers. Its source hard-codes
+    `inner_dim = 3072`; for tiny models we run that same source with the tiny width."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    fn = sfu.convert_flux_transformer_checkpoint_to_diffusers
+    if inner_dim == 3072:
+        return fn, False
+    src = inspect.getsource(fn)
+    assert src.count("inner_dim = 3072") == 1, "converter source changed; review the patch"
+    src = src.replace("inner_dim = 3072", f"inner_dim = {inner_dim}")
+    scope = dict(vars(sfu))
+    exec(compile(src, sfu.__file__, "exec"), scope)
+    return scope[fn.__name__], True
+
+
+def check_through_converter(bfl_sd, diffusers_sd, inner_dim, compare_values):
+    convert, patched = diffusers_converter(inner_dim)
+    converted = convert({k: v for k, v in bfl_sd.items()})
+    if sorted(converted) != sorted(diffusers_sd):
+        missing = set(diffusers_sd) - set(converted)
+        extra = set(converted) - set(diffusers_sd)
+        raise RuntimeError(f"converter mismatch: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
+    for k, v in diffusers_sd.items():
+        if converted[k].shape != v.shape:
+            raise RuntimeError(f"converter shape mismatch at {k}: {converted[k].shape} vs {v.shape}")
+        if compare_values and not torch.equal(converted[k], v):
+            raise RuntimeError(f"converter value mismatch at {k}")
+    return "diffusers convert_flux_transformer_checkpoint_to_diffusers" + (
+        f" (its hard-coded inner_dim 3072 replaced by {inner_dim})" if patched else ""
+    )
+
+
+# ---- BFL rope, restated (f32 angles as at HEAD) ------------------------------------------------
+def bfl_rope(pos, dim, theta):
+    scale = torch.arange(0, dim, 2, dtype=pos.dtype, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)
+    out = torch.einsum("...n,d->...nd", pos, omega)
+    return torch.cos(out).float(), torch.sin(out).float()
+
+
+def bfl_embed_nd(ids, axes_dim, theta):
+    cs = [bfl_rope(ids[..., i], axes_dim[i], theta) for i in range(ids.shape[-1])]
+    return torch.cat([c for c, _ in cs], dim=-1), torch.cat([s for _, s in cs], dim=-1)
+
+
+def randomize(model, seed):
+    """Every weight random and O(1)-scaled, norm scales around 1, so that every tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.ndim == 1 and ("norm" in name and "linear" not in name):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def make_ids(grid, txt_len):
+    gh, gw = grid
+    img_ids = torch.zeros(gh, gw, 3)
+    img_ids[..., 1] = torch.arange(gh)[:, None]
+    img_ids[..., 2] = torch.arange(gw)[None, :]
+    return img_ids.reshape(gh * gw, 3), torch.zeros(txt_len, 3)
+
+
+def run_model(name, spec, out):
+    from diffusers import FluxTransformer2DModel
+
+    common.setup(0)
+    cfg = spec["cfg"]
+    model = FluxTransformer2DModel(**cfg).eval()
+    randomize(model, seed=1 if name == "dev" else 2)
+    b, (gh, gw), lt = spec["batch"], spec["grid"], spec["txt_len"]
+    g = torch.Generator().manual_seed(3)
+    inp = {
+        "img": torch.randn(b, gh * gw, cfg["in_channels"], generator=g),
+        "txt": torch.randn(b, lt, cfg["joint_attention_dim"], generator=g),
+        "y": torch.randn(b, cfg["pooled_projection_dim"], generator=g),
+        "timesteps": torch.tensor(spec["timesteps"], dtype=torch.float32),
+    }
+    inp["img_ids"], inp["txt_ids"] = make_ids((gh, gw), lt)
+    if spec["guidance"] is not None:
+        inp["guidance"] = torch.tensor(spec["guidance"], dtype=torch.float32)
+
+    captures = {}
+
+    def hook(tag):
+        def fn(module, args, kwargs, output):
+            captures[tag] = (args, kwargs, output)
+
+        return fn
+
+    handles = [
+        model.time_text_embed.register_forward_hook(hook("vec"), with_kwargs=True),
+        model.pos_embed.register_forward_hook(hook("pe"), with_kwargs=True),
+        model.transformer_blocks[0].register_forward_hook(hook("double0"), with_kwargs=True),
+        model.single_transformer_blocks[0].register_forward_hook(hook("single0"), with_kwargs=True),
+        model.norm_out.register_forward_hook(hook("norm_out"), with_kwargs=True),
+    ]
+
+    def call(m, dtype):
+        return m(
+            hidden_states=inp["img"].to(dtype),
+            encoder_hidden_states=inp["txt"].to(dtype),
+            pooled_projections=inp["y"].to(dtype),
+            timestep=inp["timesteps"].to(dtype),
+            img_ids=inp["img_ids"],
+            txt_ids=inp["txt_ids"],
+            guidance=inp.get("guidance"),
+            return_dict=False,
+        )[0]
+
+    with torch.no_grad():
+        out_f32 = call(model, torch.float32)
+    for h in handles:
+        h.remove()
+    tensors = {f"input/{k}": v for k, v in inp.items()}
+    tensors["output/f32"] = out_f32
+    # per-module captures (f32)
+    tensors["module/vec"] = captures["vec"][2]
+    cos, sin = captures["pe"][2]
+    tensors["module/pe_cos"] = cos[:, ::2].float()
+    tensors["module/pe_sin"] = sin[:, ::2].float()
+    a, kw, o = captures["double0"]
+    tensors["module/double0_in_img"] = kw["hidden_states"]
+    tensors["module/double0_in_txt"] = kw["encoder_hidden_states"]
+    tensors["module/double0_out_txt"], tensors["module/double0_out_img"] = o
+    a, kw, o = captures["single0"]
+    tensors["module/single0_in"] = torch.cat([kw["encoder_hidden_states"], kw["hidden_states"]], dim=1)
+    tensors["module/single0_out"] = torch.cat([o[0], o[1]], dim=1)
+    a, kw, o = captures["norm_out"]
+    tensors["module/last_in"] = a[0] if a else kw["hidden_states"]
+    with torch.no_grad():
+        tensors["module/last_out"] = model.proj_out(o)
+    # bf16: weights and activations bf16, timesteps as a bf16 tensor (the pipeline's dtype).
+    m16 = FluxTransformer2DModel(**cfg).eval()
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    with torch.no_grad():
+        tensors["output/bf16"] = call(m16, torch.bfloat16)
+
+    # weights: diffusers folder (sharded for dev), BFL single file checked through the converter
+    folder = os.path.join(out, f"{name}_diffusers")
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, max_shard_size="60KB" if spec["shards"] else "100MB")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bfl = to_bfl(sd, cfg["num_layers"], cfg["num_single_layers"])
+    inner = cfg["attention_head_dim"] * cfg["num_attention_heads"]
+    checked = check_through_converter(bfl, sd, inner, compare_values=True)
+    meta = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+            "layout": "bfl", "bfl_checked_through": checked, "seed": 1}
+    common.save(out, f"{name}_bfl", bfl, meta)
+    meta = {
+        "config": meta["config"],
+        "grid": [gh, gw],
+        "rope_angles": "f64 (diffusers)",
+        "tolerance": {"f32": "abs=1e-5,rel=1e-5", "bf16": "cosine>=0.999"},
+        "seed": 3,
+    }
+    common.save(out, name, tensors, meta)
+    return model
+
+
+def gen_modules(out, model):
+    """timestep embedding, RoPE tables (BFL f32 / diffusers f64), RoPE application, QK-norm."""
+    from diffusers.models.embeddings import apply_rotary_emb, get_timestep_embedding
+
+    common.setup(0)
+    g = torch.Generator().manual_seed(4)
+    t = torch.tensor([0.0, 0.25, 0.75, 1.0, 3.5, 0.904530767], dtype=torch.float32)
+    tensors = {"temb/t": t}
+    tensors["temb/f32"] = get_timestep_embedding(t * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    t16 = t.to(torch.bfloat16) * 1000  # bf16 op, as in the transformer
+    tensors["temb/bf16_scaled"] = t16.float()
+    tensors["temb/bf16"] = get_timestep_embedding(t16, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    # RoPE tables for FLUX-size axes on a 3×5 grid after 4 text tokens
+    axes, theta = [16, 56, 56], 10000
+    img_ids, txt_ids = make_ids((3, 5), 4)
+    ids = torch.cat([txt_ids, img_ids])
+    ids[-1, 0] = 1.0  # one Kontext-style token exercises axis 0
+    tensors["rope/ids"] = ids
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    cos, sin = FluxPosEmbed(theta, axes)(ids)
+    tensors["rope/f64_cos"], tensors["rope/f64_sin"] = cos[:, ::2].float(), sin[:, ::2].float()
+    cos32, sin32 = bfl_embed_nd(ids, axes, theta)
+    tensors["rope/f32_cos"], tensors["rope/f32_sin"] = cos32, sin32
+    q = torch.randn(1, 3, ids.shape[0], 128, generator=g)
+    tensors["rope/q"] = q
+    tensors["rope/q_rotated"] = apply_rotary_emb(q, (cos, sin), use_real=True, use_real_unbind_dim=-1)
+    # QK-norm of the tiny dev model's first block
+    attn = model.transformer_blocks[0].attn
+    x = torch.randn(2, 2, 5, 8, generator=g)
+    tensors["qknorm/x"] = x
+    tensors["qknorm/scale"] = attn.norm_q.weight.detach().clone()
+    with torch.no_grad():
+        tensors["qknorm/out"] = attn.norm_q(x)
+    meta = {"axes_dim": axes, "theta": theta, "eps": attn.norm_q.eps, "tolerance": "see tests", "seed": 4}
+    common.save(out, "modules", tensors, meta)
+
+
+def gen_manifests(out):
+    """Names and shapes of the real transformers, both layouts, from the meta device."""
+    from diffusers import FluxTransformer2DModel
+
+    mdir = os.path.join(os.path.dirname(out.rstrip("/")), "manifests")
+    os.makedirs(mdir, exist_ok=True)
+    for name, guidance in [("dev", True), ("schnell", False)]:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(guidance_embeds=guidance)
+        sd = dict(model.state_dict())
+        bfl = to_bfl(sd, 19, 38)
+        checked = check_through_converter(bfl, sd, 3072, compare_values=False)
+        for layout, d in [("diffusers", sd), ("bfl", bfl)]:
+            path = os.path.join(mdir, f"{name}_{layout}.json")
+            body = {
+                "model": f"FLUX.1-{name}",
+                "layout": layout,
+                "source": "diffusers FluxTransformer2DModel on the meta device"
+                + ("" if layout == "diffusers" else f"; BFL names by our inverse mapping, checked through {checked}"),
+                "reference": common.versions(),
+                "tensors": {k: list(v.shape) for k, v in sorted(d.items())},
+            }
+            with open(path, "w") as f:
+                json.dump(body, f, indent=1, sort_keys=True)
+                f.write("\n")
+            print(f"wrote {os.path.relpath(path)} ({len(d)} tensors)")
+
+
+def main():
+    args = common.parse_args(__doc__)
+    dev = None
+    for name, spec in MODELS.items():
+        m = run_model(name, spec, args.out)
+        dev = dev or m
+    gen_modules(args.out, dev)
+    gen_manifests(args.out)
+
+
+if __name__ == "__main__":
+    main()
