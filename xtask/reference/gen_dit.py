@@ -258,41 +258,18 @@ def run_model(name, spec, out):
     return model
 
 
-def gen_modules(out, model):
-    """timestep embedding, RoPE tables (BFL f32 / diffusers f64), RoPE application, QK-norm."""
-    from diffusers.models.embeddings import apply_rotary_emb, get_timestep_embedding
+def gen_modules(out):
+    """The timestep embedding (the shared ops have their own goldens in flux-kernels)."""
+    from diffusers.models.embeddings import get_timestep_embedding
 
     common.setup(0)
-    g = torch.Generator().manual_seed(4)
     t = torch.tensor([0.0, 0.25, 0.75, 1.0, 3.5, 0.904530767], dtype=torch.float32)
     tensors = {"temb/t": t}
     tensors["temb/f32"] = get_timestep_embedding(t * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
     t16 = t.to(torch.bfloat16) * 1000  # bf16 op, as in the transformer
     tensors["temb/bf16_scaled"] = t16.float()
     tensors["temb/bf16"] = get_timestep_embedding(t16, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
-    # RoPE tables for FLUX-size axes on a 3×5 grid after 4 text tokens
-    axes, theta = [16, 56, 56], 10000
-    img_ids, txt_ids = make_ids((3, 5), 4)
-    ids = torch.cat([txt_ids, img_ids])
-    ids[-1, 0] = 1.0  # one Kontext-style token exercises axis 0
-    tensors["rope/ids"] = ids
-    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-
-    cos, sin = FluxPosEmbed(theta, axes)(ids)
-    tensors["rope/f64_cos"], tensors["rope/f64_sin"] = cos[:, ::2].float(), sin[:, ::2].float()
-    cos32, sin32 = bfl_embed_nd(ids, axes, theta)
-    tensors["rope/f32_cos"], tensors["rope/f32_sin"] = cos32, sin32
-    q = torch.randn(1, 3, ids.shape[0], 128, generator=g)
-    tensors["rope/q"] = q
-    tensors["rope/q_rotated"] = apply_rotary_emb(q, (cos, sin), use_real=True, use_real_unbind_dim=-1)
-    # QK-norm of the tiny dev model's first block
-    attn = model.transformer_blocks[0].attn
-    x = torch.randn(2, 2, 5, 8, generator=g)
-    tensors["qknorm/x"] = x
-    tensors["qknorm/scale"] = attn.norm_q.weight.detach().clone()
-    with torch.no_grad():
-        tensors["qknorm/out"] = attn.norm_q(x)
-    meta = {"axes_dim": axes, "theta": theta, "eps": attn.norm_q.eps, "tolerance": "see tests", "seed": 4}
+    meta = {"tolerance": "abs=1e-4 (sinusoid), 2.5e-4 at t' = 3504"}
     common.save(out, "modules", tensors, meta)
 
 
@@ -326,11 +303,9 @@ def gen_manifests(out):
 
 def main():
     args = common.parse_args(__doc__)
-    dev = None
     for name, spec in MODELS.items():
-        m = run_model(name, spec, args.out)
-        dev = dev or m
-    gen_modules(args.out, dev)
+        run_model(name, spec, args.out)
+    gen_modules(args.out)
     gen_manifests(args.out)
 
 

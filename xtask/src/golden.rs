@@ -19,6 +19,7 @@ const CRATES: &[&str] = &[
 
 /// Reference generators: component name, script in `xtask/reference/`, crate that owns the output.
 const GENERATORS: &[(&str, &str, &str)] = &[
+    ("kernels", "gen_kernels.py", "flux-kernels"),
     ("sampler", "gen_sampler.py", "flux-sampler"),
     ("dit", "gen_dit.py", "flux-dit"),
 ];
@@ -204,8 +205,11 @@ pub fn generate(args: &[&str]) -> Result<()> {
     let mut differing = vec![];
     for (name, script, krate) in selected {
         let committed = root().join(krate).join("tests").join("golden");
+        // Generators write `<crate>/tests/golden` and may write siblings (`tests/manifests`).
+        let scratch =
+            std::env::temp_dir().join(format!("flux-golden-verify-{}-{name}", std::process::id()));
         let out = if verify {
-            std::env::temp_dir().join(format!("flux-golden-verify-{}-{name}", std::process::id()))
+            scratch.join("golden")
         } else {
             committed.clone()
         };
@@ -216,8 +220,11 @@ pub fn generate(args: &[&str]) -> Result<()> {
             .arg("--out")
             .arg(&out))?;
         if verify {
-            differing.extend(compare_dirs(&out, &committed)?);
-            let _ = std::fs::remove_dir_all(&out);
+            let tests = root().join(krate).join("tests");
+            for sub in ["golden", "manifests"] {
+                differing.extend(compare_dirs(&scratch.join(sub), &tests.join(sub))?);
+            }
+            let _ = std::fs::remove_dir_all(&scratch);
         }
     }
     if verify {
@@ -236,31 +243,41 @@ pub fn generate(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn compare_dirs(fresh: &Path, committed: &Path) -> Result<Vec<String>> {
-    let mut differing = vec![];
-    let mut names = std::collections::BTreeSet::new();
-    for dir in [fresh, committed] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries {
-                let n = e?.file_name().to_string_lossy().into_owned();
-                if n.ends_with(".safetensors") {
-                    names.insert(n);
-                }
-            }
+fn list_files(
+    base: &Path,
+    dir: &Path,
+    out: &mut std::collections::BTreeSet<PathBuf>,
+) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries {
+        let path = e?.path();
+        if path.is_dir() {
+            list_files(base, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(base) {
+            out.insert(rel.to_path_buf());
         }
     }
+    Ok(())
+}
+
+/// Files that differ between a fresh generation and the committed folder (recursively). A
+/// folder the generator did not write is skipped.
+fn compare_dirs(fresh: &Path, committed: &Path) -> Result<Vec<String>> {
+    if !fresh.exists() {
+        return Ok(vec![]);
+    }
+    let mut names = std::collections::BTreeSet::new();
+    list_files(fresh, fresh, &mut names)?;
+    list_files(committed, committed, &mut names)?;
+    let mut differing = vec![];
     for n in names {
         let a = std::fs::read(fresh.join(&n)).ok();
         let b = std::fs::read(committed.join(&n)).ok();
         if a.is_none() || a != b {
-            differing.push(
-                committed
-                    .join(&n)
-                    .strip_prefix(root())
-                    .unwrap_or(&committed.join(&n))
-                    .display()
-                    .to_string(),
-            );
+            let p = committed.join(&n);
+            differing.push(p.strip_prefix(root()).unwrap_or(&p).display().to_string());
         }
     }
     Ok(differing)

@@ -1,0 +1,74 @@
+"""Goldens for flux-kernels: each shared op against PyTorch / diffusers on random inputs.
+
+attention = torch scaled_dot_product_attention (with additive bias, causal mask and custom
+scale too); RoPE tables = diffusers FluxPosEmbed (f64 angles) and BFL's `rope` restated (f32
+angles, as at HEAD); RoPE application = diffusers apply_rotary_emb; RMSNorm = torch.nn.RMSNorm
+as diffusers' QK-norm; LayerNorm = F.layer_norm without affine; GELU = F.gelu(approximate="tanh");
+modulate = `(1 + scale) * x + shift` as BFL writes it.
+
+Usage: python gen_kernels.py --out flux-kernels/tests/golden
+"""
+
+import torch
+import torch.nn.functional as F
+
+import common
+from gen_dit import bfl_embed_nd, make_ids
+
+
+def main():
+    args = common.parse_args(__doc__)
+    common.setup(0)
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g)
+    t = {}
+    # attention (B, H, L, D)
+    q, k, v = r(2, 3, 5, 8), r(2, 3, 7, 8), r(2, 3, 7, 6)
+    t["attn/q"], t["attn/k"], t["attn/v"] = q, k, v
+    t["attn/plain"] = F.scaled_dot_product_attention(q, k, v)
+    bias = r(1, 3, 5, 7)
+    t["attn/bias"] = bias
+    t["attn/bias_scale1"] = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    kc, vc = r(2, 3, 5, 8), r(2, 3, 5, 6)
+    t["attn/kc"], t["attn/vc"] = kc, vc
+    t["attn/causal"] = F.scaled_dot_product_attention(q, kc, vc, is_causal=True)
+    t["attn/bf16"] = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    # RoPE tables for FLUX-size axes on a 3×5 grid after 4 text tokens, one axis-0 token
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    axes, theta = [16, 56, 56], 10000
+    img_ids, txt_ids = make_ids((3, 5), 4)
+    ids = torch.cat([txt_ids, img_ids])
+    ids[-1, 0] = 1.0
+    t["rope/ids"] = ids
+    cos, sin = FluxPosEmbed(theta, axes)(ids)
+    t["rope/f64_cos"], t["rope/f64_sin"] = cos[:, ::2].float(), sin[:, ::2].float()
+    t["rope/f32_cos"], t["rope/f32_sin"] = bfl_embed_nd(ids, axes, theta)
+    x = r(1, 3, ids.shape[0], 128)
+    t["rope/x"] = x
+    t["rope/x_rotated"] = apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)
+    # norms and activations
+    x = r(2, 5, 16) * 3 + 0.5
+    t["norm/x"] = x
+    rms = torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        rms.weight.copy_(1 + 0.2 * r(16))
+        t["norm/rms_scale"] = rms.weight.detach().clone()
+        t["norm/rms"] = rms(x)
+        t["norm/rms_bf16"] = rms.to(torch.bfloat16)(x.bfloat16())
+    t["norm/layer"] = F.layer_norm(x, (16,), eps=1e-6)
+    t["norm/layer_bf16"] = F.layer_norm(x.bfloat16(), (16,), eps=1e-6)
+    t["act/gelu_tanh"] = F.gelu(x, approximate="tanh")
+    t["act/gelu_tanh_bf16"] = F.gelu(x.bfloat16(), approximate="tanh")
+    t["act/silu"] = F.silu(x)
+    shift, scale = r(2, 1, 16), r(2, 1, 16)
+    t["mod/shift"], t["mod/scale"] = shift, scale
+    t["mod/out"] = (1 + scale) * x + shift
+    meta = {"axes_dim": axes, "theta": theta, "eps": 1e-6, "seed": 5,
+            "tolerance": {"f32": "abs=1e-5,rel=1e-5", "bf16": "abs=3e-2,rel=3e-2,cos>=0.999"}}
+    common.save(args.out, "ops", t, meta)
+
+
+if __name__ == "__main__":
+    main()
