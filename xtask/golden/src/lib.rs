@@ -95,7 +95,7 @@ impl fmt::Display for Tolerance {
         if self.abs == 0.0 && self.rel == 0.0 && self.min_cosine.is_none() {
             return write!(f, "exact");
         }
-        write!(f, "abs={:.0e},rel={:.0e}", self.abs, self.rel)?;
+        write!(f, "abs={:e},rel={:e}", self.abs, self.rel)?;
         if let Some(c) = self.min_cosine {
             write!(f, ",cos>={c}")?;
         }
@@ -345,7 +345,8 @@ impl Golden {
         result: Result<Comparison, String>,
         tol: Tolerance,
     ) -> Comparison {
-        let case = format!("{}/{case}", self.file);
+        // Report rows are whitespace-separated: keep the case one field.
+        let case = format!("{}/{case}", self.file).replace(char::is_whitespace, "_");
         match result {
             Err(msg) => {
                 record(&format!("{} {case} {dtype} - - {tol} FAIL", self.krate));
