@@ -18,3 +18,8 @@ pub use pack::{img_ids, pack, txt_ids, unpack};
 pub use weights::{
     bfl_tensor_shapes, diffusers_recipe, diffusers_tensor_shapes, Layout, Recipe, Weights,
 };
+
+/// The workspace README's Rust examples, run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct WorkspaceReadmeDoctests;
