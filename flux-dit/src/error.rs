@@ -77,10 +77,32 @@ pub enum Error {
     },
     /// An error from the shared ops.
     #[error(transparent)]
-    Kernels(#[from] flux_kernels::Error),
+    Kernels(flux_kernels::Error),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle::Error),
+}
+
+impl From<flux_kernels::Error> for Error {
+    fn from(e: flux_kernels::Error) -> Self {
+        use flux_kernels::Error as K;
+        match e {
+            K::MissingTensor { name, source_desc } => Error::MissingTensor { name, source_desc },
+            K::TensorShape {
+                name,
+                expected,
+                got,
+            } => Error::ShapeMismatch {
+                name,
+                expected,
+                got,
+            },
+            K::Checkpoint { path, reason } => Error::Checkpoint { path, reason },
+            K::UnsupportedDtype { what, dtype } => Error::UnsupportedDtype { what, dtype },
+            K::Candle(e) => Error::Candle(e),
+            e => Error::Kernels(e),
+        }
+    }
 }
 
 fn preview(names: &[String]) -> String {

@@ -7,12 +7,10 @@
 //! with the expected shape, and tensors the model does not use are an error, so a file of a
 //! different model or variant is caught. Files are memory-mapped, never read whole.
 
-use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle::safetensors::MmapedSafetensors;
 use candle::{DType, Device, Tensor};
+use flux_kernels::Checkpoint;
 
 use crate::config::Config;
 use crate::{Error, Result};
@@ -228,94 +226,24 @@ pub fn diffusers_tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
 
 const BFL_PREFIX: &str = "model.diffusion_model.";
 
-/// Memory-mapped checkpoint tensors read through a layout's key mapping, recording which file
-/// keys were used so that leftovers can be reported.
+/// A checkpoint read through a layout's key mapping (strictness and mmap come from
+/// [`flux_kernels::Checkpoint`]).
+#[derive(Debug)]
 pub struct Weights {
-    st: MmapedSafetensors,
-    keys: HashMap<String, Vec<usize>>,
+    ckpt: Checkpoint,
     layout: Layout,
-    prefix: String,
-    dtype: DType,
-    device: Device,
-    desc: String,
-    used: RefCell<BTreeSet<String>>,
-}
-
-impl std::fmt::Debug for Weights {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Weights")
-            .field("source", &self.desc)
-            .field("layout", &self.layout)
-            .field("tensors", &self.keys.len())
-            .finish()
-    }
-}
-
-fn check_dtype(dtype: DType) -> Result<()> {
-    match dtype {
-        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
-        dtype => Err(Error::UnsupportedDtype {
-            what: "transformer weights",
-            dtype,
-        }),
-    }
 }
 
 impl Weights {
     /// Maps safetensors `files` (one file, or every shard) read in `layout`; tensors are
-    /// converted to `dtype` on `device` as they are loaded.
+    /// converted to `dtype` on `device` as they are loaded. BFL files whose keys all carry the
+    /// `model.diffusion_model.` prefix are accepted.
     pub fn open(files: &[PathBuf], layout: Layout, dtype: DType, device: &Device) -> Result<Self> {
-        check_dtype(dtype)?;
-        let first = files.first().ok_or_else(|| Error::Checkpoint {
-            path: PathBuf::new(),
-            reason: "no checkpoint files given".into(),
-        })?;
-        for f in files {
-            if !f.is_file() {
-                return Err(Error::Checkpoint {
-                    path: f.clone(),
-                    reason: "no such file".into(),
-                });
-            }
+        let mut ckpt = Checkpoint::open(files, dtype, device)?;
+        if layout == Layout::Bfl {
+            ckpt.strip_common_prefix(BFL_PREFIX);
         }
-        // SAFETY: the files are mapped read-only; like every mmap-based loader, this assumes no
-        // one truncates or rewrites them while the model is being loaded.
-        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Checkpoint {
-            path: first.clone(),
-            reason: e.to_string(),
-        })?;
-        let keys: HashMap<String, Vec<usize>> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.shape().to_vec()))
-            .collect();
-        let prefix = if layout == Layout::Bfl
-            && !keys.is_empty()
-            && keys.keys().all(|k| k.starts_with(BFL_PREFIX))
-        {
-            BFL_PREFIX.to_string()
-        } else {
-            String::new()
-        };
-        let desc = if files.len() == 1 {
-            first.display().to_string()
-        } else {
-            format!(
-                "{} ({} shards)",
-                first.parent().unwrap_or(first).display(),
-                files.len()
-            )
-        };
-        Ok(Weights {
-            st,
-            keys,
-            layout,
-            prefix,
-            dtype,
-            device: device.clone(),
-            desc,
-            used: RefCell::new(BTreeSet::new()),
-        })
+        Ok(Weights { ckpt, layout })
     }
 
     /// Maps a diffusers `transformer/` folder: its `config.json`, and either
@@ -326,39 +254,8 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<(Config, Self)> {
-        let read = |p: PathBuf| {
-            std::fs::read_to_string(&p).map_err(|e| Error::Checkpoint {
-                path: p.clone(),
-                reason: e.to_string(),
-            })
-        };
-        let cfg = Config::from_diffusers_json(&read(dir.join("config.json"))?)?;
-        let single = dir.join("diffusion_pytorch_model.safetensors");
-        let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
-        let files = if index.is_file() {
-            let text = read(index.clone())?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-                    path: index.clone(),
-                    reason: e.to_string(),
-                })?;
-            let map = json["weight_map"]
-                .as_object()
-                .ok_or_else(|| Error::Checkpoint {
-                    path: index.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
-            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-            shards.into_iter().map(|s| dir.join(s)).collect::<Vec<_>>()
-        } else if single.is_file() {
-            vec![single]
-        } else {
-            return Err(Error::Checkpoint {
-                path: dir.to_path_buf(),
-                reason: "neither diffusion_pytorch_model.safetensors nor its .index.json is here"
-                    .into(),
-            });
-        };
+        let (config, files) = diffusers_folder_files(dir)?;
+        let cfg = Config::from_diffusers_json(&config)?;
         let w = Self::open(&files, Layout::Diffusers, dtype, device)?;
         Ok((cfg, w))
     }
@@ -370,34 +267,16 @@ impl Weights {
 
     /// The dtype tensors are converted to.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.ckpt.dtype()
     }
 
     /// The device tensors are placed on.
     pub fn device(&self) -> &Device {
-        &self.device
+        self.ckpt.device()
     }
 
     fn raw(&self, key: &str, expected: Option<&[usize]>) -> Result<Tensor> {
-        let full = format!("{}{key}", self.prefix);
-        let Some(shape) = self.keys.get(&full) else {
-            return Err(Error::MissingTensor {
-                name: full,
-                source_desc: self.desc.clone(),
-            });
-        };
-        if let Some(exp) = expected {
-            if shape.as_slice() != exp {
-                return Err(Error::ShapeMismatch {
-                    name: full,
-                    expected: exp.to_vec(),
-                    got: shape.clone(),
-                });
-            }
-        }
-        self.used.borrow_mut().insert(full.clone());
-        let t = self.st.load(&full, &self.device)?;
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(self.ckpt.get(key, expected)?)
     }
 
     /// The tensor named `bfl` (BFL key) with `shape`, assembled per the layout.
@@ -466,18 +345,11 @@ impl Weights {
                 .map(|(k, _)| k)
                 .collect(),
         };
-        let hits = expected
-            .iter()
-            .filter(|k| self.keys.contains_key(&format!("{}{k}", self.prefix)))
-            .count();
-        if hits == 0 {
-            let mut sample: Vec<String> = self.keys.keys().cloned().collect();
-            sample.sort();
-            sample.truncate(6);
+        if !expected.iter().any(|k| self.ckpt.contains(k)) {
             return Err(Error::NotAFluxTransformer {
-                source_desc: self.desc.clone(),
+                source_desc: self.ckpt.desc().to_string(),
                 layout: self.layout.name(),
-                sample_keys: sample,
+                sample_keys: self.ckpt.sample_keys(6),
             });
         }
         Ok(())
@@ -486,20 +358,24 @@ impl Weights {
     /// After loading: fails with [`Error::UnexpectedTensors`] if the file holds tensors that
     /// were not used.
     pub fn finish(&self) -> Result<()> {
-        let used = self.used.borrow();
-        let mut extra: Vec<String> = self
-            .keys
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
+        let extra = self.ckpt.unused();
         if extra.is_empty() {
             return Ok(());
         }
-        extra.sort();
         Err(Error::UnexpectedTensors {
             names: extra,
-            source_desc: self.desc.clone(),
+            source_desc: self.ckpt.desc().to_string(),
         })
     }
+}
+
+/// The `config.json` text and the safetensors files of a diffusers model folder.
+pub fn diffusers_folder_files(dir: &Path) -> Result<(String, Vec<PathBuf>)> {
+    let path = dir.join("config.json");
+    let config = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+        path,
+        reason: e.to_string(),
+    })?;
+    let files = flux_kernels::sharded_files(dir, "diffusion_pytorch_model")?;
+    Ok((config, files))
 }

@@ -34,6 +34,32 @@ pub enum Error {
         /// The dtype given.
         dtype: DType,
     },
+    /// A checkpoint lacks a tensor.
+    #[error("missing tensor `{name}` in {source_desc}")]
+    MissingTensor {
+        /// Key in the file.
+        name: String,
+        /// Which checkpoint.
+        source_desc: String,
+    },
+    /// A checkpoint tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        /// Key in the file.
+        name: String,
+        /// The shape required.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A checkpoint file that cannot be read or parsed (missing, truncated, corrupt).
+    #[error("cannot read checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// Invalid op parameters (odd RoPE axis, axes not summing to the head dim, …).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

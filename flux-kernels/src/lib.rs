@@ -2,12 +2,14 @@
 #![deny(missing_docs)]
 
 mod attention;
+mod checkpoint;
 mod error;
 mod linear;
 mod ops;
 mod rope;
 
 pub use attention::{attention, softmax_last_dim, AttnOpts};
+pub use checkpoint::{sharded_files, Checkpoint};
 pub use error::{Error, Result};
 pub use linear::Linear;
 pub use ops::{gelu_tanh, layer_norm, modulate, rms_norm, silu};

@@ -63,6 +63,23 @@ fn schedules_match_bfl_and_diffusers() {
 }
 
 #[test]
+fn bfl_and_diffusers_schedules_differ_by_at_most_3_ulp() {
+    let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+    let mut worst = 0;
+    for n in 1..=60 {
+        for seq in [1, 16, 256, 1024, 4080, 4096, 6144, 16384, 45217] {
+            let a = schedule(n, seq, Some(ShiftParams::default())).unwrap();
+            let b = diffusers_sigmas(n, seq, Some(ShiftParams::default())).unwrap();
+            worst = worst.max(a.iter().zip(&b).map(|(x, y)| ulps(*x, *y)).max().unwrap());
+        }
+    }
+    assert_eq!(worst, 3);
+    let a = schedule(28, 4096, Some(ShiftParams::default())).unwrap();
+    let b = diffusers_sigmas(28, 4096, Some(ShiftParams::default())).unwrap();
+    assert_eq!(a.iter().zip(&b).filter(|(x, y)| x != y).count(), 14);
+}
+
+#[test]
 fn schedule_sweeps_match_bit_for_bit() {
     let g = golden("schedule");
     let meta = &g.meta()["sweep"];

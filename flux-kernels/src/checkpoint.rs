@@ -1,0 +1,201 @@
+//! Strict, memory-mapped reading of safetensors checkpoints, shared by every model's loader.
+//!
+//! This knows no model: each model crate maps its own key names onto a [`Checkpoint`]. What is
+//! shared is the strictness — a missing key or a wrong shape is an error naming the key, every
+//! key read is recorded so that leftovers can be reported, and files are mapped, never read
+//! whole into memory.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use candle::safetensors::MmapedSafetensors;
+use candle::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// One or more memory-mapped safetensors files read as one set of named tensors.
+pub struct Checkpoint {
+    st: MmapedSafetensors,
+    shapes: HashMap<String, Vec<usize>>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+    desc: String,
+    used: RefCell<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("source", &self.desc)
+            .field("tensors", &self.shapes.len())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Maps `files` (one file, or every shard of a sharded checkpoint). Tensors are converted to
+    /// `dtype` (f32, bf16 or f16) on `device` as they are read.
+    pub fn open(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDtype {
+                what: "checkpoint weights",
+                dtype,
+            });
+        }
+        let first = files.first().ok_or_else(|| Error::Checkpoint {
+            path: PathBuf::new(),
+            reason: "no checkpoint files given".into(),
+        })?;
+        for f in files {
+            if !f.is_file() {
+                return Err(Error::Checkpoint {
+                    path: f.clone(),
+                    reason: "no such file".into(),
+                });
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader this assumes no
+        // one truncates or rewrites them while they are being read.
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Checkpoint {
+            path: first.clone(),
+            reason: e.to_string(),
+        })?;
+        let shapes = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.shape().to_vec()))
+            .collect();
+        let desc = if files.len() == 1 {
+            first.display().to_string()
+        } else {
+            let dir = first.parent().unwrap_or(first);
+            format!("{} ({} shards)", dir.display(), files.len())
+        };
+        Ok(Checkpoint {
+            st,
+            shapes,
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            desc,
+            used: RefCell::new(BTreeSet::new()),
+        })
+    }
+
+    /// Reads keys under `prefix` (e.g. `model.diffusion_model.`) when *every* key carries it.
+    /// Returns whether it did.
+    pub fn strip_common_prefix(&mut self, prefix: &str) -> bool {
+        let all = !self.shapes.is_empty() && self.shapes.keys().all(|k| k.starts_with(prefix));
+        if all {
+            self.prefix = prefix.to_string();
+        }
+        all
+    }
+
+    /// A description of the source for error messages (file, or folder and shard count).
+    pub fn desc(&self) -> &str {
+        &self.desc
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether `key` (without the stripped prefix) is present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.shapes.contains_key(&format!("{}{key}", self.prefix))
+    }
+
+    /// The stored shape of `key`, if present.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.shapes
+            .get(&format!("{}{key}", self.prefix))
+            .map(Vec::as_slice)
+    }
+
+    /// A few keys, sorted, for "this does not look like …" messages.
+    pub fn sample_keys(&self, n: usize) -> Vec<String> {
+        let mut k: Vec<String> = self.shapes.keys().cloned().collect();
+        k.sort();
+        k.truncate(n);
+        k
+    }
+
+    /// Reads `key`, checking its stored shape against `expected` when given, and records it as
+    /// used.
+    pub fn get(&self, key: &str, expected: Option<&[usize]>) -> Result<Tensor> {
+        let full = format!("{}{key}", self.prefix);
+        let Some(shape) = self.shapes.get(&full) else {
+            return Err(Error::MissingTensor {
+                name: full,
+                source_desc: self.desc.clone(),
+            });
+        };
+        if let Some(exp) = expected {
+            if shape.as_slice() != exp {
+                return Err(Error::TensorShape {
+                    name: full,
+                    expected: exp.to_vec(),
+                    got: shape.clone(),
+                });
+            }
+        }
+        let t = self.st.load(&full, &self.device)?;
+        self.used.borrow_mut().insert(full);
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Keys present in the files and never read, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        let mut v: Vec<String> = self
+            .shapes
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// The safetensors files of a Hugging Face model folder: `{stem}.safetensors`, or the shards
+/// named in `{stem}.safetensors.index.json` (diffusers: `diffusion_pytorch_model`;
+/// transformers: `model`).
+pub fn sharded_files(dir: &std::path::Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if index.is_file() {
+        let bad = |reason: String| Error::Checkpoint {
+            path: index.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&index).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        if shards.is_empty() {
+            return Err(bad("`weight_map` names no files".into()));
+        }
+        Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+    } else if single.is_file() {
+        Ok(vec![single])
+    } else {
+        Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!("neither {stem}.safetensors nor {stem}.safetensors.index.json is here"),
+        })
+    }
+}
