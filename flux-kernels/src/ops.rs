@@ -52,6 +52,59 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(centered.broadcast_mul(&rstd)?.to_dtype(dtype)?)
 }
 
+/// GroupNorm with per-channel weight and bias (the VAE's norm), statistics in f32.
+///
+/// # Shapes
+/// `x`: `(B, C, …)` with `C` divisible by `groups`; `weight`, `bias`: `(C)`. Returns `x`'s shape
+/// and dtype.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = float_dtype("group_norm", x)?;
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+        return Err(Error::ShapeMismatch {
+            what: "group_norm input (B, C, …) with C divisible by the group count",
+            expected: vec![usize::MAX, groups, usize::MAX],
+            got: dims,
+        });
+    }
+    let c = dims[1];
+    for (what, t) in [("group_norm weight", weight), ("group_norm bias", bias)] {
+        if t.dims() != [c] {
+            return Err(Error::ShapeMismatch {
+                what,
+                expected: vec![c],
+                got: t.dims().to_vec(),
+            });
+        }
+    }
+    let b = dims[0];
+    let xf = x.to_dtype(DType::F32)?.reshape((b, groups, ()))?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered
+        .broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?
+        .reshape(dims.as_slice())?;
+    let mut affine_shape = vec![1; dims.len()];
+    affine_shape[1] = c;
+    let w = weight
+        .to_dtype(DType::F32)?
+        .reshape(affine_shape.as_slice())?;
+    let bb = bias
+        .to_dtype(DType::F32)?
+        .reshape(affine_shape.as_slice())?;
+    Ok(normed
+        .broadcast_mul(&w)?
+        .broadcast_add(&bb)?
+        .to_dtype(dtype)?)
+}
+
 /// adaLN modulation `(1 + scale)·x + shift`, in `x`'s dtype.
 ///
 /// # Shapes
@@ -114,6 +167,27 @@ mod tests {
         for (g, w) in got.iter().zip([-1.0 / s, 0.0, 1.0 / s]) {
             assert!((g - w).abs() < 1e-6, "{got:?}");
         }
+    }
+
+    #[test]
+    fn group_norm_by_hand() {
+        // Two groups of two channels, one pixel each: [1, 3 | 2, 6] → [-1, 1 | -1, 1] (eps 0),
+        // then weight [1, 2, 3, 4] and bias [0, 0, 1, 1].
+        let x = t(&[1.0, 3.0, 2.0, 6.0], &[1, 4, 1, 1]);
+        let y = group_norm(
+            &x,
+            2,
+            &t(&[1.0, 2.0, 3.0, 4.0], &[4]),
+            &t(&[0.0, 0.0, 1.0, 1.0], &[4]),
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![-1.0, 2.0, -2.0, 5.0]
+        );
+        let bad = group_norm(&x, 3, &t(&[1.0; 4], &[4]), &t(&[0.0; 4], &[4]), 1e-6);
+        assert!(matches!(bad, Err(Error::ShapeMismatch { .. })));
     }
 
     #[test]
