@@ -107,20 +107,18 @@ fn tiled(
             let wy = ramp(ph, py0, oh, ramp_out);
             let wx = ramp(pw, px0, ow, ramp_out);
             let v = part.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            for bi in 0..b {
-                for ci in 0..c {
-                    for i in 0..ph {
-                        let src = ((bi * c + ci) * ph + i) * pw;
-                        let dst = ((bi * c + ci) * oh + py0 + i) * ow + px0;
-                        for j in 0..pw {
-                            acc[dst + j] += v[src + j] * wy[i] * wx[j];
-                        }
-                    }
+            // one (channel, row) of the tile at a time: src rows are contiguous in `v`
+            for (r, src) in v.chunks_exact(pw).enumerate() {
+                let (plane, i) = (r / ph, r % ph);
+                let dst = (plane * oh + py0 + i) * ow + px0;
+                for ((a, s), w) in acc[dst..dst + pw].iter_mut().zip(src).zip(&wx) {
+                    *a += s * wy[i] * w;
                 }
             }
-            for i in 0..ph {
-                for j in 0..pw {
-                    wsum[(py0 + i) * ow + px0 + j] += wy[i] * wx[j];
+            for (i, wyi) in wy.iter().enumerate() {
+                let dst = (py0 + i) * ow + px0;
+                for (ws, w) in wsum[dst..dst + pw].iter_mut().zip(&wx) {
+                    *ws += wyi * w;
                 }
             }
         }
