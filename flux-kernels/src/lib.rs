@@ -12,5 +12,5 @@ pub use attention::{attention, softmax_last_dim, AttnOpts};
 pub use checkpoint::{sharded_files, Checkpoint};
 pub use error::{Error, Result};
 pub use linear::Linear;
-pub use ops::{gelu_tanh, group_norm, layer_norm, modulate, rms_norm, silu};
+pub use ops::{gelu_tanh, group_norm, layer_norm, modulate, quick_gelu, rms_norm, silu};
 pub use rope::{apply_rope, rope_table, AngleMode, RopeTable};

@@ -122,6 +122,17 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.gelu()?.to_dtype(dtype)?)
 }
 
+/// QuickGELU `x·sigmoid(1.702·x)` (CLIP), computed in f32.
+///
+/// # Shapes
+/// Any. Returns `x`'s shape and dtype.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let dtype = float_dtype("quick_gelu", x)?;
+    let xf = x.to_dtype(DType::F32)?;
+    let sigmoid = ((&xf * -1.702)?.exp()? + 1.0)?.recip()?;
+    Ok((&xf * sigmoid)?.to_dtype(dtype)?)
+}
+
 /// SiLU `x·sigmoid(x)`, computed in f32.
 ///
 /// # Shapes
@@ -216,6 +227,16 @@ mod tests {
                 (*g as f64 - want).abs() < 1e-6,
                 "gelu({x}) = {g}, want {want}"
             );
+        }
+    }
+
+    #[test]
+    fn quick_gelu_by_hand() {
+        let x = [-2.0f32, 0.0, 1.0];
+        let got = quick_gelu(&t(&x, &[3])).unwrap().to_vec1::<f32>().unwrap();
+        for (g, x) in got.iter().zip(x) {
+            let want = x / (1.0 + (-1.702 * x).exp());
+            assert!((g - want).abs() < 1e-6, "{g} vs {want}");
         }
     }
 

@@ -34,9 +34,17 @@ fn main() -> anyhow::Result<()> {
         let mut t = HashMap::new();
         for (name, shape) in bfl_tensor_shapes(&cfg) {
             let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-            let std = if shape.len() == 1 { 0.05 } else { 1.0 / (fan_in as f64).sqrt() };
+            let std = if shape.len() == 1 {
+                0.05
+            } else {
+                1.0 / (fan_in as f64).sqrt()
+            };
             let x = Tensor::randn(0f32, std as f32, shape.as_slice(), &dev)?;
-            let x = if name.contains("norm") && name.ends_with("weight") { (x + 1.0)? } else { x };
+            let x = if name.contains("norm") && name.ends_with("weight") {
+                (x + 1.0)?
+            } else {
+                x
+            };
             t.insert(name, x);
         }
         candle::safetensors::save(&t, &path)?;

@@ -23,6 +23,7 @@ const GENERATORS: &[(&str, &str, &str)] = &[
     ("sampler", "gen_sampler.py", "flux-sampler"),
     ("dit", "gen_dit.py", "flux-dit"),
     ("vae", "gen_vae.py", "flux-vae"),
+    ("text", "gen_text.py", "flux-text"),
 ];
 
 const REGEN: &str = "cargo xtask golden gen";
@@ -222,7 +223,7 @@ pub fn generate(args: &[&str]) -> Result<()> {
             .arg(&out))?;
         if verify {
             let tests = root().join(krate).join("tests");
-            for sub in ["golden", "manifests"] {
+            for sub in ["golden", "manifests", "data"] {
                 differing.extend(compare_dirs(&scratch.join(sub), &tests.join(sub))?);
             }
             let _ = std::fs::remove_dir_all(&scratch);

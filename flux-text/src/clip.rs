@@ -1,0 +1,365 @@
+//! The CLIP ViT-L/14 text model (transformers `CLIPTextModel`), whose pooled output is FLUX's
+//! `y`.
+
+use std::path::Path;
+
+use candle::{DType, Device, IndexOp, Tensor};
+use flux_kernels::{attention, layer_norm, quick_gelu, AttnOpts, Checkpoint, Linear};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The text-model fields of a transformers `CLIPTextConfig`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClipConfig {
+    /// Vocabulary (49408).
+    pub vocab_size: usize,
+    /// Width (768 for ViT-L/14).
+    pub hidden_size: usize,
+    /// MLP width (3072).
+    pub intermediate_size: usize,
+    /// Layers (12).
+    pub num_hidden_layers: usize,
+    /// Heads (12).
+    pub num_attention_heads: usize,
+    /// Context length (77).
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon (1e-5).
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// Activation; FLUX's CLIP uses `quick_gelu`.
+    #[serde(default = "quick")]
+    pub hidden_act: String,
+}
+
+fn eps() -> f64 {
+    1e-5
+}
+fn quick() -> String {
+    "quick_gelu".into()
+}
+
+impl ClipConfig {
+    /// openai/clip-vit-large-patch14's text tower.
+    pub fn vit_l_14() -> Self {
+        ClipConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            layer_norm_eps: 1e-5,
+            hidden_act: "quick_gelu".into(),
+        }
+    }
+
+    /// Reads a `config.json` of a `CLIPTextModel` (or the `text_config` of a `CLIPModel`).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::InvalidConfig(format!("CLIP config.json: {e}")))?;
+        let v = if v.get("text_config").is_some() {
+            v["text_config"].clone()
+        } else {
+            v
+        };
+        let cfg: ClipConfig = serde_json::from_value(v)
+            .map_err(|e| Error::InvalidConfig(format!("CLIP config.json: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the invariants.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || self.hidden_size % self.num_attention_heads != 0
+        {
+            return Err(Error::InvalidConfig(format!(
+                "hidden_size {} must be a positive multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.hidden_act != "quick_gelu" {
+            return Err(Error::InvalidConfig(format!(
+                "hidden_act {} is not supported (CLIP-L uses quick_gelu)",
+                self.hidden_act
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every tensor of the text model, with its shape, under `prefix`: `"text_model."` in the
+    /// released checkpoints and full `CLIPModel` files, `""` in files written by transformers 5.
+    pub fn tensor_shapes(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let mut v = vec![
+            (
+                format!("{prefix}embeddings.token_embedding.weight"),
+                vec![self.vocab_size, d],
+            ),
+            (
+                format!("{prefix}embeddings.position_embedding.weight"),
+                vec![self.max_position_embeddings, d],
+            ),
+        ];
+        for i in 0..self.num_hidden_layers {
+            let p = format!("{prefix}encoder.layers.{i}");
+            for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                v.push((format!("{p}.self_attn.{n}.weight"), vec![d, d]));
+                v.push((format!("{p}.self_attn.{n}.bias"), vec![d]));
+            }
+            for n in ["layer_norm1", "layer_norm2"] {
+                v.push((format!("{p}.{n}.weight"), vec![d]));
+                v.push((format!("{p}.{n}.bias"), vec![d]));
+            }
+            v.push((format!("{p}.mlp.fc1.weight"), vec![f, d]));
+            v.push((format!("{p}.mlp.fc1.bias"), vec![f]));
+            v.push((format!("{p}.mlp.fc2.weight"), vec![d, f]));
+            v.push((format!("{p}.mlp.fc2.bias"), vec![d]));
+        }
+        v.push((format!("{prefix}final_layer_norm.weight"), vec![d]));
+        v.push((format!("{prefix}final_layer_norm.bias"), vec![d]));
+        v
+    }
+}
+
+/// Keys a checkpoint may hold besides the text model: the rest of a full `CLIPModel` file and
+/// the `position_ids` buffer of older checkpoints. They are ignored.
+fn ignorable(key: &str) -> bool {
+    key.starts_with("vision_model.")
+        || key.starts_with("visual_projection.")
+        || key.starts_with("text_projection.")
+        || key == "logit_scale"
+        || key.ends_with("embeddings.position_ids")
+}
+
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(layer_norm(x, self.eps)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm1: Norm,
+    layer_norm2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// The CLIP text transformer: token + position embeddings, pre-LN causal layers, final LN.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<Layer>,
+    final_layer_norm: Norm,
+    cfg: ClipConfig,
+}
+
+/// What [`ClipTextModel::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct ClipOutput {
+    /// Final-LN hidden states `(B, L, D)`.
+    pub last_hidden_state: Tensor,
+    /// The hidden state at each row's first end-of-text (highest id) position, `(B, D)`:
+    /// FLUX's `y`.
+    pub pooled: Tensor,
+}
+
+impl ClipTextModel {
+    /// Loads the text model from memory-mapped safetensors `files` (a `text_encoder/` folder's
+    /// files or a full `CLIPModel` file, whose vision keys are ignored), with or without the
+    /// `text_model.` key prefix. Strict otherwise.
+    pub fn load(
+        cfg: &ClipConfig,
+        files: &[std::path::PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDtype {
+                what: "CLIP",
+                dtype,
+                why: "supported: f32, bf16, f16",
+            });
+        }
+        let ck = Checkpoint::open(files, dtype, device)?;
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        // Released checkpoints (and CLIPModel files) prefix the text tower with `text_model.`;
+        // transformers 5 writes CLIPTextModel without it. Accept both.
+        let prefix = if ck.contains("embeddings.token_embedding.weight") {
+            ""
+        } else {
+            "text_model."
+        };
+        let get = |k: &str, s: &[usize]| -> Result<Tensor> {
+            let k = k.strip_prefix("text_model.").unwrap_or(k);
+            Ok(ck.get(&format!("{prefix}{k}"), Some(s))?)
+        };
+        let lin = |p: &str, i: usize, o: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                get(&format!("{p}.weight"), &[o, i])?,
+                Some(get(&format!("{p}.bias"), &[o])?),
+            )?)
+        };
+        let norm = |p: &str| -> Result<Norm> {
+            Ok(Norm {
+                weight: get(&format!("{p}.weight"), &[d])?,
+                bias: get(&format!("{p}.bias"), &[d])?,
+                eps: cfg.layer_norm_eps,
+            })
+        };
+        let mut layers = vec![];
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("text_model.encoder.layers.{i}");
+            layers.push(Layer {
+                q_proj: lin(&format!("{p}.self_attn.q_proj"), d, d)?,
+                k_proj: lin(&format!("{p}.self_attn.k_proj"), d, d)?,
+                v_proj: lin(&format!("{p}.self_attn.v_proj"), d, d)?,
+                out_proj: lin(&format!("{p}.self_attn.out_proj"), d, d)?,
+                layer_norm1: norm(&format!("{p}.layer_norm1"))?,
+                layer_norm2: norm(&format!("{p}.layer_norm2"))?,
+                fc1: lin(&format!("{p}.mlp.fc1"), d, f)?,
+                fc2: lin(&format!("{p}.mlp.fc2"), f, d)?,
+            });
+        }
+        let model = ClipTextModel {
+            token_embedding: get(
+                "text_model.embeddings.token_embedding.weight",
+                &[cfg.vocab_size, d],
+            )?,
+            position_embedding: get(
+                "text_model.embeddings.position_embedding.weight",
+                &[cfg.max_position_embeddings, d],
+            )?,
+            layers,
+            final_layer_norm: norm("text_model.final_layer_norm")?,
+            cfg: cfg.clone(),
+        };
+        let extra: Vec<String> = ck.unused().into_iter().filter(|k| !ignorable(k)).collect();
+        if !extra.is_empty() {
+            return Err(Error::UnexpectedTensors {
+                names: extra,
+                source_desc: ck.desc().to_string(),
+            });
+        }
+        Ok(model)
+    }
+
+    /// Loads a transformers `text_encoder/` folder (config.json + model safetensors, sharded or
+    /// not).
+    pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg = ClipConfig::from_json(&read_config(dir)?)?;
+        let files = flux_kernels::sharded_files(dir, "model")?;
+        Self::load(&cfg, &files, dtype, device)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ClipConfig {
+        &self.cfg
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.token_embedding.dtype()
+    }
+
+    /// Runs the model on token ids.
+    ///
+    /// # Shapes
+    /// `ids`: `(B, L)` integer, `L ≤ max_position_embeddings`. Returns `(B, L, D)` and `(B, D)`.
+    pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
+        let (b, l) = ids
+            .dims2()
+            .map_err(|_| Error::InvalidIds(format!("expected (B, L), got {:?}", ids.dims())))?;
+        if l == 0 || l > self.cfg.max_position_embeddings {
+            return Err(Error::InvalidIds(format!(
+                "length {l} must be in 1..={}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let ids_u32 = ids.to_dtype(DType::U32)?;
+        let rows = ids_u32.to_vec2::<u32>()?;
+        if let Some(bad) = rows
+            .iter()
+            .flatten()
+            .find(|&&i| i as usize >= self.cfg.vocab_size)
+        {
+            return Err(Error::InvalidIds(format!(
+                "id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let (d, h) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let tok = self
+            .token_embedding
+            .index_select(&ids_u32.flatten_all()?, 0)?
+            .reshape((b, l, d))?;
+        let mut x = tok.broadcast_add(&self.position_embedding.i(..l)?)?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, l, h, d / h))?.transpose(1, 2)?.contiguous()?)
+        };
+        for layer in &self.layers {
+            let n = layer.layer_norm1.forward(&x)?;
+            let (q, k, v) = (
+                heads(layer.q_proj.forward(&n)?)?,
+                heads(layer.k_proj.forward(&n)?)?,
+                heads(layer.v_proj.forward(&n)?)?,
+            );
+            let a = attention(
+                &q,
+                &k,
+                &v,
+                AttnOpts {
+                    causal: true,
+                    ..Default::default()
+                },
+            )?;
+            let a = a.transpose(1, 2)?.reshape((b, l, d))?;
+            x = (x + layer.out_proj.forward(&a)?)?;
+            let n = layer.layer_norm2.forward(&x)?;
+            x = (&x + layer.fc2.forward(&quick_gelu(&layer.fc1.forward(&n)?)?)?)?;
+        }
+        let last = self.final_layer_norm.forward(&x)?;
+        // The end of text is the first position of each row's highest id (49407).
+        let eos: Vec<u32> = rows
+            .iter()
+            .map(|r| {
+                let max = r.iter().copied().max().unwrap_or(0);
+                r.iter().position(|&i| i == max).unwrap_or(0) as u32
+            })
+            .collect();
+        let pooled = (0..b)
+            .map(|i| last.i((i, eos[i] as usize)))
+            .collect::<candle::Result<Vec<_>>>()?;
+        Ok(ClipOutput {
+            pooled: Tensor::stack(&pooled, 0)?,
+            last_hidden_state: last,
+        })
+    }
+}
+
+pub(crate) fn read_config(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+        path,
+        reason: e.to_string(),
+    })
+}
