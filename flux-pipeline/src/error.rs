@@ -1,18 +1,65 @@
 //! The error type of flux-pipeline.
 
-/// Errors of the pipeline. Every variant names what was wrong.
+use std::path::PathBuf;
+
+/// Errors of the pipeline. Every variant names what was wrong; [`Error::hint`] says what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An invalid generation request (size, steps, prompt, …).
+    /// An invalid generation request (size, steps, prompts, seeds, latents).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    /// An error from the sampler.
+    /// A model that cannot be located or fetched.
+    #[error("{what}")]
+    ModelSource {
+        /// What is wrong.
+        what: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// A file that cannot be read or written.
+    #[error("{}: {reason}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A device that this build cannot use.
+    #[error("{0}")]
+    Device(String),
+    /// From the sampler.
     #[error(transparent)]
     Sampler(#[from] flux_sampler::Error),
-    /// An error from candle.
+    /// From the transformer.
+    #[error("transformer: {0}")]
+    Dit(#[from] flux_dit::Error),
+    /// From the autoencoder.
+    #[error("autoencoder: {0}")]
+    Vae(#[from] flux_vae::Error),
+    /// From the text encoders.
+    #[error("text encoders: {0}")]
+    Text(#[from] flux_text::Error),
+    /// From candle.
     #[error(transparent)]
     Candle(#[from] candle::Error),
+}
+
+impl Error {
+    /// A one-line suggestion for the user, when there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::ModelSource { hint, .. } => Some(hint.clone()),
+            Error::InvalidRequest(m) if m.contains("multiple of 16") => {
+                Some("FLUX works on 16-pixel blocks: try 1024x1024, 1360x768 or 512x512".into())
+            }
+            Error::Dit(flux_dit::Error::UnexpectedTensors { .. } | flux_dit::Error::NotAFluxTransformer { .. }) => {
+                Some("the transformer file does not match the model config (dev vs schnell, or another model)".into())
+            }
+            Error::Io { .. } => Some("check that the folder exists and is writable".into()),
+            _ => None,
+        }
+    }
 }
 
 /// `Result` with [`Error`].

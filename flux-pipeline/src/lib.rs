@@ -2,5 +2,16 @@
 #![deny(missing_docs)]
 
 mod error;
+mod pipeline;
+mod png;
+mod source;
 
 pub use error::{Error, Result};
+pub use pipeline::{
+    peak_rss, FluxPipeline, GenerateOutput, GenerateRequest, Generated, PipelineOptions, Progress,
+    StageTimes,
+};
+pub use png::{check_writable, read_png, write_png, ImageParams, ReadPng, PARAMS_KEY};
+pub use source::{
+    scheduler_shift, ModelFiles, ModelSource, TransformerFiles, VaeFiles, DEV_REPO, SCHNELL_REPO,
+};

@@ -16,9 +16,12 @@ pub enum TimestepRounding {
     None,
     /// BFL: `t = bf16(σ)`, embedded `bf16(1000·t)`.
     Bfl,
-    /// diffusers: `timesteps = f32(1000·σ)`, the model gets `bf16(bf16(timestep)/1000)` and embeds
-    /// `bf16(1000·t)`.
+    /// diffusers in a bf16 pipeline: `timesteps = f32(1000·σ)`, the model gets
+    /// `bf16(bf16(timestep)/1000)` and embeds `bf16(1000·t)`.
     Diffusers,
+    /// diffusers in an f32 pipeline: the model gets `f32(f32(1000·σ)/1000)` and embeds
+    /// `f32(1000·t)` (not always `1000·σ` to the last bit).
+    DiffusersF32,
 }
 
 /// Rounds an f32 to the nearest bf16 (ties to even) and widens it back, exactly.
@@ -32,6 +35,7 @@ pub fn model_timestep(sigma: f32, rounding: TimestepRounding) -> f32 {
         TimestepRounding::None => sigma,
         TimestepRounding::Bfl => round_bf16(sigma),
         TimestepRounding::Diffusers => round_bf16(round_bf16(sigma * 1000.0) / 1000.0),
+        TimestepRounding::DiffusersF32 => (sigma * 1000.0) / 1000.0,
     }
 }
 
@@ -40,7 +44,7 @@ pub fn model_timestep(sigma: f32, rounding: TimestepRounding) -> f32 {
 pub fn embedded_timestep(sigma: f32, rounding: TimestepRounding) -> f32 {
     let t = model_timestep(sigma, rounding);
     match rounding {
-        TimestepRounding::None => 1000.0 * t,
+        TimestepRounding::None | TimestepRounding::DiffusersF32 => 1000.0 * t,
         _ => round_bf16(1000.0 * t),
     }
 }
@@ -48,7 +52,7 @@ pub fn embedded_timestep(sigma: f32, rounding: TimestepRounding) -> f32 {
 /// The guidance handed to the model (before its `×1000`): `bf16(g)` under either reference.
 pub fn model_guidance(guidance: f32, rounding: TimestepRounding) -> f32 {
     match rounding {
-        TimestepRounding::None => guidance,
+        TimestepRounding::None | TimestepRounding::DiffusersF32 => guidance,
         _ => round_bf16(guidance),
     }
 }
@@ -58,7 +62,7 @@ pub fn model_guidance(guidance: f32, rounding: TimestepRounding) -> f32 {
 pub fn embedded_guidance(guidance: f32, rounding: TimestepRounding) -> f32 {
     let g = model_guidance(guidance, rounding);
     match rounding {
-        TimestepRounding::None => 1000.0 * g,
+        TimestepRounding::None | TimestepRounding::DiffusersF32 => 1000.0 * g,
         _ => round_bf16(1000.0 * g),
     }
 }

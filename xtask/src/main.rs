@@ -12,7 +12,7 @@ Commands:
   golden [--crate NAME]            run every crate's golden tests and print one row per case
   golden gen [COMPONENT] [--verify] regenerate goldens with the pinned Python reference
                                    (COMPONENT: kernels, sampler, dit, vae,
-                                   text; default all). --verify regenerates
+                                   text, pipeline; default all). --verify regenerates
                                    into a temporary folder and checks the committed files are
                                    byte-identical.
   help                             this text

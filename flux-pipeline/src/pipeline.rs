@@ -1,0 +1,550 @@
+//! `FluxPipeline`: prompt → encode → noise → sample → decode, composing the crates. No math here.
+
+use std::time::{Duration, Instant};
+
+use candle::{DType, Device, Tensor};
+use flux_dit::{img_ids, pack, txt_ids, unpack, DitInput, Flux, FluxOptions};
+use flux_sampler::{
+    diffusers_sigmas, latent_shape, sample, schedule, seeded_noise, NoiseDtype, NoiseOptions,
+    Reference, SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
+};
+use flux_text::{
+    ClipTextModel, ClipTokenizer, PromptEmbeds, PromptEncoder, T5Encoder, T5Tokenizer,
+};
+use flux_vae::{to_rgb8, AutoEncoder, ByteRounding, Rgb8, TileOptions};
+
+use crate::png::ImageParams;
+use crate::source::{read_transformer_config, ModelFiles, ModelSource, TransformerFiles, VaeFiles};
+use crate::{Error, Result};
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Weights and activations (f32 on CPU; bf16 on GPU).
+    pub dtype: DType,
+    /// Where to run.
+    pub device: Device,
+    /// Whose arithmetic to reproduce where the references differ (schedule, timestep rounding,
+    /// bf16 Euler): diffusers by default, the reference of the golden tests.
+    pub reference: Reference,
+    /// Keep encoders, transformer and VAE loaded between calls (more memory, faster reruns).
+    /// By default each is dropped after use, so T5 and the transformer are never held together.
+    pub keep_loaded: bool,
+    /// Decode in tiles (bounded memory for large images).
+    pub tiled_vae: Option<TileOptions>,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            reference: Reference::Diffusers,
+            keep_loaded: false,
+            tiled_vae: None,
+        }
+    }
+}
+
+/// One generation request. Unset fields take the model's defaults.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompts; each gives `num_images` images.
+    pub prompts: Vec<String>,
+    /// T5-only prompts (diffusers' `prompt_2`), one per prompt.
+    pub prompts_2: Option<Vec<String>>,
+    /// Image width in pixels (multiple of 16). Default 1024.
+    pub width: usize,
+    /// Image height in pixels (multiple of 16). Default 1024.
+    pub height: usize,
+    /// Steps: default 4 (schnell) or 28 (dev; BFL's CLI uses 50).
+    pub steps: Option<usize>,
+    /// Guidance for the dev family (default 3.5); ignored by schnell, with a warning.
+    pub guidance: Option<f32>,
+    /// Seeds, one per image, or one base seed (image `i` uses `seed + i`); empty: random seeds,
+    /// reported in the output.
+    pub seeds: Vec<u64>,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// Starting latents instead of seeded noise, packed `(images, L_img, 64)`.
+    pub latents: Option<Tensor>,
+    /// T5 length: default 256 (schnell) or 512 (dev).
+    pub max_sequence_length: Option<usize>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompts: vec![],
+            prompts_2: None,
+            width: 1024,
+            height: 1024,
+            steps: None,
+            guidance: None,
+            seeds: vec![],
+            num_images: 1,
+            latents: None,
+            max_sequence_length: None,
+        }
+    }
+}
+
+/// Progress of one sampling step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Image index (0-based).
+    pub image: usize,
+    /// Images in the request.
+    pub images: usize,
+    /// Step index (0-based).
+    pub step: usize,
+    /// Steps per image.
+    pub steps: usize,
+    /// Schedule value of the step.
+    pub t: f32,
+}
+
+/// One generated image.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// Decoded image `(1, 3, H, W)` in f32, before clamping (≈ [−1, 1]).
+    pub image: Tensor,
+    /// Final packed latents `(1, L_img, 64)`.
+    pub latents: Tensor,
+    /// 8-bit RGB (diffusers' rounding).
+    pub rgb: Rgb8,
+    /// The parameters, for PNG metadata and reruns.
+    pub params: ImageParams,
+}
+
+/// Wall time per stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    /// Loading the text encoders and encoding.
+    pub encode: Duration,
+    /// Loading the transformer and sampling.
+    pub denoise: Duration,
+    /// Loading the VAE and decoding.
+    pub decode: Duration,
+}
+
+/// The result of [`FluxPipeline::generate`].
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    /// The images, prompt-major.
+    pub images: Vec<Generated>,
+    /// Things the user should know (ignored guidance, truncated prompts).
+    pub warnings: Vec<String>,
+    /// Time per stage.
+    pub times: StageTimes,
+}
+
+/// The FLUX.1 text-to-image pipeline.
+pub struct FluxPipeline {
+    files: ModelFiles,
+    cfg: flux_dit::Config,
+    opts: PipelineOptions,
+    text: Option<PromptEncoder>,
+    dit: Option<Flux>,
+    vae: Option<AutoEncoder>,
+}
+
+impl std::fmt::Debug for FluxPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FluxPipeline")
+            .field("model", &self.files.name)
+            .finish_non_exhaustive()
+    }
+}
+
+const MAX_SIDE: usize = 8192;
+const MAX_STEPS: usize = 1000;
+
+impl FluxPipeline {
+    /// Prepares a pipeline for located files; weights are loaded when first needed.
+    pub fn new(files: ModelFiles, opts: PipelineOptions) -> Result<Self> {
+        if !matches!(opts.dtype, DType::F32 | DType::BF16) {
+            return Err(Error::InvalidRequest(format!(
+                "dtype {:?} is not supported (f32 or bf16)",
+                opts.dtype
+            )));
+        }
+        let cfg = match &files.transformer {
+            TransformerFiles::Diffusers(dir) => read_transformer_config(dir)?,
+            TransformerFiles::Bfl { config, .. } => config.clone(),
+        };
+        cfg.validate()?;
+        if cfg.in_channels != 64 {
+            return Err(Error::InvalidRequest(format!(
+                "this pipeline generates from noise and needs a 64-channel transformer; this one takes {} (a Fill/Canny/Depth model?)",
+                cfg.in_channels
+            )));
+        }
+        Ok(FluxPipeline {
+            files,
+            cfg,
+            opts,
+            text: None,
+            dit: None,
+            vae: None,
+        })
+    }
+
+    /// Resolves `source` (downloading if needed) and prepares the pipeline.
+    pub fn from_source(source: &ModelSource, opts: PipelineOptions) -> Result<Self> {
+        Self::new(source.resolve()?, opts)
+    }
+
+    /// Whether the model is guidance-distilled (the dev family).
+    pub fn is_dev(&self) -> bool {
+        self.cfg.guidance_embed
+    }
+
+    /// The model's files.
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// The transformer config.
+    pub fn config(&self) -> &flux_dit::Config {
+        &self.cfg
+    }
+
+    /// Default steps: 28 for dev (diffusers; BFL's CLI uses 50), 4 for schnell.
+    pub fn default_steps(&self) -> usize {
+        if self.is_dev() {
+            28
+        } else {
+            4
+        }
+    }
+
+    /// Default T5 length: 512 for dev, 256 for schnell.
+    pub fn default_max_sequence_length(&self) -> usize {
+        if self.is_dev() {
+            512
+        } else {
+            256
+        }
+    }
+
+    fn text(&mut self, max_len: usize) -> Result<&PromptEncoder> {
+        let reload = self.text.as_ref().is_none_or(|t| !t.is_loaded());
+        if reload {
+            let (d, dt) = (&self.opts.device, self.opts.dtype);
+            let f = &self.files;
+            self.text = Some(PromptEncoder::new(
+                ClipTokenizer::from_dir(&f.tokenizer)?,
+                T5Tokenizer::from_dir(&f.tokenizer_2, max_len)?,
+                ClipTextModel::from_dir(&f.text_encoder, dt, d)?,
+                T5Encoder::from_dir(&f.text_encoder_2, dt, d)?,
+                d,
+            ));
+        }
+        self.text
+            .as_ref()
+            .ok_or(Error::InvalidRequest("text encoders unavailable".into()))
+    }
+
+    fn dit(&mut self) -> Result<&Flux> {
+        if self.dit.is_none() {
+            let rope = match self.opts.reference {
+                Reference::Bfl => flux_dit::AngleMode::F32,
+                Reference::Diffusers => flux_dit::AngleMode::F64,
+            };
+            let o = FluxOptions { rope };
+            let (d, dt) = (&self.opts.device, self.opts.dtype);
+            self.dit = Some(match &self.files.transformer {
+                TransformerFiles::Diffusers(dir) => Flux::from_diffusers_folder(dir, dt, d, o)?,
+                TransformerFiles::Bfl { file, config } => {
+                    Flux::from_bfl_file(file, config, dt, d, o)?
+                }
+            });
+        }
+        self.dit
+            .as_ref()
+            .ok_or(Error::InvalidRequest("transformer unavailable".into()))
+    }
+
+    fn vae(&mut self) -> Result<&AutoEncoder> {
+        if self.vae.is_none() {
+            let (d, dt) = (&self.opts.device, self.opts.dtype);
+            self.vae = Some(match &self.files.vae {
+                VaeFiles::Diffusers(dir) => AutoEncoder::from_diffusers_folder(dir, dt, d)?,
+                VaeFiles::Bfl { file, config } => AutoEncoder::from_bfl_file(file, config, dt, d)?,
+            });
+        }
+        self.vae
+            .as_ref()
+            .ok_or(Error::InvalidRequest("autoencoder unavailable".into()))
+    }
+
+    /// Checks a request and fills the model's defaults. Returns (steps, guidance, T5 length,
+    /// seeds, warnings).
+    fn plan(
+        &self,
+        req: &GenerateRequest,
+    ) -> Result<(usize, Option<f32>, usize, Vec<u64>, Vec<String>)> {
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        if req.prompts.is_empty() {
+            return bad("no prompt given".into());
+        }
+        if let Some(p2) = &req.prompts_2 {
+            if p2.len() != req.prompts.len() {
+                return bad(format!(
+                    "{} prompts but {} T5 prompts",
+                    req.prompts.len(),
+                    p2.len()
+                ));
+            }
+        }
+        if req.num_images == 0 || req.num_images > 1000 {
+            return bad(format!(
+                "num_images must be in 1..=1000, got {}",
+                req.num_images
+            ));
+        }
+        for (what, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % 16 != 0 {
+                return bad(format!("{what} {v} is not a positive multiple of 16"));
+            }
+            if v > MAX_SIDE {
+                return bad(format!("{what} {v} is larger than {MAX_SIDE}"));
+            }
+        }
+        let steps = req.steps.unwrap_or(self.default_steps());
+        if steps == 0 || steps > MAX_STEPS {
+            return bad(format!("steps must be in 1..={MAX_STEPS}, got {steps}"));
+        }
+        let mut warnings = vec![];
+        let guidance = if self.is_dev() {
+            let g = req.guidance.unwrap_or(3.5);
+            if !g.is_finite() || g < 0.0 {
+                return bad(format!("guidance must be a non-negative number, got {g}"));
+            }
+            Some(g)
+        } else {
+            if let Some(g) = req.guidance {
+                warnings.push(format!(
+                    "guidance {g} ignored: this model has no guidance input (schnell)"
+                ));
+            }
+            None
+        };
+        let max_len = req
+            .max_sequence_length
+            .unwrap_or(self.default_max_sequence_length());
+        if max_len == 0 || max_len > 512 {
+            return bad(format!(
+                "max_sequence_length must be in 1..=512, got {max_len}"
+            ));
+        }
+        let n = req.prompts.len() * req.num_images;
+        let seeds = match req.seeds.len() {
+            0 => (0..n).map(|_| random_seed()).collect(),
+            1 => (0..n as u64)
+                .map(|i| req.seeds[0].wrapping_add(i))
+                .collect(),
+            k if k == n => req.seeds.clone(),
+            k => {
+                return bad(format!(
+                    "{k} seeds for {n} images: give one per image, or one base seed"
+                ))
+            }
+        };
+        if let Some(l) = &req.latents {
+            let want = [n, (req.height / 16) * (req.width / 16), 64];
+            if l.dims() != want {
+                return bad(format!(
+                    "latents have shape {:?}, expected {:?} (packed)",
+                    l.dims(),
+                    want
+                ));
+            }
+        }
+        Ok((steps, guidance, max_len, seeds, warnings))
+    }
+
+    /// Generates images. `on_step` is called after every sampling step.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        mut on_step: impl FnMut(&Progress),
+    ) -> Result<GenerateOutput> {
+        let (steps, guidance, max_len, seeds, mut warnings) = self.plan(req)?;
+        let (dev, dtype) = (self.opts.device.clone(), self.opts.dtype);
+        let n = seeds.len();
+        // 1. text: encode every prompt, then release the encoders
+        let start = Instant::now();
+        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let prompts_2: Option<Vec<&str>> = req
+            .prompts_2
+            .as_ref()
+            .map(|v| v.iter().map(String::as_str).collect());
+        let emb: PromptEmbeds = self.text(max_len)?.encode(&prompts, prompts_2.as_deref())?;
+        for (i, p) in req.prompts.iter().enumerate() {
+            if emb.clip_truncated[i] > 0 {
+                warnings.push(format!(
+                    "prompt {} is too long for CLIP: {} tokens cut (77 max)",
+                    i + 1,
+                    emb.clip_truncated[i]
+                ));
+            }
+            if emb.t5_truncated[i] > 0 {
+                warnings.push(format!(
+                    "prompt {} is too long for T5: {} tokens cut ({max_len} max): {p:.40}…",
+                    i + 1,
+                    emb.t5_truncated[i]
+                ));
+            }
+        }
+        if !self.opts.keep_loaded {
+            self.text = None;
+        }
+        let encode = start.elapsed();
+        // 2. denoise every image with the transformer, then release it
+        let start = Instant::now();
+        let shape = latent_shape(1, req.height, req.width, SizeRounding::Strict)?;
+        let (lh, lw) = (shape[2], shape[3]);
+        let seq = (lh / 2) * (lw / 2);
+        let ts = match self.opts.reference {
+            Reference::Diffusers => diffusers_sigmas(steps, seq, self.files.shift)?,
+            Reference::Bfl => schedule(steps, seq, self.files.shift)?,
+        };
+        let rounding = match (self.opts.reference, dtype) {
+            (Reference::Diffusers, DType::F32) => TimestepRounding::DiffusersF32,
+            (Reference::Diffusers, _) => TimestepRounding::Diffusers,
+            (Reference::Bfl, DType::F32) => TimestepRounding::None,
+            (Reference::Bfl, _) => TimestepRounding::Bfl,
+        };
+        let sopts = SampleOptions {
+            rounding,
+            guidance,
+            reference: self.opts.reference,
+        };
+        let noise_opts = NoiseOptions {
+            dtype: if dtype == DType::F32 {
+                NoiseDtype::F32
+            } else {
+                NoiseDtype::Bf16
+            },
+            kernel: TorchCpuKernel::Avx2,
+        };
+        let ids_img = img_ids(1, lh, lw, 0.0, &dev)?;
+        let ids_txt = txt_ids(1, emb.t5.dim(1)?, &dev)?;
+        let mut finals = Vec::with_capacity(n);
+        {
+            let dit = self.dit()?;
+            for (i, &seed) in seeds.iter().enumerate() {
+                let p = i / req.num_images;
+                let x = match &req.latents {
+                    Some(l) => l.narrow(0, i, 1)?.to_device(&dev)?,
+                    None => pack(&seeded_noise(seed, &shape, noise_opts, &dev)?)?,
+                }
+                .to_dtype(dtype)?;
+                let txt = emb.t5.narrow(0, p, 1)?;
+                let y = emb.pooled.narrow(0, p, 1)?;
+                let mut denoiser = |x: &Tensor, info: &StepInfo| -> flux_dit::Result<Tensor> {
+                    let t = Tensor::new(&[info.model_t], &dev)?;
+                    let g = info
+                        .model_guidance
+                        .map(|g| Tensor::new(&[g], &dev))
+                        .transpose()?;
+                    dit.forward(&DitInput {
+                        img: x,
+                        img_ids: &ids_img,
+                        txt: &txt,
+                        txt_ids: &ids_txt,
+                        timesteps: &t,
+                        y: &y,
+                        guidance: g.as_ref(),
+                    })
+                };
+                let out = sample(x, &ts, &sopts, &mut denoiser, |info, _| {
+                    on_step(&Progress {
+                        image: i,
+                        images: n,
+                        step: info.index,
+                        steps,
+                        t: info.t_curr,
+                    })
+                })?;
+                finals.push(out);
+            }
+        }
+        if !self.opts.keep_loaded {
+            self.dit = None;
+        }
+        let denoise = start.elapsed();
+        // 3. decode
+        let start = Instant::now();
+        let tiled = self.opts.tiled_vae;
+        let model_name = self.files.name.clone();
+        let mut images = Vec::with_capacity(n);
+        {
+            let vae = self.vae()?;
+            for (i, lat) in finals.into_iter().enumerate() {
+                let z = unpack(&lat, lh, lw)?;
+                let image = match tiled {
+                    Some(t) => vae.decode_tiled(&z, t)?,
+                    None => vae.decode(&z)?,
+                }
+                .to_dtype(DType::F32)?;
+                let rgb = to_rgb8(&image, ByteRounding::Round)?.remove(0);
+                let p = i / req.num_images;
+                images.push(Generated {
+                    image,
+                    latents: lat,
+                    rgb,
+                    params: ImageParams {
+                        prompt: req.prompts[p].clone(),
+                        prompt_2: req.prompts_2.as_ref().map(|v| v[p].clone()),
+                        model: model_name.clone(),
+                        seed: seeds[i],
+                        steps,
+                        guidance,
+                        width: req.width,
+                        height: req.height,
+                        dtype: format!("{dtype:?}").to_lowercase(),
+                        max_sequence_length: max_len,
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                    },
+                });
+            }
+        }
+        if !self.opts.keep_loaded {
+            self.vae = None;
+        }
+        let decode = start.elapsed();
+        Ok(GenerateOutput {
+            images,
+            warnings,
+            times: StageTimes {
+                encode,
+                denoise,
+                decode,
+            },
+        })
+    }
+}
+
+/// A random seed in PyTorch's effective range (it keeps the low 32 bits).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
+}
+
+/// Peak resident memory of this process in bytes (Linux: `VmHWM`), if known.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
