@@ -157,6 +157,15 @@ impl std::fmt::Debug for FluxPipeline {
     }
 }
 
+/// A checked request with the model's defaults filled in.
+struct Plan {
+    steps: usize,
+    guidance: Option<f32>,
+    max_len: usize,
+    seeds: Vec<u64>,
+    warnings: Vec<String>,
+}
+
 const MAX_SIDE: usize = 8192;
 const MAX_STEPS: usize = 1000;
 
@@ -279,12 +288,8 @@ impl FluxPipeline {
             .ok_or(Error::InvalidRequest("autoencoder unavailable".into()))
     }
 
-    /// Checks a request and fills the model's defaults. Returns (steps, guidance, T5 length,
-    /// seeds, warnings).
-    fn plan(
-        &self,
-        req: &GenerateRequest,
-    ) -> Result<(usize, Option<f32>, usize, Vec<u64>, Vec<String>)> {
+    /// Checks a request and fills the model's defaults.
+    fn plan(&self, req: &GenerateRequest) -> Result<Plan> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         if req.prompts.is_empty() {
             return bad("no prompt given".into());
@@ -362,7 +367,13 @@ impl FluxPipeline {
                 ));
             }
         }
-        Ok((steps, guidance, max_len, seeds, warnings))
+        Ok(Plan {
+            steps,
+            guidance,
+            max_len,
+            seeds,
+            warnings,
+        })
     }
 
     /// Generates images. `on_step` is called after every sampling step.
@@ -371,7 +382,13 @@ impl FluxPipeline {
         req: &GenerateRequest,
         mut on_step: impl FnMut(&Progress),
     ) -> Result<GenerateOutput> {
-        let (steps, guidance, max_len, seeds, mut warnings) = self.plan(req)?;
+        let Plan {
+            steps,
+            guidance,
+            max_len,
+            seeds,
+            mut warnings,
+        } = self.plan(req)?;
         let (dev, dtype) = (self.opts.device.clone(), self.opts.dtype);
         let n = seeds.len();
         // 1. text: encode every prompt, then release the encoders

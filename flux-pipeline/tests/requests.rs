@@ -1,0 +1,217 @@
+//! Bad requests and bad model sources are typed errors, found before any expensive work.
+
+use std::path::PathBuf;
+
+use flux_pipeline::*;
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev")
+}
+
+fn pipe() -> FluxPipeline {
+    FluxPipeline::from_source(&ModelSource::Folder(tiny()), PipelineOptions::default()).unwrap()
+}
+
+fn req() -> GenerateRequest {
+    GenerateRequest {
+        prompts: vec!["a cat".into()],
+        width: 64,
+        height: 64,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn bad_requests() {
+    let mut p = pipe();
+    let cases: Vec<(GenerateRequest, &str)> = vec![
+        (
+            GenerateRequest {
+                prompts: vec![],
+                ..req()
+            },
+            "no prompt",
+        ),
+        (
+            GenerateRequest {
+                width: 100,
+                ..req()
+            },
+            "multiple of 16",
+        ),
+        (GenerateRequest { height: 0, ..req() }, "multiple of 16"),
+        (
+            GenerateRequest {
+                width: 16384,
+                ..req()
+            },
+            "larger than",
+        ),
+        (
+            GenerateRequest {
+                steps: Some(0),
+                ..req()
+            },
+            "steps",
+        ),
+        (
+            GenerateRequest {
+                steps: Some(100_000),
+                ..req()
+            },
+            "steps",
+        ),
+        (
+            GenerateRequest {
+                num_images: 0,
+                ..req()
+            },
+            "num_images",
+        ),
+        (
+            GenerateRequest {
+                seeds: vec![1, 2, 3],
+                num_images: 2,
+                ..req()
+            },
+            "seeds",
+        ),
+        (
+            GenerateRequest {
+                prompts_2: Some(vec![]),
+                ..req()
+            },
+            "T5 prompts",
+        ),
+        (
+            GenerateRequest {
+                max_sequence_length: Some(0),
+                ..req()
+            },
+            "max_sequence_length",
+        ),
+        (
+            GenerateRequest {
+                guidance: Some(f32::NAN),
+                ..req()
+            },
+            "guidance",
+        ),
+        (
+            GenerateRequest {
+                latents: Some(
+                    candle::Tensor::zeros((1, 15, 64), candle::DType::F32, &candle::Device::Cpu)
+                        .unwrap(),
+                ),
+                ..req()
+            },
+            "latents",
+        ),
+    ];
+    for (r, needle) in cases {
+        match p.generate(&r, |_| panic!("no step may run for a bad request")) {
+            Err(Error::InvalidRequest(m)) => assert!(m.contains(needle), "{m} (wanted {needle})"),
+            other => panic!("expected InvalidRequest({needle}), got {other:?}"),
+        }
+    }
+    let e = p
+        .generate(
+            &GenerateRequest {
+                width: 100,
+                ..req()
+            },
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(e.hint().unwrap().contains("1024x1024"));
+}
+
+#[test]
+fn defaults_follow_the_model() {
+    let p = pipe();
+    assert!(p.is_dev());
+    assert_eq!(
+        (p.default_steps(), p.default_max_sequence_length()),
+        (28, 512)
+    );
+}
+
+#[test]
+fn wrong_variant_and_missing_files() {
+    // The dev transformer file read with a schnell config: its guidance weights are left over.
+    let mut f = ModelSource::Folder(tiny()).resolve().unwrap();
+    let mut cfg = flux_dit::Config::from_diffusers_json(
+        &std::fs::read_to_string(tiny().join("transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg.guidance_embed = false;
+    f.transformer = TransformerFiles::Bfl {
+        file: tiny()
+            .parent()
+            .unwrap()
+            .join("tiny-dev-bfl/flux.safetensors"),
+        config: cfg,
+    };
+    let mut p = FluxPipeline::new(f, PipelineOptions::default()).unwrap();
+    let e = p.generate(&req(), |_| {}).unwrap_err();
+    assert!(
+        matches!(e, Error::Dit(flux_dit::Error::UnexpectedTensors { .. })),
+        "{e}"
+    );
+    assert!(e.hint().unwrap().contains("dev vs schnell"));
+    // A folder without its transformer config.
+    let dir = std::env::temp_dir().join(format!("flux-req-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("transformer")).unwrap();
+    std::fs::write(dir.join("model_index.json"), "{}").unwrap();
+    let e = ModelSource::Folder(dir.clone()).resolve().unwrap_err();
+    assert!(
+        matches!(&e, Error::ModelSource { what, .. } if what.contains("missing")),
+        "{e}"
+    );
+    assert!(matches!(
+        ModelSource::parse("a/b/c", false),
+        Err(Error::ModelSource { .. })
+    ));
+    assert_eq!(
+        ModelSource::parse("schnell", true).unwrap(),
+        ModelSource::Hub {
+            repo: SCHNELL_REPO.into(),
+            offline: true,
+            cache_dir: None
+        }
+    );
+    assert!(matches!(
+        FluxPipeline::new(
+            ModelSource::Folder(tiny()).resolve().unwrap(),
+            PipelineOptions {
+                dtype: candle::DType::F16,
+                ..Default::default()
+            }
+        ),
+        Err(Error::InvalidRequest(_))
+    ));
+}
+
+#[test]
+fn memory_policy_drops_and_reloads() {
+    // Two runs with the default policy (everything dropped after use) give identical images.
+    let mut p = pipe();
+    let r = GenerateRequest {
+        seeds: vec![5],
+        steps: Some(2),
+        ..req()
+    };
+    let a = p.generate(&r, |_| {}).unwrap();
+    let b = p.generate(&r, |_| {}).unwrap();
+    assert_eq!(a.images[0].rgb, b.images[0].rgb);
+    let mut keep = FluxPipeline::from_source(
+        &ModelSource::Folder(tiny()),
+        PipelineOptions {
+            keep_loaded: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let c = keep.generate(&r, |_| {}).unwrap();
+    assert_eq!(a.images[0].rgb, c.images[0].rgb);
+}
