@@ -3,49 +3,11 @@
 //! FluxTransformer2DModel on PyTorch's meta device (`cargo xtask golden gen dit`); the BFL lists
 //! are checked through diffusers' own converter there.
 
-use std::collections::BTreeMap;
-
 use flux_dit::{bfl_tensor_shapes, diffusers_tensor_shapes, Config};
-
-fn manifest(name: &str) -> BTreeMap<String, Vec<usize>> {
-    let path = format!("{}/tests/manifests/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask golden gen dit`"));
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect(),
-            )
-        })
-        .collect()
-}
+use flux_golden::{assert_same_tensors, manifest};
 
 fn compare(ours: Vec<(String, Vec<usize>)>, name: &str) {
-    let want = manifest(name);
-    let ours_map: BTreeMap<String, Vec<usize>> = ours.iter().cloned().collect();
-    assert_eq!(
-        ours.len(),
-        ours_map.len(),
-        "{name}: our list has duplicate names"
-    );
-    let missing: Vec<_> = want.keys().filter(|k| !ours_map.contains_key(*k)).collect();
-    let extra: Vec<_> = ours_map.keys().filter(|k| !want.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "{name}: we miss {missing:?}; we have extra {extra:?}"
-    );
-    for (k, shape) in &want {
-        assert_eq!(&ours_map[k], shape, "{name}: shape of {k}");
-    }
+    assert_same_tensors(&ours, &manifest(env!("CARGO_MANIFEST_DIR"), name), name);
 }
 
 #[test]

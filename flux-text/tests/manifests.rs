@@ -3,41 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use flux_golden::{assert_same_tensors, manifest as read_manifest};
 use flux_text::{ClipConfig, T5Config};
 
 fn manifest(name: &str) -> BTreeMap<String, Vec<usize>> {
-    let path = format!("{}/tests/manifests/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask golden gen text`"));
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect(),
-            )
-        })
-        .collect()
+    read_manifest(env!("CARGO_MANIFEST_DIR"), name)
 }
 
 fn same(ours: Vec<(String, Vec<usize>)>, want: &BTreeMap<String, Vec<usize>>, name: &str) {
-    let ours: BTreeMap<String, Vec<usize>> = ours.into_iter().collect();
-    let missing: Vec<_> = want.keys().filter(|k| !ours.contains_key(*k)).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !want.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "{name}: we miss {missing:?}; extra {extra:?}"
-    );
-    for (k, s) in want {
-        assert_eq!(&ours[k], s, "{name}: {k}");
-    }
+    assert_same_tensors(&ours, want, name);
 }
 
 #[test]

@@ -51,3 +51,16 @@ def save(out_dir: str, name: str, tensors: dict, meta: dict) -> str:
     size = os.path.getsize(path)
     print(f"wrote {os.path.relpath(path)} ({len(clean)} tensors, {size} bytes)")
     return path
+
+
+def write_manifest(mdir: str, name: str, fields: dict, state_dict: dict) -> None:
+    """`mdir/name.json`: descriptive `fields`, the reference versions, and every tensor's shape."""
+    os.makedirs(mdir, exist_ok=True)
+    body = dict(fields)
+    body["reference"] = versions()
+    body["tensors"] = {k: list(v.shape) for k, v in sorted(state_dict.items())}
+    path = os.path.join(mdir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(body, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {os.path.relpath(path)} ({len(body['tensors'])} tensors)")

@@ -286,19 +286,13 @@ def gen_manifests(out):
         bfl = to_bfl(sd, 19, 38)
         checked = check_through_converter(bfl, sd, 3072, compare_values=False)
         for layout, d in [("diffusers", sd), ("bfl", bfl)]:
-            path = os.path.join(mdir, f"{name}_{layout}.json")
-            body = {
+            fields = {
                 "model": f"FLUX.1-{name}",
                 "layout": layout,
                 "source": "diffusers FluxTransformer2DModel on the meta device"
                 + ("" if layout == "diffusers" else f"; BFL names by our inverse mapping, checked through {checked}"),
-                "reference": common.versions(),
-                "tensors": {k: list(v.shape) for k, v in sorted(d.items())},
             }
-            with open(path, "w") as f:
-                json.dump(body, f, indent=1, sort_keys=True)
-                f.write("\n")
-            print(f"wrote {os.path.relpath(path)} ({len(d)} tensors)")
+            common.write_manifest(mdir, f"{name}_{layout}", fields, d)
 
 
 def main():

@@ -282,13 +282,7 @@ def manifests(out):
                                      feed_forward_proj="gated-gelu", is_encoder_decoder=False))
     for name, model, desc in [("clip_l", clip, "CLIPTextModel (openai/clip-vit-large-patch14 text config)"),
                               ("t5_xxl", t5, "T5EncoderModel (google/t5-v1_1-xxl config)")]:
-        path = os.path.join(mdir, f"{name}.json")
-        body = {"model": desc, "source": "transformers on the meta device", "reference": common.versions(),
-                "tensors": {k: list(v.shape) for k, v in sorted(model.state_dict().items())}}
-        with open(path, "w") as f:
-            json.dump(body, f, indent=1, sort_keys=True)
-            f.write("\n")
-        print(f"wrote {os.path.relpath(path)} ({len(body['tensors'])} tensors)")
+        common.write_manifest(mdir, name, {"model": desc, "source": "transformers on the meta device"}, model.state_dict())
 
 
 def main():

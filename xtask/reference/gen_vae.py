@@ -172,19 +172,13 @@ def gen_manifests(out):
     bfl = to_bfl(sd, 4)
     checked = check_through_converter(bfl, sd, FLUX_CONFIG, compare_values=False)
     for layout, d in [("diffusers", sd), ("bfl", bfl)]:
-        path = os.path.join(mdir, f"ae_{layout}.json")
-        body = {
+        fields = {
             "model": "FLUX.1 autoencoder",
             "layout": layout,
             "source": "diffusers AutoencoderKL with the FLUX config on the meta device"
             + ("" if layout == "diffusers" else f"; BFL names by our inverse mapping, checked through {checked}"),
-            "reference": common.versions(),
-            "tensors": {k: list(v.shape) for k, v in sorted(d.items())},
         }
-        with open(path, "w") as f:
-            json.dump(body, f, indent=1, sort_keys=True)
-            f.write("\n")
-        print(f"wrote {os.path.relpath(path)} ({len(d)} tensors)")
+        common.write_manifest(mdir, f"ae_{layout}", fields, d)
 
 
 def main():

@@ -387,6 +387,70 @@ impl Golden {
     }
 }
 
+/// The name → shape list of a manifest written by the reference
+/// (`<manifest_dir>/tests/manifests/<name>.json`, key `tensors`).
+pub fn manifest(manifest_dir: &str, name: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let path = Path::new(manifest_dir)
+        .join("tests")
+        .join("manifests")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; regenerate with `{REGEN_COMMAND}`", path.display()));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = json["tensors"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{}: no `tensors` object", path.display()));
+    tensors
+        .iter()
+        .map(|(k, v)| {
+            let shape = v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64())
+                    .map(|d| d as usize)
+                    .collect()
+            });
+            (
+                k.clone(),
+                shape.unwrap_or_else(|| panic!("{}: bad shape for {k}", path.display())),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that `ours` names exactly the tensors of `want` with the same shapes, listing what is
+/// missing, extra or misshapen.
+pub fn assert_same_tensors(
+    ours: &[(String, Vec<usize>)],
+    want: &std::collections::BTreeMap<String, Vec<usize>>,
+    what: &str,
+) {
+    let mine: std::collections::BTreeMap<&str, &Vec<usize>> =
+        ours.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    assert_eq!(
+        mine.len(),
+        ours.len(),
+        "{what}: our list names a tensor twice"
+    );
+    let missing: Vec<&String> = want
+        .keys()
+        .filter(|k| !mine.contains_key(k.as_str()))
+        .collect();
+    let extra: Vec<&&str> = mine.keys().filter(|k| !want.contains_key(**k)).collect();
+    let shapes: Vec<String> = want
+        .iter()
+        .filter_map(|(k, s)| {
+            mine.get(k.as_str())
+                .filter(|m| **m != s)
+                .map(|m| format!("{k}: ours {m:?}, real {s:?}"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && shapes.is_empty(),
+        "{what}: we miss {missing:?}; we have extra {extra:?}; shapes differ: {shapes:?}"
+    );
+}
+
 fn record(line: &str) {
     let Ok(path) = std::env::var(REPORT_ENV) else {
         return;
@@ -450,6 +514,22 @@ mod tests {
         );
         assert_eq!(c.mismatches, 0);
         assert!(!c.passed);
+    }
+
+    #[test]
+    #[should_panic(expected = "we miss")]
+    fn manifest_comparison_names_missing_tensors() {
+        let want = [("a".to_string(), vec![2]), ("b".to_string(), vec![3])]
+            .into_iter()
+            .collect();
+        assert_same_tensors(&[("a".to_string(), vec![2])], &want, "test");
+    }
+
+    #[test]
+    #[should_panic(expected = "shapes differ")]
+    fn manifest_comparison_names_wrong_shapes() {
+        let want = [("a".to_string(), vec![2])].into_iter().collect();
+        assert_same_tensors(&[("a".to_string(), vec![3])], &want, "test");
     }
 
     #[test]
