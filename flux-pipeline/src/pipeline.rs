@@ -376,11 +376,12 @@ impl FluxPipeline {
         })
     }
 
-    /// Generates images. `on_step` is called after every sampling step.
+    /// Generates images. `on_step` is called after every sampling step with the progress and
+    /// the packed latent `(1, L_img, 64)` after that step.
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
-        mut on_step: impl FnMut(&Progress),
+        mut on_step: impl FnMut(&Progress, &Tensor),
     ) -> Result<GenerateOutput> {
         let Plan {
             steps,
@@ -477,14 +478,15 @@ impl FluxPipeline {
                         guidance: g.as_ref(),
                     })
                 };
-                let out = sample(x, &ts, &sopts, &mut denoiser, |info, _| {
-                    on_step(&Progress {
+                let out = sample(x, &ts, &sopts, &mut denoiser, |info, latent| {
+                    let progress = Progress {
                         image: i,
                         images: n,
                         step: info.index,
                         steps,
                         t: info.t_curr,
-                    })
+                    };
+                    on_step(&progress, latent)
                 })?;
                 finals.push(out);
             }

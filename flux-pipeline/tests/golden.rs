@@ -89,12 +89,12 @@ fn dev_like_6_steps_guidance_non_square_from_folder_and_bfl_files() {
     .unwrap();
     assert!(pipe.is_dev());
     let mut steps = 0;
-    let out = pipe.generate(&req, |_| steps += 1).unwrap();
+    let out = pipe.generate(&req, |_, _| steps += 1).unwrap();
     assert_eq!(steps, 6);
     check(&g, "dev", &out);
     // The same model as BFL single files (transformer and VAE) gives the same result.
     let mut bfl = FluxPipeline::new(dev_files_bfl(), PipelineOptions::default()).unwrap();
-    let again = bfl.generate(&req, |_| {}).unwrap();
+    let again = bfl.generate(&req, |_, _| {}).unwrap();
     g.check(
         "dev/image BFL files vs folder",
         &again.images[0].image,
@@ -114,7 +114,7 @@ fn dev_like_noise_from_seed_equals_torch_generator() {
         PipelineOptions::default(),
     )
     .unwrap();
-    let out = pipe.generate(&req, |_| {}).unwrap();
+    let out = pipe.generate(&req, |_, _| {}).unwrap();
     assert_eq!(out.images[0].params.seed, 42);
     check(&g, "dev_seed", &out);
 }
@@ -132,7 +132,7 @@ fn schnell_like_4_steps_batch_2_from_individual_files() {
     assert_eq!(files.shift, None);
     let mut pipe = FluxPipeline::new(files, PipelineOptions::default()).unwrap();
     assert!(!pipe.is_dev());
-    let out = pipe.generate(&req, |_| {}).unwrap();
+    let out = pipe.generate(&req, |_, _| {}).unwrap();
     assert!(
         out.warnings.iter().any(|w| w.contains("ignored")),
         "{:?}",

@@ -109,7 +109,7 @@ fn bad_requests() {
         ),
     ];
     for (r, needle) in cases {
-        match p.generate(&r, |_| panic!("no step may run for a bad request")) {
+        match p.generate(&r, |_, _| panic!("no step may run for a bad request")) {
             Err(Error::InvalidRequest(m)) => assert!(m.contains(needle), "{m} (wanted {needle})"),
             other => panic!("expected InvalidRequest({needle}), got {other:?}"),
         }
@@ -120,7 +120,7 @@ fn bad_requests() {
                 width: 100,
                 ..req()
             },
-            |_| {},
+            |_, _| {},
         )
         .unwrap_err();
     assert!(e.hint().unwrap().contains("1024x1024"));
@@ -153,7 +153,7 @@ fn wrong_variant_and_missing_files() {
         config: cfg,
     };
     let mut p = FluxPipeline::new(f, PipelineOptions::default()).unwrap();
-    let e = p.generate(&req(), |_| {}).unwrap_err();
+    let e = p.generate(&req(), |_, _| {}).unwrap_err();
     assert!(
         matches!(e, Error::Dit(flux_dit::Error::UnexpectedTensors { .. })),
         "{e}"
@@ -201,8 +201,8 @@ fn memory_policy_drops_and_reloads() {
         steps: Some(2),
         ..req()
     };
-    let a = p.generate(&r, |_| {}).unwrap();
-    let b = p.generate(&r, |_| {}).unwrap();
+    let a = p.generate(&r, |_, _| {}).unwrap();
+    let b = p.generate(&r, |_, _| {}).unwrap();
     assert_eq!(a.images[0].rgb, b.images[0].rgb);
     let mut keep = FluxPipeline::from_source(
         &ModelSource::Folder(tiny()),
@@ -212,6 +212,6 @@ fn memory_policy_drops_and_reloads() {
         },
     )
     .unwrap();
-    let c = keep.generate(&r, |_| {}).unwrap();
+    let c = keep.generate(&r, |_, _| {}).unwrap();
     assert_eq!(a.images[0].rgb, c.images[0].rgb);
 }

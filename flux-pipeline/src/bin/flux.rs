@@ -207,7 +207,7 @@ fn run(args: Generate) -> Result<(), Error> {
             .progress_chars("=> "),
     );
     let mut step_start = Instant::now();
-    let out = pipe.generate(&req, |p| {
+    let out = pipe.generate(&req, |p, _| {
         if p.step == 0 {
             bar.reset();
             bar.set_prefix(format!("image {}/{}", p.image + 1, p.images));
