@@ -186,6 +186,14 @@ impl ClipTokenizer {
         })
     }
 
+    /// The tokenizer as `tokenizer.json` text (e.g. to save a `vocab.json` + `merges.txt`
+    /// tokenizer in the single-file form).
+    pub fn to_json(&self) -> Result<String> {
+        self.tok
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     /// Another padded length (2..=77; FLUX uses 77).
     pub fn with_max_len(mut self, max_len: usize) -> Result<Self> {
         if !(2..=CLIP_MAX_LEN).contains(&max_len) {
