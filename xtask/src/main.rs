@@ -1,5 +1,6 @@
 //! `cargo xtask`: project automation (see `cargo xtask help`).
 
+mod bench;
 mod golden;
 
 use anyhow::{bail, Result};
@@ -15,6 +16,11 @@ Commands:
                                    text, pipeline; default all). --verify regenerates
                                    into a temporary folder and checks the committed files are
                                    byte-identical.
+  bench [--depth D] [--single S] [--res 256,512] [--threads T] [--iters N]
+                                   time our transformer against candle-transformers and
+                                   PyTorch on the same seeded weights (full width, reduced
+                                   depth; default 1 double + 2 single blocks, 2 threads)
+  bench --pipeline                 the tiny end-to-end pipeline, time per stage
   help                             this text
 ";
 
@@ -30,6 +36,7 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["golden", "gen", rest @ ..] => golden::generate(rest),
         ["golden", rest @ ..] => golden::check(rest),
+        ["bench", rest @ ..] => bench::bench(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{HELP}");
             Ok(())

@@ -1,0 +1,248 @@
+//! `flux-bench`, run by `cargo xtask bench`:
+//!
+//! - `flux-bench weights DIR --depth D --single S --hidden H --heads N --seed K --res R…` writes
+//!   seeded random weights (std 0.02) of a full- or reduced-size FLUX transformer as a BFL file
+//!   (`flux.safetensors`, for candle-transformers) and a diffusers folder (`transformer/`, for
+//!   PyTorch), plus the inputs for each resolution (`inputs_R.safetensors`).
+//! - `flux-bench run DIR --res R --iters N --out FILE`: loads our transformer from the BFL file,
+//!   runs one warm-up and N timed forwards, writes the output, prints one JSON line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Device, Tensor};
+use flux_dit::{
+    bfl_tensor_shapes, diffusers_recipe, diffusers_tensor_shapes, img_ids, txt_ids, Config,
+    DitInput, Flux, FluxOptions, Recipe,
+};
+use flux_sampler::{torch_randn, NoiseOptions};
+
+/// Text tokens of every bench input (schnell's T5 length).
+pub const TXT_LEN: usize = 256;
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} needs a value")),
+        None => Ok(default),
+    }
+}
+
+fn config(depth: usize, single: usize, hidden: usize, heads: usize) -> Result<Config> {
+    let head = hidden / heads.max(1);
+    // FLUX's axes are [16, 56, 56] for head dim 128; scale them for other widths.
+    let a0 = (head / 8) & !1;
+    let a1 = ((head - a0) / 2) & !1;
+    let cfg = Config {
+        depth,
+        depth_single_blocks: single,
+        hidden_size: hidden,
+        num_heads: heads,
+        axes_dim: vec![a0, a1, head - a0 - a1],
+        ..Config::dev()
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn random(seed: u64, shape: &[usize], std: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = torch_randn(seed, n, NoiseOptions::F32)
+        .into_iter()
+        .map(|x| x * std)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn write_weights(dir: &Path, cfg: &Config, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir.join("transformer"))?;
+    let mut bfl = HashMap::new();
+    for (i, (name, shape)) in bfl_tensor_shapes(cfg).into_iter().enumerate() {
+        let t = if name.ends_with(".scale") {
+            (random(seed + i as u64, &shape, 0.02)? + 1.0)?
+        } else {
+            random(seed + i as u64, &shape, 0.02)?
+        };
+        bfl.insert(name, t);
+    }
+    // the diffusers layout, by the loader's own key mapping
+    let parts: HashMap<String, Vec<usize>> = diffusers_tensor_shapes(cfg).into_iter().collect();
+    let mut dif = HashMap::new();
+    for (name, t) in &bfl {
+        match diffusers_recipe(name).with_context(|| format!("no mapping for {name}"))? {
+            Recipe::Rename(k) => {
+                dif.insert(k, t.clone());
+            }
+            Recipe::SwapHalves(k) => {
+                let h = t.dim(0)? / 2;
+                dif.insert(
+                    k,
+                    Tensor::cat(&[t.narrow(0, h, h)?, t.narrow(0, 0, h)?], 0)?,
+                );
+            }
+            Recipe::Concat(ks) => {
+                let mut at = 0;
+                for k in ks {
+                    let rows = parts[&k][0];
+                    dif.insert(k, t.narrow(0, at, rows)?.contiguous()?);
+                    at += rows;
+                }
+            }
+        }
+    }
+    candle::safetensors::save(&bfl, dir.join("flux.safetensors"))?;
+    candle::safetensors::save(
+        &dif,
+        dir.join("transformer/diffusion_pytorch_model.safetensors"),
+    )?;
+    let json = serde_json::json!({
+        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels, "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim(), "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": cfg.axes_dim,
+    });
+    std::fs::write(
+        dir.join("transformer/config.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    Ok(())
+}
+
+fn write_inputs(dir: &Path, cfg: &Config, res: usize, seed: u64) -> Result<()> {
+    let (h, w) = (res / 8, res / 8);
+    let l_img = (h / 2) * (w / 2);
+    let dev = Device::Cpu;
+    let mut t = HashMap::new();
+    t.insert(
+        "img".to_string(),
+        random(seed, &[1, l_img, cfg.in_channels], 1.0)?,
+    );
+    t.insert(
+        "txt".to_string(),
+        random(seed + 1, &[1, TXT_LEN, cfg.context_in_dim], 1.0)?,
+    );
+    t.insert(
+        "y".to_string(),
+        random(seed + 2, &[1, cfg.vec_in_dim], 1.0)?,
+    );
+    t.insert("img_ids".to_string(), img_ids(1, h, w, 0.0, &dev)?);
+    t.insert("txt_ids".to_string(), txt_ids(1, TXT_LEN, &dev)?);
+    t.insert("timesteps".to_string(), Tensor::new(&[0.5f32], &dev)?);
+    t.insert("guidance".to_string(), Tensor::new(&[3.5f32], &dev)?);
+    candle::safetensors::save(&t, dir.join(format!("inputs_{res}.safetensors")))?;
+    Ok(())
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn run(dir: &Path, res: usize, iters: usize, out: &Path) -> Result<()> {
+    let cfg_text = std::fs::read_to_string(dir.join("transformer/config.json"))?;
+    let cfg = Config::from_diffusers_json(&cfg_text)?;
+    let start = Instant::now();
+    let model = Flux::from_bfl_file(
+        dir.join("flux.safetensors"),
+        &cfg,
+        DType::F32,
+        &Device::Cpu,
+        FluxOptions::default(),
+    )?;
+    let load = start.elapsed().as_secs_f64();
+    let inp =
+        candle::safetensors::load(dir.join(format!("inputs_{res}.safetensors")), &Device::Cpu)?;
+    let input = DitInput {
+        img: &inp["img"],
+        img_ids: &inp["img_ids"],
+        txt: &inp["txt"],
+        txt_ids: &inp["txt_ids"],
+        timesteps: &inp["timesteps"],
+        y: &inp["y"],
+        guidance: Some(&inp["guidance"]),
+    };
+    let mut out_t = model.forward(&input)?; // warm-up
+    let mut times = vec![];
+    for _ in 0..iters {
+        let t = Instant::now();
+        out_t = model.forward(&input)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let mut o = HashMap::new();
+    o.insert("out".to_string(), out_t);
+    candle::safetensors::save(&o, out)?;
+    println!(
+        "{}",
+        serde_json::json!({"secs": median, "all": times, "load_secs": load, "peak_rss": peak_rss()})
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, dir) = match (args.first(), args.get(1)) {
+        (Some(c), Some(d)) => (c.as_str(), PathBuf::from(d)),
+        _ => bail!("usage: flux-bench weights|run DIR [options]"),
+    };
+    match cmd {
+        "weights" => {
+            let cfg = config(
+                arg(&args, "--depth", 1)?,
+                arg(&args, "--single", 2)?,
+                arg(&args, "--hidden", 3072)?,
+                arg(&args, "--heads", 24)?,
+            )?;
+            let seed: u64 = arg(&args, "--seed", 0)?;
+            if !dir.join("flux.safetensors").exists() {
+                write_weights(&dir, &cfg, seed)?;
+            }
+            for r in args
+                .iter()
+                .skip_while(|a| *a != "--res")
+                .skip(1)
+                .take_while(|a| !a.starts_with("--"))
+            {
+                let res: usize = r.parse()?;
+                if res % 16 != 0 {
+                    bail!("--res {res} is not a multiple of 16");
+                }
+                write_inputs(&dir, &cfg, res, seed + 1_000_000)?;
+            }
+            Ok(())
+        }
+        "run" => run(
+            &dir,
+            arg(&args, "--res", 256)?,
+            arg(&args, "--iters", 5)?,
+            &PathBuf::from(arg::<String>(&args, "--out", "ours.safetensors".into())?),
+        ),
+        "compare" => {
+            // flux-bench compare A B: max |a − b| / max |b| of the `out` tensors.
+            let a = candle::safetensors::load(&dir, &Device::Cpu)?;
+            let b = candle::safetensors::load(args.get(2).context("compare A B")?, &Device::Cpu)?;
+            let (a, b) = (&a["out"], &b["out"]);
+            if a.dims() != b.dims() {
+                bail!("shapes differ: {:?} vs {:?}", a.dims(), b.dims());
+            }
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            println!("{}", diff / scale.max(f32::MIN_POSITIVE));
+            Ok(())
+        }
+        other => bail!("unknown command {other}"),
+    }
+}

@@ -1,0 +1,306 @@
+//! `cargo xtask bench`: our transformer against candle-transformers' FLUX and PyTorch (diffusers)
+//! on the same seeded weights and inputs, each peer in its own process (so peak memory is its
+//! own), with a check that the three outputs agree.
+
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+use crate::root;
+
+struct Opts {
+    depth: usize,
+    single: usize,
+    hidden: usize,
+    heads: usize,
+    res: Vec<usize>,
+    threads: usize,
+    iters: usize,
+    pipeline: bool,
+}
+
+fn parse(args: &[&str]) -> Result<Opts> {
+    let mut o = Opts {
+        depth: 1,
+        single: 2,
+        hidden: 3072,
+        heads: 24,
+        res: vec![256, 512],
+        threads: 2,
+        iters: 5,
+        pipeline: false,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{a} needs a value"));
+        match *a {
+            "--depth" => o.depth = val()?.parse()?,
+            "--single" => o.single = val()?.parse()?,
+            "--hidden" => o.hidden = val()?.parse()?,
+            "--heads" => o.heads = val()?.parse()?,
+            "--res" => {
+                o.res = val()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--threads" => o.threads = val()?.parse()?,
+            "--iters" => o.iters = val()?.parse()?,
+            "--pipeline" => o.pipeline = true,
+            other => bail!("unknown option {other}; see `cargo xtask help`"),
+        }
+    }
+    Ok(o)
+}
+
+/// FLOPs of one forward (multiply-adds ×2) for batch 1 with `l_img` image and `l_txt` text tokens.
+fn flops(o: &Opts, l_img: f64, l_txt: f64) -> f64 {
+    let h = o.hidden as f64;
+    let mlp = 4.0 * h;
+    let l = l_img + l_txt;
+    let lin = |rows: f64, i: f64, out: f64| 2.0 * rows * i * out;
+    let mut f = lin(l_img, 64.0, h)
+        + lin(l_txt, 4096.0, h)
+        + 3.0 * lin(1.0, 256.0, h)
+        + 3.0 * lin(1.0, h, h)
+        + lin(1.0, 768.0, h);
+    let double = |ls: f64| {
+        lin(ls, h, 3.0 * h)
+            + lin(ls, h, h)
+            + lin(ls, h, mlp)
+            + lin(ls, mlp, h)
+            + lin(1.0, h, 6.0 * h)
+    };
+    f += o.depth as f64 * (double(l_img) + double(l_txt) + 4.0 * l * l * h);
+    f += o.single as f64
+        * (lin(l, h, 3.0 * h + mlp) + lin(l, h + mlp, h) + lin(1.0, h, 3.0 * h) + 4.0 * l * l * h);
+    f + lin(l_img, h, 64.0) + lin(1.0, h, 2.0 * h)
+}
+
+struct Run {
+    secs: f64,
+    peak_rss: f64,
+}
+
+fn run_json(cmd: &mut Command) -> Result<Run> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON line")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    Ok(Run {
+        secs: v["secs"].as_f64().context("secs")?,
+        peak_rss: v["peak_rss"].as_f64().unwrap_or(0.0),
+    })
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn build(args: &[&str]) -> Result<()> {
+    let st = Command::new(cargo())
+        .current_dir(root())
+        .args(args)
+        .status()?;
+    if !st.success() {
+        bail!("cargo {args:?} failed");
+    }
+    Ok(())
+}
+
+fn pipeline_bench() -> Result<()> {
+    build(&["build", "--release", "-p", "flux-pipeline", "--bin", "flux"])?;
+    let out = std::env::temp_dir().join("flux-bench-pipeline-{seed}.png");
+    let o = Command::new(root().join("target/release/flux"))
+        .current_dir(root())
+        .args([
+            "generate",
+            "--model",
+            "flux-pipeline/tests/golden/tiny-dev",
+            "--prompt",
+            "a photo of a forest with mist",
+        ])
+        .args([
+            "--width", "256", "--height", "256", "--seed", "42", "--steps", "28", "--output",
+        ])
+        .arg(&out)
+        .output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("encode"))
+        .context("no stage line from flux")?;
+    println!("bench: pipeline-tiny-dev res=256 steps=28 {line}");
+    Ok(())
+}
+
+/// `cargo xtask bench [--depth D] [--single S] [--hidden H] [--heads N] [--res 256,512]
+/// [--threads T] [--iters N] [--pipeline]`.
+pub fn bench(args: &[&str]) -> Result<()> {
+    let o = parse(args)?;
+    if o.pipeline {
+        return pipeline_bench();
+    }
+    build(&["build", "--release", "-p", "flux-bench"])?;
+    let ours_bin = root().join("target/release/flux-bench");
+    let candle_target = root().join("target/bench-candle");
+    let candle_bin = candle_target.join("release/flux-bench-candle");
+    let candle_ok = Command::new(cargo())
+        .current_dir(root())
+        .args([
+            "build",
+            "--release",
+            "--manifest-path",
+            "xtask/bench-candle/Cargo.toml",
+            "--target-dir",
+        ])
+        .arg(&candle_target)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !candle_ok {
+        eprintln!("bench: candle-transformers peer did not build; its column is skipped");
+    }
+    let python = root().join("xtask/reference/.venv/bin/python");
+    if !python.exists() {
+        eprintln!("bench: no reference virtualenv (create it with `cargo xtask golden gen`); the PyTorch column is skipped");
+    }
+    let dir = root().join(format!(
+        "target/bench/d{}s{}h{}n{}",
+        o.depth, o.single, o.hidden, o.heads
+    ));
+    let res: Vec<String> = o.res.iter().map(|r| r.to_string()).collect();
+    let mut w = Command::new(&ours_bin);
+    w.arg("weights").arg(&dir).args([
+        "--depth",
+        &o.depth.to_string(),
+        "--single",
+        &o.single.to_string(),
+    ]);
+    w.args([
+        "--hidden",
+        &o.hidden.to_string(),
+        "--heads",
+        &o.heads.to_string(),
+        "--res",
+    ])
+    .args(&res);
+    if !w.status()?.success() {
+        bail!("writing bench weights failed");
+    }
+    let threads = o.threads.to_string();
+    let iters = o.iters.to_string();
+    println!("peer      res   s/forward  GFLOP/s  peak RSS  max rel diff vs ours");
+    let mut lines = vec![];
+    for r in &o.res {
+        let rs = r.to_string();
+        let l_img = ((r / 16) * (r / 16)) as f64;
+        let gflop = flops(&o, l_img, 256.0) / 1e9;
+        let out = |who: &str| dir.join(format!("out_{who}_{r}.safetensors"));
+        let with_env = |c: &mut Command| {
+            c.env("RAYON_NUM_THREADS", &threads)
+                .env("OMP_NUM_THREADS", &threads);
+        };
+        let mut c = Command::new(&ours_bin);
+        c.arg("run")
+            .arg(&dir)
+            .args(["--res", &rs, "--iters", &iters, "--out"])
+            .arg(out("ours"));
+        with_env(&mut c);
+        let ours = run_json(&mut c)?;
+        let mut candle = None;
+        if candle_ok {
+            let mut c = Command::new(&candle_bin);
+            c.arg(&dir)
+                .args(["--res", &rs, "--iters", &iters, "--out"])
+                .arg(out("candle"));
+            with_env(&mut c);
+            candle = Some(run_json(&mut c)?);
+        }
+        let mut torch = None;
+        if python.exists() {
+            let mut c = Command::new(&python);
+            c.arg(root().join("xtask/reference/bench_torch.py"))
+                .arg(&dir);
+            c.args([
+                "--res",
+                &rs,
+                "--iters",
+                &iters,
+                "--threads",
+                &threads,
+                "--out",
+            ])
+            .arg(out("torch"));
+            with_env(&mut c);
+            torch = Some(run_json(&mut c)?);
+        }
+        let diff = |who: &str| -> String {
+            Command::new(&ours_bin)
+                .arg("compare")
+                .arg(out(who))
+                .arg(out("ours"))
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        let row = |who: &str, run: &Run, d: String| {
+            println!(
+                "{who:<8} {r:>5}  {:>9.3}  {:>7.1}  {:>6.2} GB  {d}",
+                run.secs,
+                gflop / run.secs,
+                run.peak_rss / 1e9
+            )
+        };
+        row("ours", &ours, "-".into());
+        if let Some(c) = &candle {
+            row("candle", c, diff("candle"));
+        }
+        if let Some(t) = &torch {
+            row("torch", t, diff("torch"));
+        }
+        let fmt = |x: &Option<Run>| {
+            x.as_ref()
+                .map(|r| format!("{:.3}s", r.secs))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        let best = [&candle, &torch]
+            .iter()
+            .filter_map(|x| x.as_ref().map(|r| r.secs))
+            .fold(f64::INFINITY, f64::min);
+        let ratio = if best.is_finite() {
+            format!("{:.2}", ours.secs / best)
+        } else {
+            "n/a".into()
+        };
+        lines.push(format!(
+            "bench: dit-cpu-f32 res={r} ours={:.3}s candle={} torch={} ours/best={ratio}",
+            ours.secs,
+            fmt(&candle),
+            fmt(&torch)
+        ));
+    }
+    println!(
+        "({:.1} GFLOP per forward at the first size; {} threads, median of {} forwards)",
+        flops(&o, ((o.res[0] / 16).pow(2)) as f64, 256.0) / 1e9,
+        o.threads,
+        o.iters
+    );
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
