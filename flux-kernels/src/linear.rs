@@ -1,6 +1,11 @@
 //! The `Linear` layer every model uses: `y = x·Wᵀ + b`.
+//!
+//! The weight is kept once, transposed to `(in, out)` row-major at construction. On the CPU in
+//! f32 the product runs straight through `gemm` (the kernel candle itself uses) into an output
+//! pre-filled with the bias, so the bias costs no extra pass over memory; elsewhere it is a
+//! candle matmul plus a broadcast add (the plain twin, also the test oracle).
 
-use candle::{Module, Tensor};
+use candle::{DType, Module, Storage, Tensor};
 
 use crate::{Error, Result};
 
@@ -8,7 +13,8 @@ use crate::{Error, Result};
 /// [`Linear`] interface, so model code never changes.
 #[derive(Debug, Clone)]
 enum Weight {
-    Dense(Tensor),
+    /// `(in, out)`, contiguous.
+    DenseT(Tensor),
 }
 
 /// A linear layer `y = x·Wᵀ + b` with `W: (out, in)`, as PyTorch stores it.
@@ -38,23 +44,25 @@ impl Linear {
                 });
             }
         }
+        // Transposing copies once; the (out, in) original is dropped by the caller.
+        let wt = weight.t()?.contiguous()?;
         Ok(Linear {
-            weight: Weight::Dense(weight),
-            bias,
+            weight: Weight::DenseT(wt),
+            bias: bias.map(|b| b.contiguous()).transpose()?,
         })
     }
 
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {
-            Weight::Dense(w) => (w.dims()[1], w.dims()[0]),
+            Weight::DenseT(w) => (w.dims()[0], w.dims()[1]),
         }
     }
 
-    /// The dense weight, `(out, in)`.
-    pub fn weight(&self) -> &Tensor {
+    /// The dense weight as PyTorch lays it out, `(out, in)` (a transposed view).
+    pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
-            Weight::Dense(w) => w,
+            Weight::DenseT(w) => Ok(w.t()?),
         }
     }
 
@@ -78,15 +86,95 @@ impl Linear {
             });
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let Weight::Dense(w) = &self.weight;
-        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut shape = dims[..dims.len() - 1].to_vec();
         shape.push(out);
+        let x2 = x.reshape((rows, inp))?;
+        let y = match self.forward_cpu_f32(&x2, rows)? {
+            Some(y) => y,
+            None => self.forward_plain(&x2)?,
+        };
         Ok(y.reshape(shape)?)
+    }
+
+    /// The plain candle twin: `x·Wᵀ` then `+ b`.
+    ///
+    /// # Shapes
+    /// `x`: `(rows, in)`. Returns `(rows, out)`.
+    pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
+        let Weight::DenseT(wt) = &self.weight;
+        let y = x.matmul(wt)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// The fused CPU f32 path, when `x`, the weight and the bias are contiguous f32 on the CPU.
+    fn forward_cpu_f32(&self, x: &Tensor, rows: usize) -> Result<Option<Tensor>> {
+        let Weight::DenseT(wt) = &self.weight;
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || wt.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        if self.bias.as_ref().is_some_and(|b| b.dtype() != DType::F32) {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (inp, out) = self.dims();
+        let mut dst = vec![0f32; rows * out];
+        if let Some(b) = &self.bias {
+            let b = b.to_vec1::<f32>()?;
+            for row in dst.chunks_exact_mut(out) {
+                row.copy_from_slice(&b);
+            }
+        }
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = wt.storage_and_layout();
+            let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
+                return Ok(None);
+            };
+            let (Ok(xv), Ok(wv)) = (xc.as_slice::<f32>(), wc.as_slice::<f32>()) else {
+                return Ok(None);
+            };
+            let (Some((x0, x1)), Some((w0, w1))) =
+                (xl.contiguous_offsets(), wl.contiguous_offsets())
+            else {
+                return Ok(None);
+            };
+            let (xv, wv) = (&xv[x0..x1], &wv[w0..w1]);
+            let threads = candle::utils::get_num_threads();
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: dst is rows×out, xv rows×inp, wv inp×out, all row-major and in bounds;
+            // the strides below describe exactly those layouts.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out,
+                    inp,
+                    dst.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    self.bias.is_some(),
+                    xv.as_ptr(),
+                    1,
+                    inp as isize,
+                    wv.as_ptr(),
+                    1,
+                    out as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+        Ok(Some(Tensor::from_vec(dst, (rows, out), x.device())?))
     }
 }
 

@@ -209,6 +209,22 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
+    fn fused_linear_equals_plain_twin(rows in 1usize..40, inp in 1usize..70, out in 1usize..50, bias: bool, seed in 0u64..1000) {
+        let w = randn(&[out, inp], seed);
+        let b = bias.then(|| randn(&[out], seed + 1));
+        let lin = Linear::new(w, b).unwrap();
+        let x = randn(&[rows, inp], seed + 2);
+        let fast = lin.forward(&x).unwrap();
+        let plain = lin.forward_plain(&x).unwrap();
+        let d = (fast - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        prop_assert!(d <= 1e-5, "max diff {}", d);
+        // strided input (a transposed view) takes the same path after a copy
+        let xt = randn(&[inp, rows], seed + 3).t().unwrap();
+        let d = (lin.forward(&xt).unwrap() - lin.forward_plain(&xt.contiguous().unwrap()).unwrap()).unwrap();
+        prop_assert!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() <= 1e-5);
+    }
+
+    #[test]
     fn rope_preserves_pair_norms(l in 1usize..12, seed in 0u64..1000, f64_angles: bool) {
         let mode = if f64_angles { AngleMode::F64 } else { AngleMode::F32 };
         let pe = rope_table(&ids(l, seed), &[4, 6, 6], 10_000.0, mode).unwrap();

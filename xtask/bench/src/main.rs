@@ -243,6 +243,28 @@ fn main() -> Result<()> {
             println!("{}", diff / scale.max(f32::MIN_POSITIVE));
             Ok(())
         }
+        "mm" => {
+            let m: usize = arg(&args, "--m", 512)?;
+            let k: usize = arg(&args, "--k", 3072)?;
+            let n: usize = arg(&args, "--n", 12288)?;
+            let x = random(1, &[m, k], 1.0)?;
+            let w = random(2, &[n, k], 0.02)?;
+            let wt = w.t()?.contiguous()?;
+            for (name, rhs) in [("w.t() view", w.t()?), ("pre-transposed", wt.clone())] {
+                let _ = x.matmul(&rhs)?;
+                let t = Instant::now();
+                for _ in 0..5 {
+                    let _ = x.matmul(&rhs)?;
+                }
+                let s = t.elapsed().as_secs_f64() / 5.0;
+                println!(
+                    "{name}: {:.3} s, {:.1} GFLOP/s",
+                    s,
+                    2.0 * (m * k * n) as f64 / s / 1e9
+                );
+            }
+            Ok(())
+        }
         other => bail!("unknown command {other}"),
     }
 }
