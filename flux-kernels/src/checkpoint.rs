@@ -9,15 +9,32 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use candle::safetensors::MmapedSafetensors;
+use candle::safetensors::Load;
 use candle::{DType, Device, Tensor};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
 
 use crate::{Error, Result};
 
+/// Where one tensor's bytes are.
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the mapped file.
+    start: usize,
+    end: usize,
+}
+
 /// One or more memory-mapped safetensors files read as one set of named tensors.
+///
+/// Each tensor is copied out of the mapping once, into memory of the requested dtype, and the
+/// mapped pages are then released (`madvise(DONTNEED)`), so loading a model peaks at about the
+/// size of its weights, not twice that.
 pub struct Checkpoint {
-    st: MmapedSafetensors,
-    shapes: HashMap<String, Vec<usize>>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
     prefix: String,
     dtype: DType,
     device: Device,
@@ -29,7 +46,7 @@ impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
             .field("source", &self.desc)
-            .field("tensors", &self.shapes.len())
+            .field("tensors", &self.entries.len())
             .field("prefix", &self.prefix)
             .finish()
     }
@@ -37,7 +54,8 @@ impl std::fmt::Debug for Checkpoint {
 
 impl Checkpoint {
     /// Maps `files` (one file, or every shard of a sharded checkpoint). Tensors are converted to
-    /// `dtype` (f32, bf16 or f16) on `device` as they are read.
+    /// `dtype` (f32, bf16 or f16) on `device` as they are read. Every header is validated here
+    /// (a truncated or corrupt file is a [`Error::Checkpoint`]).
     pub fn open(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype {
@@ -49,25 +67,41 @@ impl Checkpoint {
             path: PathBuf::new(),
             reason: "no checkpoint files given".into(),
         })?;
-        for f in files {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let bad = |reason: String| Error::Checkpoint {
+                path: f.clone(),
+                reason,
+            };
             if !f.is_file() {
-                return Err(Error::Checkpoint {
-                    path: f.clone(),
-                    reason: "no such file".into(),
-                });
+                return Err(bad("no such file".into()));
             }
+            let file = std::fs::File::open(f).map_err(|e| bad(e.to_string()))?;
+            // SAFETY: mapped read-only; like every mmap-based loader this assumes no one
+            // truncates or rewrites the file while it is being read.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
+            // Validates the header and that every tensor's bytes lie inside the file.
+            SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+            let data_start = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                let e = Entry {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + a,
+                    end: data_start + b,
+                };
+                if entries.insert(name.clone(), e).is_some() {
+                    return Err(bad(format!(
+                        "tensor `{name}` appears in more than one shard"
+                    )));
+                }
+            }
+            maps.push(map);
         }
-        // SAFETY: the files are mapped read-only; like every mmap-based loader this assumes no
-        // one truncates or rewrites them while they are being read.
-        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Checkpoint {
-            path: first.clone(),
-            reason: e.to_string(),
-        })?;
-        let shapes = st
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.shape().to_vec()))
-            .collect();
         let desc = if files.len() == 1 {
             first.display().to_string()
         } else {
@@ -75,8 +109,8 @@ impl Checkpoint {
             format!("{} ({} shards)", dir.display(), files.len())
         };
         Ok(Checkpoint {
-            st,
-            shapes,
+            maps,
+            entries,
             prefix: String::new(),
             dtype,
             device: device.clone(),
@@ -88,7 +122,7 @@ impl Checkpoint {
     /// Reads keys under `prefix` (e.g. `model.diffusion_model.`) when *every* key carries it.
     /// Returns whether it did.
     pub fn strip_common_prefix(&mut self, prefix: &str) -> bool {
-        let all = !self.shapes.is_empty() && self.shapes.keys().all(|k| k.starts_with(prefix));
+        let all = !self.entries.is_empty() && self.entries.keys().all(|k| k.starts_with(prefix));
         if all {
             self.prefix = prefix.to_string();
         }
@@ -112,19 +146,19 @@ impl Checkpoint {
 
     /// Whether `key` (without the stripped prefix) is present.
     pub fn contains(&self, key: &str) -> bool {
-        self.shapes.contains_key(&format!("{}{key}", self.prefix))
+        self.entries.contains_key(&format!("{}{key}", self.prefix))
     }
 
     /// The stored shape of `key`, if present.
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
-        self.shapes
+        self.entries
             .get(&format!("{}{key}", self.prefix))
-            .map(Vec::as_slice)
+            .map(|e| e.shape.as_slice())
     }
 
     /// A few keys, sorted, for "this does not look like …" messages.
     pub fn sample_keys(&self, n: usize) -> Vec<String> {
-        let mut k: Vec<String> = self.shapes.keys().cloned().collect();
+        let mut k: Vec<String> = self.entries.keys().cloned().collect();
         k.sort();
         k.truncate(n);
         k
@@ -134,31 +168,44 @@ impl Checkpoint {
     /// used.
     pub fn get(&self, key: &str, expected: Option<&[usize]>) -> Result<Tensor> {
         let full = format!("{}{key}", self.prefix);
-        let Some(shape) = self.shapes.get(&full) else {
+        let Some(e) = self.entries.get(&full) else {
             return Err(Error::MissingTensor {
                 name: full,
                 source_desc: self.desc.clone(),
             });
         };
         if let Some(exp) = expected {
-            if shape.as_slice() != exp {
+            if e.shape.as_slice() != exp {
                 return Err(Error::TensorShape {
                     name: full,
                     expected: exp.to_vec(),
-                    got: shape.clone(),
+                    got: e.shape.clone(),
                 });
             }
         }
-        let t = self.st.load(&full, &self.device)?;
+        let map = &self.maps[e.file];
+        let bytes = &map[e.start..e.end];
+        let view =
+            TensorView::new(e.dtype, e.shape.clone(), bytes).map_err(|err| Error::Checkpoint {
+                path: PathBuf::from(&self.desc),
+                reason: format!("{full}: {err}"),
+            })?;
+        let t = view.load(&self.device)?.to_dtype(self.dtype)?;
+        // The bytes now live in `t`; let the kernel drop the mapped pages.
+        // SAFETY: the mapping is read-only and the file unchanged, so dropped pages read back
+        // the same bytes if they are ever touched again; nothing borrows them past this point.
+        let _ = unsafe {
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start)
+        };
         self.used.borrow_mut().insert(full);
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t)
     }
 
     /// Keys present in the files and never read, sorted.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
         let mut v: Vec<String> = self
-            .shapes
+            .entries
             .keys()
             .filter(|k| !used.contains(*k))
             .cloned()

@@ -45,7 +45,7 @@ impl Linear {
             }
         }
         // Transposing copies once; the (out, in) original is dropped by the caller.
-        let wt = weight.t()?.contiguous()?;
+        let wt = transpose(&weight)?;
         Ok(Linear {
             weight: Weight::DenseT(wt),
             bias: bias.map(|b| b.contiguous()).transpose()?,
@@ -176,6 +176,29 @@ impl Linear {
         }
         Ok(Some(Tensor::from_vec(dst, (rows, out), x.device())?))
     }
+}
+
+/// `(r, c)` → `(c, r)` contiguous: a cache-blocked copy for CPU f32 (candle's strided copy is
+/// several times slower on large weights), candle's otherwise.
+fn transpose(w: &Tensor) -> Result<Tensor> {
+    let (r, c) = w.dims2()?;
+    if !w.device().is_cpu() || w.dtype() != DType::F32 {
+        return Ok(w.t()?.contiguous()?);
+    }
+    let w = w.contiguous()?;
+    let src = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut dst = vec![0f32; r * c];
+    const B: usize = 32;
+    for i0 in (0..r).step_by(B) {
+        for j0 in (0..c).step_by(B) {
+            for i in i0..(i0 + B).min(r) {
+                for j in j0..(j0 + B).min(c) {
+                    dst[j * r + i] = src[i * c + j];
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(dst, (c, r), w.device())?)
 }
 
 impl Module for Linear {
