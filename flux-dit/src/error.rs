@@ -99,6 +99,9 @@ impl From<flux_kernels::Error> for Error {
             },
             K::Checkpoint { path, reason } => Error::Checkpoint { path, reason },
             K::UnsupportedDtype { what, dtype } => Error::UnsupportedDtype { what, dtype },
+            K::UnexpectedTensors { names, source_desc } => {
+                Error::UnexpectedTensors { names, source_desc }
+            }
             K::Candle(e) => Error::Candle(e),
             e => Error::Kernels(e),
         }

@@ -201,6 +201,19 @@ impl Checkpoint {
         Ok(t)
     }
 
+    /// After loading: fails with [`Error::UnexpectedTensors`] listing every key that was never
+    /// read, except those `ignore` accepts (e.g. a full CLIPModel's vision tower).
+    pub fn finish(&self, ignore: impl Fn(&str) -> bool) -> Result<()> {
+        let names: Vec<String> = self.unused().into_iter().filter(|k| !ignore(k)).collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        Err(Error::UnexpectedTensors {
+            names,
+            source_desc: self.desc.clone(),
+        })
+    }
+
     /// Keys present in the files and never read, sorted.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();

@@ -52,6 +52,14 @@ pub enum Error {
         /// The shape in the file.
         got: Vec<usize>,
     },
+    /// A checkpoint holds tensors the model does not use (a different model or variant).
+    #[error("{} unexpected tensor(s) in {source_desc}: {}", names.len(), names.iter().take(8).cloned().collect::<Vec<_>>().join(", "))]
+    UnexpectedTensors {
+        /// The unused keys, sorted.
+        names: Vec<String>,
+        /// Which checkpoint.
+        source_desc: String,
+    },
     /// A checkpoint file that cannot be read or parsed (missing, truncated, corrupt).
     #[error("cannot read checkpoint {path}: {reason}")]
     Checkpoint {

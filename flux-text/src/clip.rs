@@ -252,13 +252,7 @@ impl ClipTextModel {
             final_layer_norm: norm("text_model.final_layer_norm")?,
             cfg: cfg.clone(),
         };
-        let extra: Vec<String> = ck.unused().into_iter().filter(|k| !ignorable(k)).collect();
-        if !extra.is_empty() {
-            return Err(Error::UnexpectedTensors {
-                names: extra,
-                source_desc: ck.desc().to_string(),
-            });
-        }
+        ck.finish(ignorable)?;
         Ok(model)
     }
 

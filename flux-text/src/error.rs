@@ -111,6 +111,9 @@ impl From<flux_kernels::Error> for Error {
                 dtype,
                 why: "supported: f32, bf16",
             },
+            K::UnexpectedTensors { names, source_desc } => {
+                Error::UnexpectedTensors { names, source_desc }
+            }
             K::Candle(e) => Error::Candle(e),
             e => Error::Kernels(e),
         }

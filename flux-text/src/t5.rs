@@ -246,13 +246,7 @@ impl T5Encoder {
             final_layer_norm: get("encoder.final_layer_norm.weight", &[d])?,
             cfg: cfg.clone(),
         };
-        let extra: Vec<String> = ck.unused().into_iter().filter(|k| !ignorable(k)).collect();
-        if !extra.is_empty() {
-            return Err(Error::UnexpectedTensors {
-                names: extra,
-                source_desc: ck.desc().to_string(),
-            });
-        }
+        ck.finish(ignorable)?;
         Ok(model)
     }
 
