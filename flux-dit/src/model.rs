@@ -3,8 +3,8 @@
 
 use candle::{DType, Device, Tensor, D};
 use flux_kernels::{
-    apply_rope, attention, gelu_tanh, layer_norm, modulate, rms_norm, rope_table, silu, AngleMode,
-    AttnOpts, Linear, RopeTable,
+    attention_composite, attention_tokens, gated_residual, gelu_tanh, layer_norm_modulate,
+    qk_norm_rope, rope_table, silu, AngleMode, AttnOpts, Linear, RopeTable,
 };
 
 use crate::config::Config;
@@ -131,31 +131,50 @@ impl QkNorm {
         })
     }
 
+    /// RMSNorm of q and k, then RoPE with `pe` (one fused pass each on CUDA).
+    ///
     /// # Shapes
-    /// `q`, `k`: `(B, H, L, D)`.
-    pub fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// `q`, `k`: `(B, H, L, D)`, any strides; `pe` over the same `L`.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, pe: &RopeTable) -> Result<(Tensor, Tensor)> {
         Ok((
-            rms_norm(q, &self.query_norm, NORM_EPS)?,
-            rms_norm(k, &self.key_norm, NORM_EPS)?,
+            qk_norm_rope(q, &self.query_norm, NORM_EPS, pe)?,
+            qk_norm_rope(k, &self.key_norm, NORM_EPS, pe)?,
         ))
     }
 }
 
-/// `(B, L, 3·H·D)` → q, k, v each `(B, H, L, D)` (layout "(K H D)", K outermost).
-fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, l, three_hd) = qkv.dims3()?;
-    let d = three_hd / (3 * heads);
-    let qkv = qkv.reshape((b, l, 3, heads, d))?.permute((2, 0, 3, 1, 4))?; // (3, b, h, l, d)
-    Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
+/// Rows `start..start + len` of a RoPE table (contiguous copies).
+fn rope_rows(pe: &RopeTable, start: usize, len: usize) -> Result<RopeTable> {
+    Ok(RopeTable {
+        cos: pe.cos.narrow(2, start, len)?.contiguous()?,
+        sin: pe.sin.narrow(2, start, len)?.contiguous()?,
+    })
 }
 
-/// RoPE on q and k, attention, and `(B, H, L, D) → (B, L, H·D)` (BFL `math.attention`).
-fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &RopeTable) -> Result<Tensor> {
-    let q = apply_rope(q, pe)?;
-    let k = apply_rope(k, pe)?;
-    let x = attention(&q, &k, v, AttnOpts::default())?; // (b, h, l, d)
-    let (b, h, l, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
+/// q, k, v as `(B, H, L, D)` views (no copies) of the first `3·H·D` channels of a contiguous
+/// `(B, L, N)` projection (layout "(K H D)", K outermost).
+fn split_qkv(x: &Tensor, heads: usize, head_dim: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, n) = x.dims3()?;
+    let x = if n % head_dim == 0 {
+        x.reshape((b, l, n / head_dim, head_dim))?
+    } else {
+        x.narrow(2, 0, 3 * heads * head_dim)?
+            .contiguous()?
+            .reshape((b, l, 3 * heads, head_dim))?
+    };
+    let part = |i: usize| -> Result<Tensor> { Ok(x.narrow(2, i * heads, heads)?.transpose(1, 2)?) };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// Attention (BFL `math.attention` after RoPE) into `(B, L, H·D)`; the composite path when
+/// `composite` (benchmarks), else the fused kernel where the device has one.
+fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, composite: bool) -> Result<Tensor> {
+    if composite {
+        let x = attention_composite(q, k, v, AttnOpts::default())?; // (b, h, l, d)
+        let (b, h, l, d) = x.dims4()?;
+        return Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?);
+    }
+    Ok(attention_tokens(q, k, v, AttnOpts::default())?)
 }
 
 /// `fc2(GELU_tanh(fc0(x)))`, keys `.0` and `.2`.
@@ -200,26 +219,29 @@ impl Stream {
         })
     }
 
-    /// Modulated norm → qkv → QK-norm. Returns the two modulations and q, k, v.
+    /// Modulated norm → qkv → QK-norm + RoPE (`pe` over this stream's tokens). Returns the two
+    /// modulations and q, k, v.
     fn prepare(
         &self,
         x: &Tensor,
         vec_act: &Tensor,
         heads: usize,
+        pe: &RopeTable,
     ) -> Result<(Vec<ModulationOut>, [Tensor; 3])> {
         let m = self.modulation.forward(vec_act)?;
-        let xm = modulate(&layer_norm(x, NORM_EPS)?, &m[0].shift, &m[0].scale)?;
-        let (q, k, v) = split_qkv(&self.qkv.forward(&xm)?, heads)?;
-        let (q, k) = self.norm.forward(&q, &k)?;
-        let (q, k) = (q.to_dtype(v.dtype())?, k.to_dtype(v.dtype())?);
+        let xm = layer_norm_modulate(x, &m[0].shift, &m[0].scale, NORM_EPS)?;
+        let qkv = self.qkv.forward(&xm)?;
+        let head_dim = qkv.dim(2)? / (3 * heads);
+        let (q, k, v) = split_qkv(&qkv, heads, head_dim)?;
+        let (q, k) = self.norm.forward(&q, &k, pe)?;
         Ok((m, [q, k, v]))
     }
 
     /// Attention and MLP residuals.
     fn finish(&self, x: &Tensor, attn: &Tensor, m: &[ModulationOut]) -> Result<Tensor> {
-        let x = (x + m[0].gate.broadcast_mul(&self.proj.forward(attn)?)?)?;
-        let h = modulate(&layer_norm(&x, NORM_EPS)?, &m[1].shift, &m[1].scale)?;
-        Ok((&x + m[1].gate.broadcast_mul(&self.mlp.forward(&h)?)?)?)
+        let x = gated_residual(x, &m[0].gate, &self.proj.forward(attn)?)?;
+        let h = layer_norm_modulate(&x, &m[1].shift, &m[1].scale, NORM_EPS)?;
+        Ok(gated_residual(&x, &m[1].gate, &self.mlp.forward(&h)?)?)
     }
 }
 
@@ -229,6 +251,7 @@ pub struct DoubleStreamBlock {
     img: Stream,
     txt: Stream,
     num_heads: usize,
+    composite_attention: bool,
 }
 
 impl DoubleStreamBlock {
@@ -238,6 +261,7 @@ impl DoubleStreamBlock {
             img: Stream::load(w, &format!("{p}.img"), cfg)?,
             txt: Stream::load(w, &format!("{p}.txt"), cfg)?,
             num_heads: cfg.num_heads,
+            composite_attention: false,
         })
     }
 
@@ -251,15 +275,17 @@ impl DoubleStreamBlock {
         vec_act: &Tensor,
         pe: &RopeTable,
     ) -> Result<(Tensor, Tensor)> {
+        let (l_txt, l_img) = (txt.dim(1)?, img.dim(1)?);
+        let (pe_txt, pe_img) = (rope_rows(pe, 0, l_txt)?, rope_rows(pe, l_txt, l_img)?);
         // prepare image and text for attention
-        let (img_m, [img_q, img_k, img_v]) = self.img.prepare(img, vec_act, self.num_heads)?;
-        let (txt_m, [txt_q, txt_k, txt_v]) = self.txt.prepare(txt, vec_act, self.num_heads)?;
+        let heads = self.num_heads;
+        let (img_m, [img_q, img_k, img_v]) = self.img.prepare(img, vec_act, heads, &pe_img)?;
+        let (txt_m, [txt_q, txt_k, txt_v]) = self.txt.prepare(txt, vec_act, heads, &pe_txt)?;
         // run joint attention, text first
         let q = Tensor::cat(&[txt_q, img_q], 2)?;
         let k = Tensor::cat(&[txt_k, img_k], 2)?;
         let v = Tensor::cat(&[txt_v, img_v], 2)?;
-        let attn = rope_attention(&q, &k, &v, pe)?; // (b, l, c)
-        let l_txt = txt.dim(1)?;
+        let attn = joint_attention(&q, &k, &v, self.composite_attention)?; // (b, l, c)
         let txt_attn = attn.narrow(1, 0, l_txt)?;
         let img_attn = attn.narrow(1, l_txt, attn.dim(1)? - l_txt)?;
         // image and text residuals
@@ -279,6 +305,7 @@ pub struct SingleStreamBlock {
     num_heads: usize,
     hidden: usize,
     mlp_hidden: usize,
+    composite_attention: bool,
 }
 
 impl SingleStreamBlock {
@@ -293,6 +320,7 @@ impl SingleStreamBlock {
             num_heads: cfg.num_heads,
             hidden: h,
             mlp_hidden: mlp,
+            composite_attention: false,
         })
     }
 
@@ -300,19 +328,17 @@ impl SingleStreamBlock {
     /// `x` = `[txt; img]`: `(B, L, C)`, `vec_act` = SiLU(vec): `(B, C)`. Returns `(B, L, C)`.
     pub fn forward(&self, x: &Tensor, vec_act: &Tensor, pe: &RopeTable) -> Result<Tensor> {
         let m = self.modulation.forward(vec_act)?.remove(0);
-        let xm = modulate(&layer_norm(x, NORM_EPS)?, &m.shift, &m.scale)?;
+        let xm = layer_norm_modulate(x, &m.shift, &m.scale, NORM_EPS)?;
         let h = self.linear1.forward(&xm)?;
-        let qkv = h.narrow(D::Minus1, 0, 3 * self.hidden)?;
         let mlp = h.narrow(D::Minus1, 3 * self.hidden, self.mlp_hidden)?;
-        let (q, k, v) = split_qkv(&qkv.contiguous()?, self.num_heads)?;
-        let (q, k) = self.norm.forward(&q, &k)?;
-        let (q, k) = (q.to_dtype(v.dtype())?, k.to_dtype(v.dtype())?);
-        let attn = rope_attention(&q, &k, &v, pe)?;
+        let (q, k, v) = split_qkv(&h, self.num_heads, self.hidden / self.num_heads)?;
+        let (q, k) = self.norm.forward(&q, &k, pe)?;
+        let attn = joint_attention(&q, &k, &v, self.composite_attention)?;
         // attention output first, MLP activation second
         let o = self
             .linear2
             .forward(&Tensor::cat(&[attn, gelu_tanh(&mlp)?], D::Minus1)?)?;
-        Ok((x + m.gate.broadcast_mul(&o)?)?)
+        Ok(gated_residual(x, &m.gate, &o)?)
     }
 }
 
@@ -337,7 +363,7 @@ impl LastLayer {
     pub fn forward(&self, x: &Tensor, vec_act: &Tensor) -> Result<Tensor> {
         let m = self.ada_ln.forward(vec_act)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
-        let x = modulate(&layer_norm(x, NORM_EPS)?, &c[0], &c[1])?;
+        let x = layer_norm_modulate(x, &c[0], &c[1], NORM_EPS)?;
         Ok(self.linear.forward(&x)?)
     }
 }
@@ -368,6 +394,9 @@ pub struct DitInput<'a> {
 pub struct FluxOptions {
     /// RoPE angle precision: f32 as BFL today, f64 as diffusers.
     pub rope: AngleMode,
+    /// Run attention as the composite matmul + softmax + matmul even where a fused kernel exists
+    /// (CUDA bf16/f16): for comparisons and benchmarks. Default `false`.
+    pub composite_attention: bool,
 }
 
 /// The FLUX transformer.
@@ -394,7 +423,7 @@ impl Flux {
         cfg.validate()?;
         w.check_looks_like(cfg)?;
         let h = cfg.hidden_size;
-        let model = Flux {
+        let mut model = Flux {
             img_in: w.linear("img_in", cfg.in_channels, h, true)?,
             time_in: MlpEmbedder::load(w, "time_in", TIME_DIM, h)?,
             guidance_in: if cfg.guidance_embed {
@@ -417,6 +446,12 @@ impl Flux {
             device: w.device().clone(),
         };
         w.finish()?;
+        for b in &mut model.double_blocks {
+            b.composite_attention = opts.composite_attention;
+        }
+        for b in &mut model.single_blocks {
+            b.composite_attention = opts.composite_attention;
+        }
         Ok(model)
     }
 

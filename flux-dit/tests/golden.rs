@@ -22,6 +22,7 @@ fn dir(name: &str) -> PathBuf {
 /// The diffusers goldens use f64 RoPE angles.
 const DIFFUSERS: FluxOptions = FluxOptions {
     rope: AngleMode::F64,
+    composite_attention: false,
 };
 
 fn load_both(name: &str, dtype: DType) -> (Flux, Flux) {

@@ -20,9 +20,81 @@ pub struct AttnOpts<'a> {
 /// FLUX's transformer uses it without bias or mask (every token attends to every token, text
 /// padding included).
 ///
+/// With the `cuda` feature, CUDA tensors in bf16/f16 without bias or mask and with head dim 32,
+/// 64 or 128 run the flash kernel (tensor cores, f32 accumulation, online softmax: memory O(L),
+/// never the L×L scores); every other case runs the composite path, [`attention_composite`].
+///
 /// # Shapes
 /// `q`: `(B, H, Lq, D)`, `k`: `(B, H, Lk, D)`, `v`: `(B, H, Lk, Dv)`. Returns `(B, H, Lq, Dv)`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<Tensor> {
+    let d = check_qkv(q, k, v)?;
+    #[cfg(feature = "cuda")]
+    if flash_eligible(q, k, v, &opts) {
+        let op = crate::cuda::FlashAttn {
+            scale: opts.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32,
+            tokens_out: false,
+        };
+        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+        return Ok(q.apply_op3_no_bwd(&k, &v, &op)?);
+    }
+    composite(q, k, v, opts, d)
+}
+
+/// [`attention`] followed by `(B, H, Lq, Dv) → (B, Lq, H·Dv)`, the token-major layout the
+/// output projection wants. The CUDA kernel writes that layout directly.
+pub fn attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<Tensor> {
+    let d = check_qkv(q, k, v)?;
+    let (b, h, lq, _) = q.dims4()?;
+    #[cfg(feature = "cuda")]
+    if flash_eligible(q, k, v, &opts) {
+        let op = crate::cuda::FlashAttn {
+            scale: opts.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32,
+            tokens_out: true,
+        };
+        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+        return Ok(q.apply_op3_no_bwd(&k, &v, &op)?.reshape((b, lq, h * d))?);
+    }
+    let x = composite(q, k, v, opts, d)?;
+    let dv = x.dim(3)?;
+    Ok(x.transpose(1, 2)?.reshape((b, lq, h * dv))?)
+}
+
+/// The composite path of [`attention`] (matmul, softmax, matmul in f32) on every device: the
+/// plain twin the fused kernels are checked against, and the baseline of the GPU benchmarks.
+pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<Tensor> {
+    let d = check_qkv(q, k, v)?;
+    composite(q, k, v, opts, d)
+}
+
+/// Whether the CUDA flash kernel takes these inputs: CUDA, bf16/f16, no bias or mask, equal
+/// head dims of a supported size. Others take the composite path.
+#[cfg(feature = "cuda")]
+fn flash_eligible(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> bool {
+    let d = q.dim(3).unwrap_or(0);
+    q.device().is_cuda()
+        && opts.bias.is_none()
+        && !opts.causal
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && v.dim(3).ok() == Some(d)
+        && crate::cuda::FLASH_HEAD_DIMS.contains(&d)
+}
+
+/// The kernel reads rows with 16-byte copies: views whose rows are not 8-element aligned are
+/// copied first.
+#[cfg(feature = "cuda")]
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let (_, layout) = t.storage_and_layout();
+    let ok = layout.stride().last() == Some(&1)
+        && layout.stride().iter().all(|s| s % 8 == 0 || *s == 1)
+        && layout.start_offset() % 8 == 0;
+    drop(layout);
+    Ok(if ok { t.clone() } else { t.contiguous()? })
+}
+
+/// Ranks and shapes of q, k, v; returns the head dim.
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<usize> {
     for (what, t) in [("attention q", q), ("attention k", k), ("attention v", v)] {
         if t.rank() != 4 {
             return Err(Error::RankMismatch {
@@ -32,7 +104,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<T
             });
         }
     }
-    let (b, h, lq, d) = q.dims4()?;
+    let (b, h, _, d) = q.dims4()?;
     let (kb, kh, lk, kd) = k.dims4()?;
     let (vb, vh, vl, _) = v.dims4()?;
     if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) {
@@ -42,6 +114,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<T
             got: k.dims().to_vec(),
         });
     }
+    Ok(d)
+}
+
+fn composite(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts, d: usize) -> Result<Tensor> {
+    let lq = q.dim(2)?;
+    let lk = k.dim(2)?;
     let dtype = q.dtype();
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let (q, k, v) = (

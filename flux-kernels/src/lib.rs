@@ -3,14 +3,19 @@
 
 mod attention;
 mod checkpoint;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod linear;
 mod ops;
 mod rope;
 
-pub use attention::{attention, softmax_last_dim, AttnOpts};
+pub use attention::{attention, attention_composite, attention_tokens, softmax_last_dim, AttnOpts};
 pub use checkpoint::{sharded_files, Checkpoint};
 pub use error::{Error, Result};
 pub use linear::Linear;
-pub use ops::{gelu_tanh, group_norm, layer_norm, modulate, quick_gelu, rms_norm, silu};
-pub use rope::{apply_rope, rope_table, AngleMode, RopeTable};
+pub use ops::{
+    gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate, modulate, quick_gelu,
+    rms_norm, silu,
+};
+pub use rope::{apply_rope, qk_norm_rope, rope_table, AngleMode, RopeTable};

@@ -113,6 +113,58 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok((scale + 1.0)?.broadcast_mul(x)?.broadcast_add(shift)?)
 }
 
+/// `modulate(layer_norm(x, eps), shift, scale)` (adaLN after a LayerNorm without affine). On
+/// CUDA one fused kernel pass; elsewhere the two ops, which are its plain twin.
+///
+/// # Shapes
+/// `x`: `(B, L, C)`; `shift`, `scale`: `(B, 1, C)`. Returns `(B, L, C)` in `x`'s dtype.
+pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    float_dtype("layer_norm_modulate", x)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() != DType::F64 {
+        let (b, _, c) = x.dims3()?;
+        for (what, t) in [
+            ("layer_norm_modulate shift", shift),
+            ("layer_norm_modulate scale", scale),
+        ] {
+            if t.dims() != [b, 1, c] || t.dtype() != x.dtype() {
+                return Err(Error::ShapeMismatch {
+                    what,
+                    expected: vec![b, 1, c],
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        let op = crate::cuda::LnModulate { eps: eps as f32 };
+        return Ok(x.contiguous()?.apply_op3_no_bwd(shift, scale, &op)?);
+    }
+    modulate(&layer_norm(x, eps)?, shift, scale)
+}
+
+/// The gated residual `x + gate·y` of every FLUX block. On CUDA one fused kernel pass; elsewhere
+/// the composite ops, its plain twin.
+///
+/// # Shapes
+/// `x`, `y`: `(B, L, C)`; `gate`: `(B, 1, C)`. Returns `(B, L, C)` in `x`'s dtype.
+pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() != DType::F64 {
+        let (b, _, c) = x.dims3()?;
+        if gate.dims() != [b, 1, c] || y.dims() != x.dims() {
+            return Err(Error::ShapeMismatch {
+                what: "gated_residual gate (B, 1, C) and y like x",
+                expected: vec![b, 1, c],
+                got: gate.dims().to_vec(),
+            });
+        }
+        let op = crate::cuda::GatedResidual;
+        return Ok(x
+            .contiguous()?
+            .apply_op3_no_bwd(gate, &y.contiguous()?, &op)?);
+    }
+    Ok((x + gate.broadcast_mul(y)?)?)
+}
+
 /// GELU with the tanh approximation (`approximate="tanh"`), computed in f32.
 ///
 /// # Shapes

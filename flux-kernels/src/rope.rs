@@ -118,3 +118,49 @@ pub fn apply_rope(x: &Tensor, pe: &RopeTable) -> Result<Tensor> {
         .reshape((b, h, l, d))?
         .to_dtype(dtype)?)
 }
+
+/// FLUX's QK-norm then RoPE: `apply_rope(rms_norm(x, scale, eps), pe)`. On CUDA one fused kernel
+/// pass that reads `x` through its strides (q or k straight out of the qkv projection) and writes
+/// it contiguous; elsewhere the two ops, its plain twin.
+///
+/// # Shapes
+/// `x`: `(B, H, L, D)`; `scale`: `(D)`; `pe`: `(B or 1, 1, L, D/2)`. Returns `(B, H, L, D)` in
+/// `x`'s dtype.
+pub fn qk_norm_rope(x: &Tensor, scale: &Tensor, eps: f64, pe: &RopeTable) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        if x.rank() != 4 {
+            return Err(Error::RankMismatch {
+                what: "qk_norm_rope x (B, H, L, D)",
+                expected: 4,
+                got: x.dims().to_vec(),
+            });
+        }
+        let (b, _, l, d) = x.dims4()?;
+        let pb = pe.cos.dim(0)?;
+        if scale.dims() != [d]
+            || pe.cos.dims() != [pb, 1, l, d / 2]
+            || (pb != 1 && pb != b)
+            || d % 2 != 0
+        {
+            return Err(Error::ShapeMismatch {
+                what: "qk_norm_rope scale (D) and table (B or 1, 1, L, D/2)",
+                expected: vec![b, 1, l, d / 2],
+                got: pe.cos.dims().to_vec(),
+            });
+        }
+        let x = if x.stride().last() == Some(&1) {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let op = crate::cuda::QkNormRope {
+            cos: pe.cos.to_dtype(DType::F32)?.contiguous()?,
+            sin: pe.sin.to_dtype(DType::F32)?.contiguous()?,
+            eps: eps as f32,
+        };
+        let scale = scale.to_dtype(x.dtype())?.contiguous()?;
+        return Ok(x.apply_op2_no_bwd(&scale, &op)?);
+    }
+    apply_rope(&crate::rms_norm(x, scale, eps)?, pe)
+}

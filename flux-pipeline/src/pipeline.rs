@@ -261,7 +261,10 @@ impl FluxPipeline {
                 Reference::Bfl => flux_dit::AngleMode::F32,
                 Reference::Diffusers => flux_dit::AngleMode::F64,
             };
-            let o = FluxOptions { rope };
+            let o = FluxOptions {
+                rope,
+                ..Default::default()
+            };
             let (d, dt) = (&self.opts.device, self.opts.dtype);
             self.dit = Some(match &self.files.transformer {
                 TransformerFiles::Diffusers(dir) => Flux::from_diffusers_folder(dir, dt, d, o)?,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod golden;
+mod gpu;
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -37,12 +38,13 @@ fn main() -> Result<()> {
         ["golden", "gen", rest @ ..] => golden::generate(rest),
         ["golden", rest @ ..] => golden::check(rest),
         ["bench", rest @ ..] => bench::bench(rest),
+        ["gpu", rest @ ..] => gpu::gpu(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
-            print!("{HELP}");
+            print!("{HELP}{}", gpu::HELP);
             Ok(())
         }
         other => {
-            eprint!("{HELP}");
+            eprint!("{HELP}{}", gpu::HELP);
             bail!("unknown command {other:?}")
         }
     }

@@ -1,0 +1,41 @@
+//! With the `cuda` feature, compiles `cuda/*.cu` to PTX with the nvcc that candle's CUDA build
+//! uses too (`CUDA_HOME`/`CUDA_PATH`, else `PATH`), for `CUDA_COMPUTE_CAP` (default 80; the PTX
+//! is JIT-compiled by the driver for newer GPUs). Without it, does nothing: CPU builds never need
+//! a CUDA toolkit.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=cuda");
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo::rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    let nvcc = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    for name in ["flash_attn", "fused"] {
+        let src = PathBuf::from("cuda").join(format!("{name}.cu"));
+        let ptx = out.join(format!("{name}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+            .arg(format!("--gpu-architecture=compute_{cap}"))
+            .arg("-o")
+            .arg(&ptx)
+            .arg(&src)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {} to compile {} (the `cuda` feature needs the CUDA toolkit; set CUDA_HOME): {e}", nvcc.display(), src.display())
+            });
+        assert!(status.success(), "nvcc failed on {}", src.display());
+    }
+}

@@ -1,0 +1,153 @@
+// Fused elementwise kernels of the FLUX blocks, each one pass over memory where the composite
+// path makes several. They round to the storage dtype where the composite path does, so in f32
+// they agree with it to the last bits and in bf16/f16 to one rounding.
+//
+// - qk_norm_rope: RMSNorm with a learned scale, then RoPE on interleaved pairs, reading a
+//   strided (B, H, L, D) view (q or k straight out of the qkv projection) and writing it
+//   contiguous.
+// - ln_modulate: LayerNorm without affine, then adaLN `(1 + scale)·x + shift`.
+// - gated_residual: `x + gate·y`, gate broadcast over the tokens.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x);
+template <>
+__device__ __forceinline__ float to_f(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+
+// Rounds an f32 value to T's precision and back.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_f<T>(from_f<T>(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read from a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float s = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(s);
+}
+
+// One warp per (b, h, l) row of D elements.
+// x: strided (B, H, L, D) view, D contiguous; scale: (D); cos/sin: (Bp, L, D/2) with Bp 1 or B;
+// out: contiguous (B, H, L, D).
+template <typename T>
+__device__ void qk_norm_rope(const T* __restrict__ x, const T* __restrict__ scale, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t, T* __restrict__ out, int b_, int h_, int l_, int d,
+                             long long sb, long long sh, long long sl, int table_batched, float eps) {
+    const int warps_per_block = blockDim.x / 32;
+    const long long row = (long long)blockIdx.x * warps_per_block + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= (long long)b_ * h_ * l_) return;
+    const int l = row % l_;
+    const int h = (row / l_) % h_;
+    const int b = row / ((long long)l_ * h_);
+    const T* xr = x + b * sb + h * sh + l * sl;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        const float v = to_f(xr[i]);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float rrms = 1.f / sqrtf(__fadd_rn(ss / d, eps));
+    const long long trow = ((long long)(table_batched ? b : 0) * l_ + l) * (d / 2);
+    T* orow = out + row * d;
+    for (int p = lane; p < d / 2; p += 32) {
+        const float n0 = round_to<T>(__fmul_rn(to_f(xr[2 * p]), rrms));
+        const float n1 = round_to<T>(__fmul_rn(to_f(xr[2 * p + 1]), rrms));
+        const float y0 = round_to<T>(__fmul_rn(n0, to_f(scale[2 * p])));
+        const float y1 = round_to<T>(__fmul_rn(n1, to_f(scale[2 * p + 1])));
+        const float c = cos_t[trow + p], s = sin_t[trow + p];
+        orow[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(y0, c), __fmul_rn(y1, s)));
+        orow[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(y0, s), __fmul_rn(y1, c)));
+    }
+}
+
+// One block per token row of C elements. x: contiguous (B, L, C); shift/scale: (B, C) rows
+// `mod_stride` apart, C contiguous; out: contiguous (B, L, C).
+template <typename T>
+__device__ void ln_modulate(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
+                            T* __restrict__ out, int l_, int c, long long mod_stride, float eps) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const int b = row / l_;
+    const T* xr = x + row * c;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += to_f(xr[i]);
+    const float mean = block_sum(s, scratch) / c;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const float d = __fsub_rn(to_f(xr[i]), mean);
+        v += d * d;
+    }
+    const float var = block_sum(v, scratch) / c;
+    const float rstd = 1.f / sqrtf(__fadd_rn(var, eps));
+    const T* sh = shift + b * mod_stride;
+    const T* sc = scale + b * mod_stride;
+    T* orow = out + row * c;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        const float n = round_to<T>(__fmul_rn(__fsub_rn(to_f(xr[i]), mean), rstd));
+        const float one_plus = round_to<T>(__fadd_rn(to_f(sc[i]), 1.f));
+        const float m = round_to<T>(__fmul_rn(one_plus, n));
+        orow[i] = from_f<T>(__fadd_rn(m, to_f(sh[i])));
+    }
+}
+
+// x, y: contiguous (B, L, C); gate: (B, C) rows `gate_stride` apart; out = x + gate·y.
+template <typename T>
+__device__ void gated_residual(const T* __restrict__ x, const T* __restrict__ gate, const T* __restrict__ y,
+                               T* __restrict__ out, long long n, int l_, int c, long long gate_stride) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const int ch = i % c;
+        const int b = i / ((long long)l_ * c);
+        const float gy = round_to<T>(__fmul_rn(to_f(gate[b * gate_stride + ch]), to_f(y[i])));
+        out[i] = from_f<T>(__fadd_rn(to_f(x[i]), gy));
+    }
+}
+
+}  // namespace
+
+#define FUSED(SUFFIX, T)                                                                                   \
+    extern "C" __global__ void qk_norm_rope_##SUFFIX(const T* x, const T* scale, const float* cos_t,       \
+                                                     const float* sin_t, T* out, int b, int h, int l, int d, \
+                                                     long long sb, long long sh, long long sl,               \
+                                                     int table_batched, float eps) {                        \
+        qk_norm_rope<T>(x, scale, cos_t, sin_t, out, b, h, l, d, sb, sh, sl, table_batched, eps);           \
+    }                                                                                                      \
+    extern "C" __global__ void ln_modulate_##SUFFIX(const T* x, const T* shift, const T* scale, T* out,    \
+                                                    int l, int c, long long mod_stride, float eps) {        \
+        ln_modulate<T>(x, shift, scale, out, l, c, mod_stride, eps);                                        \
+    }                                                                                                      \
+    extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* gate, const T* y, T* out,      \
+                                                       long long n, int l, int c, long long gate_stride) {  \
+        gated_residual<T>(x, gate, y, out, n, l, c, gate_stride);                                           \
+    }
+
+FUSED(f32, float)
+FUSED(bf16, __nv_bfloat16)
+FUSED(f16, __half)

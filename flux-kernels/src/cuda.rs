@@ -1,0 +1,453 @@
+//! The CUDA kernels of `cuda/*.cu`, wrapped as candle custom ops. The public functions of
+//! [`crate::attention`], [`crate::ops`] and [`crate::rope`] dispatch here for CUDA tensors; each
+//! op checks ranks, dtypes, strides and alignment before it launches anything.
+
+use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle::cuda_backend::{CudaDType, WrapErr};
+use candle::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage,
+    Tensor,
+};
+use half::{bf16, f16};
+
+const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
+const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// Head dims the flash-attention kernel is instantiated for.
+pub(crate) const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+fn cpu_only(name: &str) -> candle::Error {
+    candle::Error::Msg(format!(
+        "{name} is a CUDA kernel; CPU tensors take the composite path"
+    ))
+}
+
+fn suffix(dtype: DType, what: &str) -> candle::Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        d => Err(candle::Error::Msg(format!(
+            "{what}: unsupported dtype {d:?} on CUDA"
+        ))),
+    }
+}
+
+/// The (B, H, L) strides of a rank-4 view whose last dimension is contiguous.
+fn strides4(what: &str, l: &Layout) -> candle::Result<[i64; 3]> {
+    let s = l.stride();
+    if s.len() != 4 || s[3] != 1 {
+        return Err(candle::Error::Msg(format!(
+            "{what}: needs a (B, H, L, D) view with contiguous D, got shape {:?} strides {s:?}",
+            l.dims()
+        )));
+    }
+    Ok([s[0] as i64, s[1] as i64, s[2] as i64])
+}
+
+/// The stride between batch rows of a `(B, 1, C)` or `(B, C)` modulation view with contiguous C.
+fn mod_stride(what: &str, l: &Layout, b: usize, c: usize) -> candle::Result<i64> {
+    let dims = l.dims();
+    let s = l.stride();
+    let ok = match dims {
+        [bb, 1, cc] => *bb == b && *cc == c && s[2] == 1,
+        [bb, cc] => *bb == b && *cc == c && s[1] == 1,
+        _ => false,
+    };
+    if !ok {
+        return Err(candle::Error::Msg(format!(
+            "{what}: needs ({b}, 1, {c}) with contiguous channels, got shape {dims:?} strides {s:?}"
+        )));
+    }
+    Ok(if b == 1 { 0 } else { s[0] as i64 })
+}
+
+fn slice<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle::Result<candle::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// `softmax(q·kᵀ·scale)·v` by the flash kernel; q, k, v `(B, H, L, D)` views.
+pub(crate) struct FlashAttn {
+    pub scale: f32,
+    /// Write `(B, Lq, H, D)` instead of `(B, H, Lq, D)`.
+    pub tokens_out: bool,
+}
+
+impl FlashAttn {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+        name: &str,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let (b, h, lq, d) = q.1.shape().dims4()?;
+        let lk = k.1.dims()[2];
+        let qs = strides4("flash attention q", q.1)?;
+        let ks = strides4("flash attention k", k.1)?;
+        let vs = strides4("flash attention v", v.1)?;
+        for (what, st, l) in [("q", qs, q.1), ("k", ks, k.1), ("v", vs, v.1)] {
+            // 16-byte aligned rows for cp.async (candle's allocations are 256-byte aligned)
+            if st.iter().any(|s| s % 8 != 0) || l.start_offset() % 8 != 0 {
+                return Err(candle::Error::Msg(format!(
+                    "flash attention {what}: rows must start 16-byte aligned (strides {st:?}, offset {})",
+                    l.start_offset()
+                )));
+            }
+        }
+        let (shape, os): (Shape, [i64; 3]) = if self.tokens_out {
+            (
+                (b, lq, h, d).into(),
+                [(lq * h * d) as i64, d as i64, (h * d) as i64],
+            )
+        } else {
+            (
+                (b, h, lq, d).into(),
+                [(h * lq * d) as i64, (lq * d) as i64, d as i64],
+            )
+        };
+        let func = dev.get_or_load_custom_func(name, "flux_flash_attn", ATTN_PTX)?;
+        // SAFETY: every element is written by the kernel (all rows < lq, all of D).
+        let out = unsafe { dev.alloc::<T>(b * h * lq * d)? };
+        let (qv, kv, vv) = (
+            slice::<T>(q.0, q.1)?,
+            slice::<T>(k.0, k.1)?,
+            slice::<T>(v.0, v.1)?,
+        );
+        let (heads, lq_i, lk_i) = (h as i32, lq as i32, lk as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let cfg = LaunchConfig {
+            grid_dim: (lq.div_ceil(64) as u32, (b * h) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&qv).arg(&kv).arg(&vv).arg(&out);
+        bld.arg(&heads).arg(&lq_i).arg(&lk_i);
+        for s in qs.iter().chain(&ks).chain(&vs).chain(&os) {
+            bld.arg(s);
+        }
+        bld.arg(&scale_log2);
+        // SAFETY: arguments match the kernel's signature; sizes checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "flux-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(cpu_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let d = ql.dims()[3];
+        if !FLASH_HEAD_DIMS.contains(&d) {
+            return Err(candle::Error::Msg(format!(
+                "flash attention: head dim {d} not in {FLASH_HEAD_DIMS:?}"
+            )));
+        }
+        let dev = q.device().clone();
+        let name = format!("flash_attn_{}_d{d}", suffix(q.dtype(), "flash attention")?);
+        match q.dtype() {
+            DType::BF16 => self.run::<bf16>(&dev, (q, ql), (k, kl), (v, vl), &name),
+            DType::F16 => self.run::<f16>(&dev, (q, ql), (k, kl), (v, vl), &name),
+            d => Err(candle::Error::Msg(format!(
+                "flash attention: dtype {d:?} (bf16 or f16 only)"
+            ))),
+        }
+    }
+}
+
+/// RMSNorm (learned scale) then RoPE, one pass; x a `(B, H, L, D)` view, scale `(D)`.
+pub(crate) struct QkNormRope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub eps: f32,
+}
+
+impl QkNormRope {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        scale: (&CudaStorage, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device().clone();
+        let (b, h, l, d) = x.1.shape().dims4()?;
+        let xs = strides4("qk_norm_rope x", x.1)?;
+        if !scale.1.is_contiguous() || scale.1.dims() != [d] {
+            return Err(candle::Error::Msg(format!(
+                "qk_norm_rope scale: needs contiguous ({d}), got {:?}",
+                scale.1.dims()
+            )));
+        }
+        let (cos_s, cos_l) = self.cos.storage_and_layout();
+        let (sin_s, sin_l) = self.sin.storage_and_layout();
+        let (Storage::Cuda(cos_s), Storage::Cuda(sin_s)) = (&*cos_s, &*sin_s) else {
+            return Err(candle::Error::Msg(
+                "qk_norm_rope: RoPE table not on CUDA".into(),
+            ));
+        };
+        let pb = cos_l.dims()[0];
+        let table_ok = |tl: &Layout| tl.is_contiguous() && tl.dims() == [pb, 1, l, d / 2];
+        if !table_ok(cos_l) || !table_ok(sin_l) || (pb != 1 && pb != b) || d % 2 != 0 {
+            return Err(candle::Error::Msg(format!(
+                "qk_norm_rope: table must be contiguous ({b} or 1, 1, {l}, {}), got {:?}",
+                d / 2,
+                cos_l.dims()
+            )));
+        }
+        let name = format!("qk_norm_rope_{}", suffix(x.0.dtype(), "qk_norm_rope")?);
+        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let n = b * h * l * d;
+        // SAFETY: one warp writes every element of its row.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (xv, sv) = (slice::<T>(x.0, x.1)?, slice::<T>(scale.0, scale.1)?);
+        let cv = slice::<f32>(cos_s, cos_l)?;
+        let snv = slice::<f32>(sin_s, sin_l)?;
+        let (bi, hi, li, di) = (b as i32, h as i32, l as i32, d as i32);
+        let batched = i32::from(pb != 1);
+        let rows = (b * h * l) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&xv).arg(&sv).arg(&cv).arg(&snv).arg(&out);
+        bld.arg(&bi).arg(&hi).arg(&li).arg(&di);
+        bld.arg(&xs[0])
+            .arg(&xs[1])
+            .arg(&xs[2])
+            .arg(&batched)
+            .arg(&self.eps);
+        // SAFETY: arguments match the kernel's signature; sizes checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, h, l, d).into()))
+    }
+}
+
+impl CustomOp2 for QkNormRope {
+    fn name(&self) -> &'static str {
+        "flux-qk-norm-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(cpu_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        s: &CudaStorage,
+        sl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => self.run::<f32>((x, xl), (s, sl)),
+            DType::BF16 => self.run::<bf16>((x, xl), (s, sl)),
+            DType::F16 => self.run::<f16>((x, xl), (s, sl)),
+            d => Err(candle::Error::Msg(format!(
+                "qk_norm_rope: unsupported dtype {d:?}"
+            ))),
+        }
+    }
+}
+
+/// `(1 + scale)·LN(x) + shift`; x contiguous `(B, L, C)`, shift/scale `(B, 1, C)` views.
+pub(crate) struct LnModulate {
+    pub eps: f32,
+}
+
+impl LnModulate {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        shift: (&CudaStorage, &Layout),
+        scale: (&CudaStorage, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device().clone();
+        if !x.1.is_contiguous() {
+            return Err(candle::Error::Msg(
+                "ln_modulate x: must be contiguous".into(),
+            ));
+        }
+        let (b, l, c) = x.1.shape().dims3()?;
+        let sh = mod_stride("ln_modulate shift", shift.1, b, c)?;
+        let sc = mod_stride("ln_modulate scale", scale.1, b, c)?;
+        if sh != sc {
+            return Err(candle::Error::Msg(format!(
+                "ln_modulate: shift and scale rows must be equally strided ({sh} vs {sc})"
+            )));
+        }
+        let name = format!("ln_modulate_{}", suffix(x.0.dtype(), "ln_modulate")?);
+        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        // SAFETY: one block writes every element of its row.
+        let out = unsafe { dev.alloc::<T>(b * l * c)? };
+        let (xv, shv, scv) = (
+            slice::<T>(x.0, x.1)?,
+            slice::<T>(shift.0, shift.1)?,
+            slice::<T>(scale.0, scale.1)?,
+        );
+        let (li, ci) = (l as i32, c as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * l) as u32, 1, 1),
+            block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&xv).arg(&shv).arg(&scv).arg(&out);
+        bld.arg(&li).arg(&ci).arg(&sh).arg(&self.eps);
+        // SAFETY: arguments match the kernel's signature; sizes checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, c).into()))
+    }
+}
+
+impl CustomOp3 for LnModulate {
+    fn name(&self) -> &'static str {
+        "flux-ln-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(cpu_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        sh: &CudaStorage,
+        shl: &Layout,
+        sc: &CudaStorage,
+        scl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => self.run::<f32>((x, xl), (sh, shl), (sc, scl)),
+            DType::BF16 => self.run::<bf16>((x, xl), (sh, shl), (sc, scl)),
+            DType::F16 => self.run::<f16>((x, xl), (sh, shl), (sc, scl)),
+            d => Err(candle::Error::Msg(format!(
+                "ln_modulate: unsupported dtype {d:?}"
+            ))),
+        }
+    }
+}
+
+/// `x + gate·y`; x, y contiguous `(B, L, C)`, gate a `(B, 1, C)` view.
+pub(crate) struct GatedResidual;
+
+impl GatedResidual {
+    fn run<T: CudaDType + DeviceRepr>(
+        x: (&CudaStorage, &Layout),
+        gate: (&CudaStorage, &Layout),
+        y: (&CudaStorage, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device().clone();
+        if !x.1.is_contiguous() || !y.1.is_contiguous() || x.1.dims() != y.1.dims() {
+            return Err(candle::Error::Msg(format!(
+                "gated_residual: x and y must be contiguous and equal-shaped, got {:?} and {:?}",
+                x.1.dims(),
+                y.1.dims()
+            )));
+        }
+        let (b, l, c) = x.1.shape().dims3()?;
+        let gs = mod_stride("gated_residual gate", gate.1, b, c)?;
+        let name = format!("gated_residual_{}", suffix(x.0.dtype(), "gated_residual")?);
+        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let n = b * l * c;
+        // SAFETY: the grid-stride loop writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (xv, gv, yv) = (
+            slice::<T>(x.0, x.1)?,
+            slice::<T>(gate.0, gate.1)?,
+            slice::<T>(y.0, y.1)?,
+        );
+        let (ni, li, ci) = (n as i64, l as i32, c as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(65_535 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&xv).arg(&gv).arg(&yv).arg(&out);
+        bld.arg(&ni).arg(&li).arg(&ci).arg(&gs);
+        // SAFETY: arguments match the kernel's signature; sizes checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, c).into()))
+    }
+}
+
+impl CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "flux-gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(cpu_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        y: &CudaStorage,
+        yl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => Self::run::<f32>((x, xl), (g, gl), (y, yl)),
+            DType::BF16 => Self::run::<bf16>((x, xl), (g, gl), (y, yl)),
+            DType::F16 => Self::run::<f16>((x, xl), (g, gl), (y, yl)),
+            d => Err(candle::Error::Msg(format!(
+                "gated_residual: unsupported dtype {d:?}"
+            ))),
+        }
+    }
+}
