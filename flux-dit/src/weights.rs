@@ -246,6 +246,12 @@ impl Weights {
         Ok(Weights { ckpt, layout })
     }
 
+    /// Weights from any [`Checkpoint`] (for example [`Checkpoint::from_tensors`]: weights made
+    /// in memory or on a GPU), read in `layout`.
+    pub fn from_checkpoint(ckpt: Checkpoint, layout: Layout) -> Self {
+        Weights { ckpt, layout }
+    }
+
     /// Maps a diffusers `transformer/` folder: its `config.json`, and either
     /// `diffusion_pytorch_model.safetensors` or the shards listed in
     /// `diffusion_pytorch_model.safetensors.index.json`.

@@ -19,12 +19,20 @@ use crate::{Error, Result};
 
 /// Where one tensor's bytes are.
 struct Entry {
-    file: usize,
-    dtype: Dtype,
     shape: Vec<usize>,
-    /// Byte range in the mapped file.
-    start: usize,
-    end: usize,
+    data: Data,
+}
+
+enum Data {
+    /// A byte range of a mapped file.
+    Mapped {
+        file: usize,
+        dtype: Dtype,
+        start: usize,
+        end: usize,
+    },
+    /// A tensor already in memory ([`Checkpoint::from_tensors`]).
+    Memory(Tensor),
 }
 
 /// One or more memory-mapped safetensors files read as one set of named tensors.
@@ -88,11 +96,13 @@ impl Checkpoint {
             for (name, info) in meta.tensors() {
                 let (a, b) = info.data_offsets;
                 let e = Entry {
-                    file: i,
-                    dtype: info.dtype,
                     shape: info.shape.clone(),
-                    start: data_start + a,
-                    end: data_start + b,
+                    data: Data::Mapped {
+                        file: i,
+                        dtype: info.dtype,
+                        start: data_start + a,
+                        end: data_start + b,
+                    },
                 };
                 if entries.insert(name.clone(), e).is_some() {
                     return Err(bad(format!(
@@ -115,6 +125,44 @@ impl Checkpoint {
             dtype,
             device: device.clone(),
             desc,
+            used: RefCell::new(BTreeSet::new()),
+        })
+    }
+
+    /// A checkpoint of tensors already in memory (weights made on a device, tests), read with
+    /// the same strictness as files; tensors are converted to `dtype` on `device` when read.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        desc: &str,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDtype {
+                what: "checkpoint weights",
+                dtype,
+            });
+        }
+        let entries = tensors
+            .into_iter()
+            .map(|(k, t)| {
+                let shape = t.dims().to_vec();
+                (
+                    k,
+                    Entry {
+                        shape,
+                        data: Data::Memory(t),
+                    },
+                )
+            })
+            .collect();
+        Ok(Checkpoint {
+            maps: vec![],
+            entries,
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            desc: desc.to_string(),
             used: RefCell::new(BTreeSet::new()),
         })
     }
@@ -183,19 +231,32 @@ impl Checkpoint {
                 });
             }
         }
-        let map = &self.maps[e.file];
-        let bytes = &map[e.start..e.end];
-        let view =
-            TensorView::new(e.dtype, e.shape.clone(), bytes).map_err(|err| Error::Checkpoint {
-                path: PathBuf::from(&self.desc),
-                reason: format!("{full}: {err}"),
-            })?;
-        let t = view.load(&self.device)?.to_dtype(self.dtype)?;
-        // The bytes now live in `t`; let the kernel drop the mapped pages.
-        // SAFETY: the mapping is read-only and the file unchanged, so dropped pages read back
-        // the same bytes if they are ever touched again; nothing borrows them past this point.
-        let _ = unsafe {
-            map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start)
+        let t = match &e.data {
+            Data::Memory(t) => t.to_device(&self.device)?.to_dtype(self.dtype)?,
+            &Data::Mapped {
+                file,
+                dtype,
+                start,
+                end,
+            } => {
+                let map = &self.maps[file];
+                let view =
+                    TensorView::new(dtype, e.shape.clone(), &map[start..end]).map_err(|err| {
+                        Error::Checkpoint {
+                            path: PathBuf::from(&self.desc),
+                            reason: format!("{full}: {err}"),
+                        }
+                    })?;
+                let t = view.load(&self.device)?.to_dtype(self.dtype)?;
+                // The bytes now live in `t`; let the kernel drop the mapped pages.
+                // SAFETY: the mapping is read-only and the file unchanged, so dropped pages read
+                // back the same bytes if they are ever touched again; nothing borrows them past
+                // this point.
+                let _ = unsafe {
+                    map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+                };
+                t
+            }
         };
         self.used.borrow_mut().insert(full);
         Ok(t)

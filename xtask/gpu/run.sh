@@ -1,1 +1,60 @@
-#!/bin/bash
+#!/usr/bin/env bash
+# The GPU machine's half of `cargo xtask gpu`: run from the repository root, with the folder
+# this script sits in (target/gpu-stage, made by `cargo xtask gpu build`) carried along.
+#
+#   target/gpu-stage/run.sh [all|ops|goldens|attn|dit]...
+#
+# Needs the NVIDIA driver and CUDA 13 runtime libraries (cuBLAS, cuRAND, cudart, NVRTC); they are
+# taken from the system or from the pip packages of the machine's python3 (PyTorch's). Logs go
+# to $OUT (or target/gpu-stage/out).
+set -uo pipefail
+stage=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$stage/out}
+mkdir -p "$out"
+bin=$(mktemp -d)
+
+# The binaries travel xz-compressed.
+for f in "$stage"/*.xz; do
+  [ -e "$f" ] || continue
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$f" "$bin/$(basename "$f" .xz)" || exit 1
+  chmod +x "$bin/$(basename "$f" .xz)"
+done
+
+# CUDA 13 libraries from pip packages, when the system lacks them.
+libdirs=$(python3 - <<'EOF' 2>/dev/null
+import glob, os, site, sys
+roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13"]
+dirs = []
+for w in want:
+    for r in roots:
+        hits = glob.glob(os.path.join(r, "nvidia", "**", w), recursive=True)
+        if hits:
+            d = os.path.dirname(hits[0])
+            if d not in dirs:
+                dirs.append(d)
+            break
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+{
+  echo "== machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ldd "$bin/flux-gpu-check" | grep -E "cuda|cublas|curand|nvrtc|not found"
+} 2>&1 | tee "$out/machine.log"
+
+status=0
+echo "== flux generate --device cuda (tiny model, CLI end to end)"
+"$bin/flux" generate --model flux-pipeline/tests/golden/tiny-dev --device cuda --dtype bf16 \
+  --prompt "a red fox in the snow" --width 256 --height 256 --seed 42 \
+  --output "$out/tiny-cuda-{seed}.png" 2>&1 | tee "$out/flux-cli.log" || status=1
+
+echo "== flux-gpu-check ${*:-all}"
+PYTHONUNBUFFERED=1 "$bin/flux-gpu-check" "$@" 2>&1 | tee "$out/gpu-check.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+rm -rf "$bin"
+exit $status

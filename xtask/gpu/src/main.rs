@@ -1,0 +1,565 @@
+//! `flux-gpu-check`: the CUDA path checked and timed on a GPU machine, from the repository root.
+//!
+//! ```text
+//! flux-gpu-check [all|ops|goldens|attn|dit]...
+//! ```
+//! - `ops`: every CUDA op against its CPU twin on fresh random inputs of several shapes (FLUX's
+//!   B=1, H=24, L=4608/4352, D=128, odd lengths, strided views), relative error
+//!   ‖gpu − cpu‖/‖cpu‖ against the bound for the dtype;
+//! - `goldens`: the tiny flux-dit, flux-vae and pipeline goldens on CUDA, f32 and bf16;
+//! - `attn`: our flash attention vs the composite matmul+softmax path at FLUX shapes (TFLOP/s);
+//! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
+//!   weights made on the device) with our kernels and with the composite attention.
+//!
+//! Prints a table last; exits non-zero if a check failed. Timings: the device is synchronised
+//! around batches of calls (warm-up first), median over batches.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle::{DType, Device, Tensor, D};
+use flux_golden::{compare, Golden, Tolerance};
+use flux_kernels as fk;
+
+/// One line of the summary table.
+struct Row {
+    what: String,
+    value: String,
+    ok: Option<bool>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn check(&mut self, what: String, value: String, ok: bool) {
+        println!("{} {what}: {value}", if ok { "PASS" } else { "FAIL" });
+        self.rows.push(Row {
+            what,
+            value,
+            ok: Some(ok),
+        });
+    }
+    fn info(&mut self, what: String, value: String) {
+        println!("     {what}: {value}");
+        self.rows.push(Row {
+            what,
+            value,
+            ok: None,
+        });
+    }
+    fn failed(&self) -> usize {
+        self.rows.iter().filter(|r| r.ok == Some(false)).count()
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parts: Vec<&str> = if args.is_empty() {
+        vec!["all"]
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    if !cfg!(feature = "cuda") {
+        bail!("flux-gpu-check was built without `--features cuda`; build it with `cargo xtask gpu build`");
+    }
+    let dev = Device::new_cuda(0)?;
+    let mut r = Report::default();
+    let all = parts.contains(&"all");
+    let t0 = Instant::now();
+    if all || parts.contains(&"ops") {
+        ops(&dev, &mut r)?;
+    }
+    if all || parts.contains(&"goldens") {
+        goldens(&dev, &mut r)?;
+    }
+    if all || parts.contains(&"attn") {
+        bench_attention(&dev, &mut r)?;
+    }
+    if all || parts.contains(&"dit") {
+        bench_dit(&dev, &mut r)?;
+    }
+    println!(
+        "\n=== flux-gpu-check summary ({:.0} s) ===",
+        t0.elapsed().as_secs_f64()
+    );
+    let w = r.rows.iter().map(|x| x.what.len()).max().unwrap_or(10);
+    for row in &r.rows {
+        let tag = match row.ok {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "    ",
+        };
+        println!("{tag} {:w$}  {}", row.what, row.value);
+    }
+    let failed = r.failed();
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+/// ‖a − b‖ / ‖b‖ in f64 on the CPU, and whether `a` is free of NaN/inf.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<(f64, bool)> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let finite = a
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .all(|v| v.is_finite());
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok((num / den.max(1e-300), finite))
+}
+
+/// The bound on relative error for results in `dtype` (METHOD: f32 far under 1e-3, bf16
+/// operands up to 1e-2).
+fn bound(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 5e-3,
+        _ => 1e-2,
+    }
+}
+
+/// Random normal tensor made on the CPU in f32, rounded to `dtype` (both paths see the same values).
+fn randn(shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1f32, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "?",
+    }
+}
+
+fn ops(dev: &Device, r: &mut Report) -> Result<()> {
+    println!("== CUDA ops vs their CPU twins");
+    // attention: (B, H, Lq, Lk, D); the big FLUX shapes compare 4 heads to keep the CPU side short
+    let shapes: [(usize, usize, usize, usize, usize); 7] = [
+        (1, 24, 4608, 4608, 128),
+        (1, 24, 4352, 4352, 128),
+        (1, 3, 1000, 1000, 128),
+        (2, 4, 77, 77, 64),
+        (1, 2, 33, 200, 32),
+        (2, 2, 130, 7, 128),
+        (1, 1, 1, 1, 64),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        for &(b, h, lq, lk, d) in &shapes {
+            let q = randn(&[b, h, lq, d], dtype)?;
+            let k = randn(&[b, h, lk, d], dtype)?;
+            let v = randn(&[b, h, lk, d], dtype)?;
+            let gpu = fk::attention(
+                &q.to_device(dev)?,
+                &k.to_device(dev)?,
+                &v.to_device(dev)?,
+                Default::default(),
+            )?;
+            let (hs, hn) = if h > 4 { (h - 4, 4) } else { (0, h) };
+            let f =
+                |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, hs, hn)?.to_dtype(DType::F32)?) };
+            let cpu = fk::attention_composite(&f(&q)?, &f(&k)?, &f(&v)?, Default::default())?;
+            let (e, finite) = rel_err(&gpu.narrow(1, hs, hn)?, &cpu)?;
+            r.check(
+                format!("attention {} B{b} H{h} Lq{lq} Lk{lk} D{d}", name(dtype)),
+                format!("rel err {e:.2e} (bound {:.0e})", bound(dtype)),
+                finite && e < bound(dtype),
+            );
+        }
+    }
+    // token-major output and strided q/k/v (views of one qkv projection, as the DiT passes them)
+    {
+        let (b, l, h, d) = (2, 300, 4, 128);
+        let qkv = randn(&[b, l, 3 * h, d], DType::BF16)?;
+        let part = |t: &Tensor, i: usize| -> Result<Tensor> {
+            Ok(t.narrow(2, i * h, h)?.transpose(1, 2)?)
+        };
+        let g = qkv.to_device(dev)?;
+        let gpu = fk::attention_tokens(
+            &part(&g, 0)?,
+            &part(&g, 1)?,
+            &part(&g, 2)?,
+            Default::default(),
+        )?;
+        let c = qkv.to_dtype(DType::F32)?;
+        let cpu = fk::attention_tokens(
+            &part(&c, 0)?,
+            &part(&c, 1)?,
+            &part(&c, 2)?,
+            Default::default(),
+        )?;
+        let (e, finite) = rel_err(&gpu, &cpu)?;
+        r.check(
+            "attention_tokens bf16 strided qkv views → (B, L, H·D)".into(),
+            format!("rel err {e:.2e}"),
+            finite && e < bound(DType::BF16) && gpu.dims() == [b, l, h * d],
+        );
+    }
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // QK-norm + RoPE, from a strided qkv view, tables of random angles
+        for &(b, h, l, d) in &[
+            (1usize, 24usize, 4608usize, 128usize),
+            (2, 3, 77, 64),
+            (1, 2, 33, 8),
+        ] {
+            let qkv = randn(&[b, l, 3 * h, d], dtype)?;
+            let x = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, h, h)?.transpose(1, 2)?) };
+            let scale = (randn(&[d], dtype)? * 0.5)?;
+            let ang =
+                (Tensor::rand(0f32, 6.3, (1, 1, l, d / 2), &Device::Cpu)?).to_dtype(DType::F32)?;
+            let pe = fk::RopeTable {
+                cos: ang.cos()?,
+                sin: ang.sin()?,
+            };
+            let pe_g = fk::RopeTable {
+                cos: pe.cos.to_device(dev)?,
+                sin: pe.sin.to_device(dev)?,
+            };
+            let gpu = fk::qk_norm_rope(
+                &x(&qkv.to_device(dev)?)?,
+                &scale.to_device(dev)?,
+                1e-6,
+                &pe_g,
+            )?;
+            let cpu = fk::qk_norm_rope(&x(&qkv)?, &scale, 1e-6, &pe)?;
+            let (e, finite) = rel_err(&gpu, &cpu)?;
+            r.check(
+                format!("qk_norm_rope {} B{b} H{h} L{l} D{d} (strided)", name(dtype)),
+                format!("rel err {e:.2e}"),
+                finite && e < bound(dtype),
+            );
+        }
+        // LayerNorm + modulate and gated residual, modulation chunks as strided views
+        for &(b, l, c) in &[(1usize, 4608usize, 3072usize), (2, 77, 96), (1, 5, 40)] {
+            let x = randn(&[b, l, c], dtype)?;
+            let y = randn(&[b, l, c], dtype)?;
+            let m = (randn(&[b, 1, 3 * c], dtype)? * 0.5)?;
+            let chunk =
+                |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(D::Minus1, i * c, c)?) };
+            let (xg, yg, mg) = (x.to_device(dev)?, y.to_device(dev)?, m.to_device(dev)?);
+            let gpu = fk::layer_norm_modulate(&xg, &chunk(&mg, 0)?, &chunk(&mg, 1)?, 1e-6)?;
+            let cpu = fk::layer_norm_modulate(&x, &chunk(&m, 0)?, &chunk(&m, 1)?, 1e-6)?;
+            let (e, finite) = rel_err(&gpu, &cpu)?;
+            r.check(
+                format!("layer_norm_modulate {} B{b} L{l} C{c}", name(dtype)),
+                format!("rel err {e:.2e}"),
+                finite && e < bound(dtype),
+            );
+            let gpu = fk::gated_residual(&xg, &chunk(&mg, 2)?, &yg)?;
+            let cpu = fk::gated_residual(&x, &chunk(&m, 2)?, &y)?;
+            let (e, finite) = rel_err(&gpu, &cpu)?;
+            r.check(
+                format!("gated_residual {} B{b} L{l} C{c}", name(dtype)),
+                format!("rel err {e:.2e}"),
+                finite && e < bound(dtype),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Compares against a golden tensor and records the row.
+fn golden_row(
+    r: &mut Report,
+    what: String,
+    actual: &Tensor,
+    expected: &Tensor,
+    tol: Tolerance,
+) -> Result<()> {
+    match compare(&actual.to_device(&Device::Cpu)?, expected, tol) {
+        Ok(c) => r.check(
+            what,
+            format!("max-abs {:.2e}, cosine {:.6}", c.max_abs, c.cosine),
+            c.passed,
+        ),
+        Err(e) => r.check(what, e, false),
+    }
+    Ok(())
+}
+
+fn goldens(dev: &Device, r: &mut Report) -> Result<()> {
+    use flux_dit::{DitInput, Flux, FluxOptions};
+    println!("== tiny goldens on CUDA");
+    let opts = FluxOptions {
+        rope: flux_dit::AngleMode::F64,
+        ..Default::default()
+    };
+    for (case, dtype) in [
+        ("dev", DType::F32),
+        ("schnell", DType::F32),
+        ("dev", DType::BF16),
+    ] {
+        let g = Golden::open("flux-dit", case);
+        let model = Flux::from_diffusers_folder(
+            format!("flux-dit/tests/golden/{case}_diffusers"),
+            dtype,
+            dev,
+            opts,
+        )?;
+        let img = g.tensor("input/img");
+        let b = img.dim(0)?;
+        let expand = |t: Tensor| -> Result<Tensor> {
+            Ok(t.unsqueeze(0)?.repeat((b, 1, 1))?.to_device(dev)?)
+        };
+        let on = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
+        let guidance = g
+            .names()
+            .iter()
+            .any(|n| n == "input/guidance")
+            .then(|| g.tensor("input/guidance").to_device(dev))
+            .transpose()?;
+        let out = model.forward(&DitInput {
+            img: &on(img)?,
+            img_ids: &expand(g.tensor("input/img_ids"))?,
+            txt: &on(g.tensor("input/txt"))?,
+            txt_ids: &expand(g.tensor("input/txt_ids"))?,
+            timesteps: &on(g.tensor("input/timesteps"))?,
+            y: &on(g.tensor("input/y"))?,
+            guidance: guidance.as_ref(),
+        })?;
+        let (key, tol) = if dtype == DType::F32 {
+            ("output/f32", Tolerance::F32_SINUSOID)
+        } else {
+            (
+                "output/bf16",
+                Tolerance::new(0.1, 0.0).with_min_cosine(0.999),
+            )
+        };
+        golden_row(
+            r,
+            format!("flux-dit {case} {} on CUDA", name(dtype)),
+            &out,
+            &g.tensor(key),
+            tol,
+        )?;
+    }
+    {
+        let g = Golden::open("flux-vae", "tiny");
+        for dtype in [DType::F32, DType::BF16] {
+            let ae = flux_vae::AutoEncoder::from_diffusers_folder(
+                "flux-vae/tests/golden/tiny_diffusers",
+                dtype,
+                dev,
+            )?;
+            let z = g.tensor("input/latent_8").to_dtype(dtype)?.to_device(dev)?;
+            let x = ae.decode(&z)?;
+            let (key, tol) = if dtype == DType::F32 {
+                ("decode/8", Tolerance::F32)
+            } else {
+                (
+                    "decode/8/bf16",
+                    Tolerance::new(0.15, 0.0).with_min_cosine(0.999),
+                )
+            };
+            golden_row(
+                r,
+                format!("flux-vae decode {} on CUDA", name(dtype)),
+                &x,
+                &g.tensor(key),
+                tol,
+            )?;
+        }
+        let ae = flux_vae::AutoEncoder::from_diffusers_folder(
+            "flux-vae/tests/golden/tiny_diffusers",
+            DType::F32,
+            dev,
+        )?;
+        let x = g.tensor("input/image_64").to_device(dev)?;
+        let z = ae.encode(&x)?;
+        golden_row(
+            r,
+            "flux-vae encode f32 on CUDA".into(),
+            &z,
+            &g.tensor("encode/64/latent"),
+            Tolerance::F32,
+        )?;
+    }
+    {
+        use flux_pipeline::{FluxPipeline, GenerateRequest, ModelSource, PipelineOptions};
+        let g = Golden::open("flux-pipeline", "pipeline");
+        let m = g.case_meta("dev");
+        for dtype in [DType::F32, DType::BF16] {
+            let req = GenerateRequest {
+                prompts: vec![m["prompt"].as_str().unwrap_or_default().to_string()],
+                width: m["width"].as_u64().unwrap_or(0) as usize,
+                height: m["height"].as_u64().unwrap_or(0) as usize,
+                steps: m["steps"].as_u64().map(|s| s as usize),
+                guidance: m["guidance"].as_f64().map(|g| g as f32),
+                max_sequence_length: m["max_sequence_length"].as_u64().map(|s| s as usize),
+                latents: Some(g.tensor("dev/latents_in")),
+                ..Default::default()
+            };
+            let opts = PipelineOptions {
+                dtype,
+                device: dev.clone(),
+                ..Default::default()
+            };
+            let mut pipe = FluxPipeline::from_source(
+                &ModelSource::Folder("flux-pipeline/tests/golden/tiny-dev".into()),
+                opts,
+            )?;
+            let out = pipe.generate(&req, |_, _| {})?;
+            let tol = if dtype == DType::F32 {
+                Tolerance::new(1e-4, 0.0)
+            } else {
+                Tolerance::new(0.25, 0.0).with_min_cosine(0.99)
+            };
+            golden_row(
+                r,
+                format!(
+                    "pipeline tiny-dev 6 steps {} on CUDA (vs f32 golden)",
+                    name(dtype)
+                ),
+                &out.images[0].image,
+                &g.tensor("dev/image"),
+                tol,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Median seconds of one call: `batches` batches of `per` calls between device syncs, after
+/// a warm-up batch.
+fn time(
+    dev: &Device,
+    batches: usize,
+    per: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..per.min(3) {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut v = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let t = Instant::now();
+        for _ in 0..per {
+            f()?;
+        }
+        dev.synchronize()?;
+        v.push(t.elapsed().as_secs_f64() / per as f64);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
+}
+
+fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
+    println!("== attention timings (bf16, B=1, H=24, D=128)");
+    for l in [4608usize, 4352] {
+        // three input sets, rotated, so repeated calls do not run from L2
+        let sets: Vec<[Tensor; 3]> = (0..3)
+            .map(|_| -> Result<[Tensor; 3]> {
+                let t = || -> Result<Tensor> {
+                    Ok(Tensor::randn(0f32, 1., (1, 24, l, 128), dev)?.to_dtype(DType::BF16)?)
+                };
+                Ok([t()?, t()?, t()?])
+            })
+            .collect::<Result<_>>()?;
+        let flops = 4.0 * 24.0 * (l * l) as f64 * 128.0;
+        let mut i = 0;
+        let ours = time(dev, 7, 10, || {
+            let [q, k, v] = &sets[i % 3];
+            i += 1;
+            fk::attention(q, k, v, Default::default())?;
+            Ok(())
+        })?;
+        let comp = time(dev, 7, 3, || {
+            let [q, k, v] = &sets[i % 3];
+            i += 1;
+            fk::attention_composite(q, k, v, Default::default())?;
+            Ok(())
+        })?;
+        r.info(
+            format!("attention L={l} ours (flash)"),
+            format!("{:.3} ms, {:.0} TFLOP/s", ours * 1e3, flops / ours / 1e12),
+        );
+        r.info(
+            format!("attention L={l} candle composite"),
+            format!("{:.3} ms, {:.0} TFLOP/s", comp * 1e3, flops / comp / 1e12),
+        );
+    }
+    Ok(())
+}
+
+fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
+    use flux_dit::{
+        bfl_tensor_shapes, img_ids, txt_ids, Config, DitInput, Flux, FluxOptions, Layout, Weights,
+    };
+    println!("== full-width DiT step (dev config, bf16, 1024² → 4096 image + 512 text tokens)");
+    let cfg = Config::dev();
+    let t = Instant::now();
+    let mut tensors = HashMap::new();
+    for (k, shape) in bfl_tensor_shapes(&cfg) {
+        let w = Tensor::randn(0f32, 0.02, shape.as_slice(), dev)?.to_dtype(DType::BF16)?;
+        tensors.insert(k, w);
+    }
+    dev.synchronize()?;
+    let params: usize = tensors.values().map(|t| t.elem_count()).sum();
+    r.info(
+        "DiT random weights made on the device".into(),
+        format!(
+            "{:.2} B params bf16 in {:.1} s",
+            params as f64 / 1e9,
+            t.elapsed().as_secs_f64()
+        ),
+    );
+    let (h, w) = (64usize, 64usize); // 1024² image → 128² latent → 64² packed tokens
+    let img = Tensor::randn(0f32, 1., (1, h * w, cfg.in_channels), dev)?.to_dtype(DType::BF16)?;
+    let txt = Tensor::randn(0f32, 1., (1, 512, cfg.context_in_dim), dev)?.to_dtype(DType::BF16)?;
+    let y = Tensor::randn(0f32, 1., (1, cfg.vec_in_dim), dev)?.to_dtype(DType::BF16)?;
+    let ids_img = img_ids(1, h, w, 0.0, dev)?;
+    let ids_txt = txt_ids(1, 512, dev)?;
+    let ts = Tensor::new(&[0.5f32], dev)?.to_dtype(DType::BF16)?;
+    let g = Tensor::new(&[3.5f32], dev)?;
+    let mut results = vec![];
+    for composite in [false, true] {
+        let ckpt =
+            fk::Checkpoint::from_tensors(tensors.clone(), DType::BF16, dev, "random weights")?;
+        let weights = Weights::from_checkpoint(ckpt, Layout::Bfl);
+        let opts = FluxOptions {
+            composite_attention: composite,
+            ..Default::default()
+        };
+        let model = Flux::load(&cfg, &weights, opts)?;
+        let input = DitInput {
+            img: &img,
+            img_ids: &ids_img,
+            txt: &txt,
+            txt_ids: &ids_txt,
+            timesteps: &ts,
+            y: &y,
+            guidance: Some(&g),
+        };
+        let mut out = None;
+        let secs = time(dev, 5, 1, || {
+            out = Some(model.forward(&input)?);
+            Ok(())
+        })?;
+        let label = if composite {
+            "candle composite attention"
+        } else {
+            "ours (fused kernels)"
+        };
+        r.info(
+            format!("DiT step 1024² bf16, {label}"),
+            format!("{:.1} ms", secs * 1e3),
+        );
+        results.push(out.expect("ran"));
+    }
+    let (e, finite) = rel_err(&results[0], &results[1])?;
+    r.check(
+        "DiT step: fused vs composite outputs".into(),
+        format!("rel err {e:.2e}"),
+        finite && e < 2e-2,
+    );
+    Ok(())
+}
