@@ -85,11 +85,12 @@ fn flash_eligible(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> bool {
 /// copied first.
 #[cfg(feature = "cuda")]
 fn aligned(t: &Tensor) -> Result<Tensor> {
-    let (_, layout) = t.storage_and_layout();
-    let ok = layout.stride().last() == Some(&1)
-        && layout.stride().iter().all(|s| s % 8 == 0 || *s == 1)
+    let layout = t.layout();
+    let st = layout.stride();
+    let ok = st.len() == 4
+        && st[3] == 1
+        && st[..3].iter().all(|s| s % 8 == 0)
         && layout.start_offset() % 8 == 0;
-    drop(layout);
     Ok(if ok { t.clone() } else { t.contiguous()? })
 }
 

@@ -8,6 +8,7 @@
 # taken from the system or from the pip packages of the machine's python3 (PyTorch's). Logs go
 # to $OUT (or target/gpu-stage/out).
 set -uo pipefail
+export RUST_BACKTRACE=0
 stage=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$stage/out}
 mkdir -p "$out"
