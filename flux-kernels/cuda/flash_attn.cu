@@ -1,7 +1,7 @@
 // Attention forward for FLUX, flash-attention style: softmax(q·kᵀ·scale)·v without ever
 // materialising the L×L scores.
 //
-// One block of 4 warps takes 64 query rows of one (batch, head); each warp owns 16 rows. Keys and
+// One block of 4 or 8 warps takes 64 or 128 query rows of one (batch, head); each warp owns 16. Keys and
 // values stream through shared memory in tiles of 64 rows (cp.async, zero-filled past the end),
 // the products run on the tensor cores (mma.sync m16n8k16, bf16 or f16 operands, f32
 // accumulators), and the softmax is the online one: a running row maximum and row sum per query,
@@ -19,9 +19,9 @@
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kBr = 16 * kWarps;  // query rows per block
-constexpr int kBc = 64;           // keys per tile
+// Each warp owns 16 query rows; a block has WARPS warps (4 or 8: 64 or 128 rows per block, so
+// every K/V tile brought into shared memory serves 64 or 128 queries).
+constexpr int kBc = 64;  // keys per tile
 constexpr int kPad = 8;           // elements of padding per shared row (16 bytes)
 
 struct Strides {
@@ -87,10 +87,10 @@ struct Mma<__half> {
 
 // Copies `rows` rows of D elements starting at `row0` into shared `dst` (row stride D + kPad),
 // zero-filling rows at or past `limit`.
-template <typename T, int D, int ROWS>
+template <typename T, int D, int ROWS, int WARPS>
 __device__ __forceinline__ void load_tile(T* dst, const T* base, long long row_stride, int row0, int limit) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
-    for (int i = threadIdx.x; i < ROWS * kChunks; i += kWarps * 32) {
+    for (int i = threadIdx.x; i < ROWS * kChunks; i += WARPS * 32) {
         const int r = i / kChunks;
         const int c = (i % kChunks) * 8;
         const bool valid = row0 + r < limit;
@@ -99,11 +99,12 @@ __device__ __forceinline__ void load_tile(T* dst, const T* base, long long row_s
     }
 }
 
-template <typename T, int D>
+template <typename T, int D, int WARPS>
 __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, int heads, int lq, int lk, Strides qs, Strides ks, Strides vs,
                            Strides os, float scale_log2) {
     static_assert(D % 16 == 0 && D <= 128, "head dim must be a multiple of 16, at most 128");
+    constexpr int kBr = 16 * WARPS;  // query rows per block
     __shared__ __align__(128) T k_s[kBc * (D + kPad)];
     __shared__ __align__(128) T v_s[kBc * (D + kPad)];
 
@@ -119,22 +120,20 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
     const T* kb = k + b * ks.b + h * ks.h;
     const T* vb = v + b * vs.b + h * vs.h;
 
-    // Q tile through shared memory (the K buffer, 64 rows) into A fragments held for the whole loop.
-    load_tile<T, D, kBr>(k_s, qb, qs.l, q0, lq);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+    // Q rows g and g + 8 of this warp straight into A fragments, held for the whole loop.
     uint32_t qf[D / 16][4];
     {
-        const int m = lane / 8, r = lane % 8;
-        const int row = warp * 16 + (m % 2) * 8 + r;
+        const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+        const T* q_r0 = qb + (long long)(r0 < lq ? r0 : 0) * qs.l + 2 * t;
+        const T* q_r1 = qb + (long long)(r1 < lq ? r1 : 0) * qs.l + 2 * t;
 #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
-            const T* p = k_s + row * (D + kPad) + kc * 16 + (m / 2) * 8;
-            ldmatrix_x4(qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], p);
+            qf[kc][0] = r0 < lq ? *reinterpret_cast<const uint32_t*>(q_r0 + kc * 16) : 0u;
+            qf[kc][1] = r1 < lq ? *reinterpret_cast<const uint32_t*>(q_r1 + kc * 16) : 0u;
+            qf[kc][2] = r0 < lq ? *reinterpret_cast<const uint32_t*>(q_r0 + kc * 16 + 8) : 0u;
+            qf[kc][3] = r1 < lq ? *reinterpret_cast<const uint32_t*>(q_r1 + kc * 16 + 8) : 0u;
         }
     }
-    __syncthreads();
 
     float acc[D / 8][4];
 #pragma unroll
@@ -143,11 +142,11 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
     float row_sum[2] = {0.f, 0.f};              // this thread's partial sums
 
     const int tiles = (lk + kBc - 1) / kBc;
-    load_tile<T, D, kBc>(k_s, kb, ks.l, 0, lk);
+    load_tile<T, D, kBc, WARPS>(k_s, kb, ks.l, 0, lk);
     cp_async_commit();
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * kBc;
-        load_tile<T, D, kBc>(v_s, vb, vs.l, k0, lk);
+        load_tile<T, D, kBc, WARPS>(v_s, vb, vs.l, k0, lk);
         cp_async_commit();
         cp_async_wait<1>();  // K tile j has landed
         __syncthreads();
@@ -216,7 +215,7 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
 
         __syncthreads();  // every warp is done with k_s
         if (j + 1 < tiles) {
-            load_tile<T, D, kBc>(k_s, kb, ks.l, k0 + kBc, lk);
+            load_tile<T, D, kBc, WARPS>(k_s, kb, ks.l, k0 + kBc, lk);
             cp_async_commit();
             cp_async_wait<1>();  // V tile j has landed
         } else {
@@ -271,19 +270,25 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
 
 }  // namespace
 
-#define FLASH_ATTN(NAME, T, D)                                                                       \
-    extern "C" __global__ void __launch_bounds__(kWarps * 32)                                        \
+#define FLASH_ATTN(NAME, T, D, WARPS)                                                                \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                         \
         NAME(const T* q, const T* k, const T* v, T* o, int heads, int lq, int lk, long long qsb,     \
              long long qsh, long long qsl, long long ksb, long long ksh, long long ksl, long long vsb, \
              long long vsh, long long vsl, long long osb, long long osh, long long osl,              \
              float scale_log2) {                                                                     \
-        flash_attn<T, D>(q, k, v, o, heads, lq, lk, Strides{qsb, qsh, qsl}, Strides{ksb, ksh, ksl},  \
-                         Strides{vsb, vsh, vsl}, Strides{osb, osh, osl}, scale_log2);                \
+        flash_attn<T, D, WARPS>(q, k, v, o, heads, lq, lk, Strides{qsb, qsh, qsl},                   \
+                                Strides{ksb, ksh, ksl}, Strides{vsb, vsh, vsl}, Strides{osb, osh, osl}, \
+                                scale_log2);                                                         \
     }
 
-FLASH_ATTN(flash_attn_bf16_d32, __nv_bfloat16, 32)
-FLASH_ATTN(flash_attn_bf16_d64, __nv_bfloat16, 64)
-FLASH_ATTN(flash_attn_bf16_d128, __nv_bfloat16, 128)
-FLASH_ATTN(flash_attn_f16_d32, __half, 32)
-FLASH_ATTN(flash_attn_f16_d64, __half, 64)
-FLASH_ATTN(flash_attn_f16_d128, __half, 128)
+// flash_attn_{dtype}_d{head dim}_r{query rows per block}
+#define FLASH_ATTN_ALL(T, S)                          \
+    FLASH_ATTN(flash_attn_##S##_d32_r64, T, 32, 4)    \
+    FLASH_ATTN(flash_attn_##S##_d64_r64, T, 64, 4)    \
+    FLASH_ATTN(flash_attn_##S##_d128_r64, T, 128, 4)  \
+    FLASH_ATTN(flash_attn_##S##_d32_r128, T, 32, 8)   \
+    FLASH_ATTN(flash_attn_##S##_d64_r128, T, 64, 8)   \
+    FLASH_ATTN(flash_attn_##S##_d128_r128, T, 128, 8)
+
+FLASH_ATTN_ALL(__nv_bfloat16, bf16)
+FLASH_ATTN_ALL(__half, f16)

@@ -10,12 +10,27 @@ use candle::{
     Tensor,
 };
 use half::{bf16, f16};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 
 /// Head dims the flash-attention kernel is instantiated for.
 pub(crate) const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+static FLASH_BLOCK_ROWS: AtomicUsize = AtomicUsize::new(128);
+
+/// Query rows per block of the CUDA flash-attention kernel: 128 (default; 8 warps, each K/V
+/// tile serves 128 queries) or 64 (4 warps). A tuning knob for benchmarks; process-wide.
+pub fn set_flash_block_rows(rows: usize) -> crate::Result<()> {
+    if rows != 64 && rows != 128 {
+        return Err(crate::Error::InvalidArgument(format!(
+            "flash attention block rows must be 64 or 128, got {rows}"
+        )));
+    }
+    FLASH_BLOCK_ROWS.store(rows, Ordering::Relaxed);
+    Ok(())
+}
 
 fn cpu_only(name: &str) -> candle::Error {
     candle::Error::Msg(format!(
@@ -111,7 +126,9 @@ impl FlashAttn {
                 [(h * lq * d) as i64, (lq * d) as i64, d as i64],
             )
         };
-        let func = dev.get_or_load_custom_func(name, "flux_flash_attn", ATTN_PTX)?;
+        let rows = FLASH_BLOCK_ROWS.load(Ordering::Relaxed);
+        let func =
+            dev.get_or_load_custom_func(&format!("{name}_r{rows}"), "flux_flash_attn", ATTN_PTX)?;
         // SAFETY: every element is written by the kernel (all rows < lq, all of D).
         let out = unsafe { dev.alloc::<T>(b * h * lq * d)? };
         let (qv, kv, vv) = (
@@ -122,8 +139,8 @@ impl FlashAttn {
         let (heads, lq_i, lk_i) = (h as i32, lq as i32, lk as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(64) as u32, (b * h) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (lq.div_ceil(rows) as u32, (b * h) as u32, 1),
+            block_dim: (rows as u32 * 2, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut bld = func.builder();
