@@ -7,6 +7,7 @@
 //   contiguous.
 // - ln_modulate: LayerNorm without affine, then adaLN `(1 + scale)·x + shift`.
 // - gated_residual: `x + gate·y`, gate broadcast over the tokens.
+// - gelu_tanh: GELU with the tanh approximation, in f32, one pass (the composite is three).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -130,6 +131,15 @@ __device__ void gated_residual(const T* __restrict__ x, const T* __restrict__ ga
     }
 }
 
+template <typename T>
+__device__ void gelu_tanh(const T* __restrict__ x, T* __restrict__ out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = to_f(x[i]);
+        const float inner = 0.7978845608028654f * v * (1.f + 0.044715f * v * v);
+        out[i] = from_f<T>(0.5f * v * (1.f + tanhf(inner)));
+    }
+}
+
 }  // namespace
 
 #define FUSED(SUFFIX, T)                                                                                   \
@@ -146,6 +156,9 @@ __device__ void gated_residual(const T* __restrict__ x, const T* __restrict__ ga
     extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* gate, const T* y, T* out,      \
                                                        long long n, int l, int c, long long gate_stride) {  \
         gated_residual<T>(x, gate, y, out, n, l, c, gate_stride);                                           \
+    }                                                                                                      \
+    extern "C" __global__ void gelu_tanh_##SUFFIX(const T* x, T* out, long long n) {                       \
+        gelu_tanh<T>(x, out, n);                                                                            \
     }
 
 FUSED(f32, float)

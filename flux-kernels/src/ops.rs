@@ -165,12 +165,17 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok((x + gate.broadcast_mul(y)?)?)
 }
 
-/// GELU with the tanh approximation (`approximate="tanh"`), computed in f32.
+/// GELU with the tanh approximation (`approximate="tanh"`), computed in f32 (on CUDA one fused
+/// kernel pass; elsewhere the composite, its plain twin).
 ///
 /// # Shapes
 /// Any. Returns `x`'s shape and dtype.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     let dtype = float_dtype("gelu_tanh", x)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && dtype != DType::F64 {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&crate::cuda::GeluTanh)?);
+    }
     Ok(x.to_dtype(DType::F32)?.gelu()?.to_dtype(dtype)?)
 }
 

@@ -292,14 +292,8 @@ fn build() -> Result<()> {
     run(cmd
         .current_dir(root())
         .args(["build", "--release", "--features", "cuda"])
-        .args([
-            "-p",
-            "flux-pipeline",
-            "--bin",
-            "flux",
-            "-p",
-            "flux-gpu-check",
-        ])
+        .args(["-p", "flux-pipeline", "-p", "flux-gpu-check"])
+        .args(["--bin", "flux", "--bin", "flux-gpu-check"])
         .arg("--target-dir")
         .arg(&target))?;
     let stage = stage_dir();

@@ -8,6 +8,8 @@
 //!   ‖gpu − cpu‖/‖cpu‖ against the bound for the dtype;
 //! - `goldens`: the tiny flux-dit, flux-vae and pipeline goldens on CUDA, f32 and bf16;
 //! - `attn`: our flash attention vs the composite matmul+softmax path at FLUX shapes (TFLOP/s);
+//! - `profile` (not in `all`): the DiT's ops one by one at the 1024² shapes, to see where a
+//!   step's time goes;
 //! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
 //!   weights made on the device) with our kernels and with the composite attention.
 //!
@@ -81,6 +83,9 @@ fn main() -> Result<()> {
     }
     if all || parts.contains(&"dit") {
         bench_dit(&dev, &mut r)?;
+    }
+    if parts.contains(&"profile") {
+        profile(&dev, &mut r)?;
     }
     println!(
         "\n=== flux-gpu-check summary ({:.0} s) ===",
@@ -253,6 +258,14 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
             let (e, finite) = rel_err(&gpu, &cpu)?;
             r.check(
                 format!("layer_norm_modulate {} B{b} L{l} C{c}", name(dtype)),
+                format!("rel err {e:.2e}"),
+                finite && e < bound(dtype),
+            );
+            let gpu = fk::gelu_tanh(&(&xg * 3.0)?)?;
+            let cpu = fk::gelu_tanh(&(&x * 3.0)?)?;
+            let (e, finite) = rel_err(&gpu, &cpu)?;
+            r.check(
+                format!("gelu_tanh {} B{b} L{l} C{c}", name(dtype)),
                 format!("rel err {e:.2e}"),
                 finite && e < bound(dtype),
             );
@@ -596,6 +609,141 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         "DiT step: fused vs composite outputs".into(),
         format!("rel err {e:.2e}"),
         finite && e < 2e-2,
+    );
+    Ok(())
+}
+
+/// The DiT's ops one by one at 1024² dev shapes (4608 tokens, bf16), with the count per step.
+fn profile(dev: &Device, r: &mut Report) -> Result<()> {
+    println!("== DiT ops at 1024² (4608 tokens, bf16): ms per call × calls per step");
+    let (l, c, mlp) = (4608usize, 3072usize, 12288usize);
+    let bf = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1., shape, dev)?.to_dtype(DType::BF16)?)
+    };
+    let mut total = 0.0;
+    let mut row = |r: &mut Report, what: &str, calls: usize, secs: f64, flops: f64| {
+        total += secs * calls as f64;
+        let rate = if flops > 0.0 {
+            format!(", {:.0} TFLOP/s", flops / secs / 1e12)
+        } else {
+            String::new()
+        };
+        r.info(
+            format!("op {what}"),
+            format!(
+                "{:.3} ms × {calls} = {:.1} ms{rate}",
+                secs * 1e3,
+                secs * 1e3 * calls as f64
+            ),
+        );
+    };
+    // Linear layers: (in, out, calls per step: 19 double blocks × 2 streams, 38 single blocks;
+    // the text stream's rows are 512, counted as 4608 here, an upper bound)
+    for (name, inp, out, calls) in [
+        ("qkv", c, 3 * c, 38),
+        ("proj", c, c, 38),
+        ("mlp.0", c, mlp, 38),
+        ("mlp.2", mlp, c, 38),
+        ("linear1", c, 3 * c + mlp, 38),
+        ("linear2", c + mlp, c, 38),
+    ] {
+        let x = bf(&[1, l, inp])?;
+        let lin = fk::Linear::new((bf(&[out, inp])? * 0.02)?, Some(bf(&[out])?))?;
+        let secs = time(dev, 5, 5, || {
+            lin.forward(&x)?;
+            Ok(())
+        })?;
+        row(
+            r,
+            &format!("Linear {name} {inp}→{out}"),
+            calls,
+            secs,
+            2.0 * (l * inp * out) as f64,
+        );
+        if name == "linear1" {
+            let w = bf(&[out, inp])?;
+            let x2 = x.reshape((l, inp))?;
+            let s_tn = time(dev, 5, 5, || {
+                x2.matmul(&w.t()?)?;
+                Ok(())
+            })?;
+            let wt = w.t()?.contiguous()?;
+            let s_nn = time(dev, 5, 5, || {
+                x2.matmul(&wt)?;
+                Ok(())
+            })?;
+            r.info(
+                "   matmul only, weight (out,in) as a transposed view / (in,out) contiguous".into(),
+                format!("{:.3} ms / {:.3} ms", s_tn * 1e3, s_nn * 1e3),
+            );
+        }
+    }
+    let x = bf(&[1, l, c])?;
+    let m = bf(&[1, 1, 3 * c])?;
+    let ch = |i: usize| -> Result<Tensor> { Ok(m.narrow(2, i * c, c)?) };
+    let (sh, sc, g) = (ch(0)?, ch(1)?, ch(2)?);
+    let secs = time(dev, 5, 10, || {
+        fk::layer_norm_modulate(&x, &sh, &sc, 1e-6)?;
+        Ok(())
+    })?;
+    row(r, "layer_norm_modulate", 19 * 4 + 38 + 1, secs, 0.0);
+    let secs = time(dev, 5, 10, || {
+        fk::gated_residual(&x, &g, &x)?;
+        Ok(())
+    })?;
+    row(r, "gated_residual", 19 * 4 + 38, secs, 0.0);
+    let h = bf(&[1, l, mlp])?;
+    let secs = time(dev, 5, 10, || {
+        fk::gelu_tanh(&h)?;
+        Ok(())
+    })?;
+    row(r, "gelu_tanh (fused kernel)", 19 * 2 + 38, secs, 0.0);
+    let secs = time(dev, 5, 10, || {
+        h.to_dtype(DType::F32)?.gelu()?.to_dtype(DType::BF16)?;
+        Ok(())
+    })?;
+    r.info(
+        "   gelu_tanh as candle's composite (f32 round trip), for comparison".into(),
+        format!("{:.3} ms", secs * 1e3),
+    );
+    let qkv = bf(&[1, l, 3 * c])?;
+    let qv = qkv
+        .reshape((1, l, 72, 128))?
+        .narrow(2, 0, 24)?
+        .transpose(1, 2)?;
+    let ang = Tensor::rand(0f32, 6.3, (1, 1, l, 64), dev)?;
+    let pe = fk::RopeTable {
+        cos: ang.cos()?,
+        sin: ang.sin()?,
+    };
+    let scale = bf(&[128])?;
+    let secs = time(dev, 5, 10, || {
+        fk::qk_norm_rope(&qv, &scale, 1e-6, &pe)?;
+        Ok(())
+    })?;
+    row(r, "qk_norm_rope (q or k)", 57 * 2, secs, 0.0);
+    let a = bf(&[1, l, c])?;
+    let b = bf(&[1, l, mlp])?;
+    let secs = time(dev, 5, 10, || {
+        Tensor::cat(&[&a, &b], 2)?;
+        Ok(())
+    })?;
+    row(r, "cat [attn, mlp] (single block)", 38, secs, 0.0);
+    let q = bf(&[1, 24, l, 128])?;
+    let secs = time(dev, 5, 10, || {
+        fk::attention_tokens(&q, &q, &q, Default::default())?;
+        Ok(())
+    })?;
+    row(
+        r,
+        "attention_tokens",
+        57,
+        secs,
+        4.0 * 24.0 * (l * l) as f64 * 128.0,
+    );
+    r.info(
+        "op sum (upper bound: text rows counted as image rows)".into(),
+        format!("{:.1} ms", total * 1e3),
     );
     Ok(())
 }
