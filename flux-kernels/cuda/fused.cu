@@ -8,6 +8,8 @@
 // - ln_modulate: LayerNorm without affine, then adaLN `(1 + scale)·x + shift`.
 // - gated_residual: `x + gate·y`, gate broadcast over the tokens.
 // - gelu_tanh: GELU with the tanh approximation, in f32, one pass (the composite is three).
+// - bias_add: `y + b` with b broadcast over rows (the Linear layer's bias; candle's broadcast
+//   add indexes every element through its strided path and costs several times more).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -140,6 +142,30 @@ __device__ void gelu_tanh(const T* __restrict__ x, T* __restrict__ out, long lon
     }
 }
 
+// y: contiguous (rows, cols); b: (cols). 16-byte vectors when cols allows it.
+template <typename T>
+__device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __restrict__ out, long long n, int cols,
+                         int vec_ok) {
+    constexpr int kVec = 16 / sizeof(T);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    if (vec_ok && cols % kVec == 0) {
+        const long long nv = n / kVec;
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += stride) {
+            uint4 yv = reinterpret_cast<const uint4*>(y)[i];
+            const int c0 = (int)((i * kVec) % cols);
+            const uint4 bv = *reinterpret_cast<const uint4*>(b + c0);
+            T* ye = reinterpret_cast<T*>(&yv);
+            const T* be = reinterpret_cast<const T*>(&bv);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) ye[j] = from_f<T>(to_f(ye[j]) + to_f(be[j]));
+            reinterpret_cast<uint4*>(out)[i] = yv;
+        }
+    } else {
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            out[i] = from_f<T>(to_f(y[i]) + to_f(b[i % cols]));
+    }
+}
+
 }  // namespace
 
 #define FUSED(SUFFIX, T)                                                                                   \
@@ -159,6 +185,10 @@ __device__ void gelu_tanh(const T* __restrict__ x, T* __restrict__ out, long lon
     }                                                                                                      \
     extern "C" __global__ void gelu_tanh_##SUFFIX(const T* x, T* out, long long n) {                       \
         gelu_tanh<T>(x, out, n);                                                                            \
+    }                                                                                                      \
+    extern "C" __global__ void bias_add_##SUFFIX(const T* y, const T* b, T* out, long long n, int cols,     \
+                                                 int vec_ok) {                                             \
+        bias_add<T>(y, b, out, n, cols, vec_ok);                                                            \
     }
 
 FUSED(f32, float)

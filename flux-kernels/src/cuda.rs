@@ -522,3 +522,81 @@ impl CustomOp1 for GeluTanh {
         }
     }
 }
+
+/// `y + b` with b `(cols)` broadcast over the rows of a contiguous `(rows, cols)` y.
+pub(crate) struct BiasAdd;
+
+impl BiasAdd {
+    fn run<T: CudaDType + DeviceRepr>(
+        y: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = y.0.device().clone();
+        let (rows, cols) = y.1.shape().dims2()?;
+        if !y.1.is_contiguous() || !b.1.is_contiguous() || b.1.dims() != [cols] {
+            return Err(candle::Error::Msg(format!(
+                "bias_add: needs contiguous y (rows, cols) and b ({cols}), got {:?} and {:?}",
+                y.1.dims(),
+                b.1.dims()
+            )));
+        }
+        // 16-byte vectors need 16-byte aligned starts (fresh matmul outputs and stored biases are)
+        let vec = 16 / std::mem::size_of::<T>();
+        let vec_ok = i32::from(y.1.start_offset() % vec == 0 && b.1.start_offset() % vec == 0);
+        let name = format!("bias_add_{}", suffix(y.0.dtype(), "bias_add")?);
+        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let n = rows * cols;
+        // SAFETY: the grid-stride loop writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (yv, bv) = (slice::<T>(y.0, y.1)?, slice::<T>(b.0, b.1)?);
+        let (ni, ci) = (n as i64, cols as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256 * vec).clamp(1, 65_535 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&yv)
+            .arg(&bv)
+            .arg(&out)
+            .arg(&ni)
+            .arg(&ci)
+            .arg(&vec_ok);
+        // SAFETY: arguments match the kernel's signature; sizes checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), (rows, cols).into()))
+    }
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "flux-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(cpu_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match y.dtype() {
+            DType::F32 => Self::run::<f32>((y, yl), (b, bl)),
+            DType::BF16 => Self::run::<bf16>((y, yl), (b, bl)),
+            DType::F16 => Self::run::<f16>((y, yl), (b, bl)),
+            d => Err(candle::Error::Msg(format!(
+                "bias_add: unsupported dtype {d:?}"
+            ))),
+        }
+    }
+}

@@ -96,7 +96,7 @@ impl Linear {
         Ok(y.reshape(shape)?)
     }
 
-    /// The plain candle twin: `x·Wᵀ` then `+ b`.
+    /// The plain candle twin: `x·Wᵀ` then `+ b` (on CUDA the bias add is one fused kernel pass).
     ///
     /// # Shapes
     /// `x`: `(rows, in)`. Returns `(rows, out)`.
@@ -104,6 +104,13 @@ impl Linear {
         let Weight::DenseT(wt) = &self.weight;
         let y = x.matmul(wt)?;
         Ok(match &self.bias {
+            // candle's broadcast add on CUDA costs more than the product itself on wide layers
+            #[cfg(feature = "cuda")]
+            Some(b)
+                if y.device().is_cuda() && b.dtype() == y.dtype() && y.dtype() != DType::F64 =>
+            {
+                y.apply_op2_no_bwd(b, &crate::cuda::BiasAdd)?
+            }
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })

@@ -212,6 +212,22 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
         );
     }
     for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Linear (cuBLAS product + our bias kernel, vector and scalar paths)
+        for &(rows, inp, out) in &[(4608usize, 3072usize, 512usize), (77, 40, 37), (5, 16, 24)] {
+            let w = (randn(&[out, inp], dtype)? * 0.05)?;
+            let bias = randn(&[out], dtype)?;
+            let x = randn(&[rows, inp], dtype)?;
+            let lin = fk::Linear::new(w.to_device(dev)?, Some(bias.to_device(dev)?))?;
+            let gpu = lin.forward(&x.to_device(dev)?)?;
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let cpu = fk::Linear::new(f(&w)?, Some(f(&bias)?))?.forward(&f(&x)?)?;
+            let (e, finite) = rel_err(&gpu, &cpu)?;
+            r.check(
+                format!("Linear {} rows{rows} {inp}→{out}", name(dtype)),
+                format!("rel err {e:.2e}"),
+                finite && e < bound(dtype),
+            );
+        }
         // QK-norm + RoPE, from a strided qkv view, tables of random angles
         for &(b, h, l, d) in &[
             (1usize, 24usize, 4608usize, 128usize),
