@@ -270,8 +270,8 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
 
 }  // namespace
 
-#define FLASH_ATTN(NAME, T, D, WARPS)                                                                \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                         \
+#define FLASH_ATTN(NAME, T, D, WARPS, MIN_BLOCKS)                                                    \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)                             \
         NAME(const T* q, const T* k, const T* v, T* o, int heads, int lq, int lk, long long qsb,     \
              long long qsh, long long qsl, long long ksb, long long ksh, long long ksl, long long vsb, \
              long long vsh, long long vsl, long long osb, long long osh, long long osl,              \
@@ -281,14 +281,13 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, con
                                 scale_log2);                                                         \
     }
 
-// flash_attn_{dtype}_d{head dim}_r{query rows per block}
-#define FLASH_ATTN_ALL(T, S)                          \
-    FLASH_ATTN(flash_attn_##S##_d32_r64, T, 32, 4)    \
-    FLASH_ATTN(flash_attn_##S##_d64_r64, T, 64, 4)    \
-    FLASH_ATTN(flash_attn_##S##_d128_r64, T, 128, 4)  \
-    FLASH_ATTN(flash_attn_##S##_d32_r128, T, 32, 8)   \
-    FLASH_ATTN(flash_attn_##S##_d64_r128, T, 64, 8)   \
-    FLASH_ATTN(flash_attn_##S##_d128_r128, T, 128, 8)
+// flash_attn_{dtype}_d{head dim}_r{query rows per block}_o{blocks per multiprocessor asked of
+// the register allocator}
+#define FLASH_ATTN_D(T, S, D)                                  \
+    FLASH_ATTN(flash_attn_##S##_d##D##_r64_o2, T, D, 4, 2)     \
+    FLASH_ATTN(flash_attn_##S##_d##D##_r64_o3, T, D, 4, 3)     \
+    FLASH_ATTN(flash_attn_##S##_d##D##_r128_o1, T, D, 8, 1)
+#define FLASH_ATTN_ALL(T, S) FLASH_ATTN_D(T, S, 32) FLASH_ATTN_D(T, S, 64) FLASH_ATTN_D(T, S, 128)
 
 FLASH_ATTN_ALL(__nv_bfloat16, bf16)
 FLASH_ATTN_ALL(__half, f16)

@@ -122,10 +122,35 @@ __device__ void ln_modulate(const T* __restrict__ x, const T* __restrict__ shift
 }
 
 // x, y: contiguous (B, L, C); gate: (B, C) rows `gate_stride` apart; out = x + gate·y.
+// `vec_ok`: every pointer, C and the gate stride allow 16-byte vectors.
 template <typename T>
 __device__ void gated_residual(const T* __restrict__ x, const T* __restrict__ gate, const T* __restrict__ y,
-                               T* __restrict__ out, long long n, int l_, int c, long long gate_stride) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+                               T* __restrict__ out, long long n, int l_, int c, long long gate_stride, int vec_ok) {
+    constexpr int kVec = 16 / sizeof(T);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long start = 0;
+    if (vec_ok) {
+        const long long nv = n / kVec;
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += stride) {
+            const long long e = i * kVec;
+            const int ch = e % c;
+            const int b = e / ((long long)l_ * c);
+            uint4 xv = reinterpret_cast<const uint4*>(x)[i];
+            const uint4 yv = reinterpret_cast<const uint4*>(y)[i];
+            const uint4 gv = *reinterpret_cast<const uint4*>(gate + b * gate_stride + ch);
+            T* xe = reinterpret_cast<T*>(&xv);
+            const T* ye = reinterpret_cast<const T*>(&yv);
+            const T* ge = reinterpret_cast<const T*>(&gv);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) {
+                const float gy = round_to<T>(__fmul_rn(to_f(ge[j]), to_f(ye[j])));
+                xe[j] = from_f<T>(__fadd_rn(to_f(xe[j]), gy));
+            }
+            reinterpret_cast<uint4*>(out)[i] = xv;
+        }
+        start = nv * kVec;
+    }
+    for (long long i = start + (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const int ch = i % c;
         const int b = i / ((long long)l_ * c);
         const float gy = round_to<T>(__fmul_rn(to_f(gate[b * gate_stride + ch]), to_f(y[i])));
@@ -133,13 +158,30 @@ __device__ void gated_residual(const T* __restrict__ x, const T* __restrict__ ga
     }
 }
 
+__device__ __forceinline__ float gelu_f(float v) {
+    const float inner = 0.7978845608028654f * v * (1.f + 0.044715f * v * v);
+    return 0.5f * v * (1.f + tanhf(inner));
+}
+
+// x contiguous; `vec_ok`: both pointers allow 16-byte vectors.
 template <typename T>
-__device__ void gelu_tanh(const T* __restrict__ x, T* __restrict__ out, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float v = to_f(x[i]);
-        const float inner = 0.7978845608028654f * v * (1.f + 0.044715f * v * v);
-        out[i] = from_f<T>(0.5f * v * (1.f + tanhf(inner)));
+__device__ void gelu_tanh(const T* __restrict__ x, T* __restrict__ out, long long n, int vec_ok) {
+    constexpr int kVec = 16 / sizeof(T);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long start = 0;
+    if (vec_ok) {
+        const long long nv = n / kVec;
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += stride) {
+            uint4 v = reinterpret_cast<const uint4*>(x)[i];
+            T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) e[j] = from_f<T>(gelu_f(to_f(e[j])));
+            reinterpret_cast<uint4*>(out)[i] = v;
+        }
+        start = nv * kVec;
     }
+    for (long long i = start + (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = from_f<T>(gelu_f(to_f(x[i])));
 }
 
 // y: contiguous (rows, cols); b: (cols). 16-byte vectors when cols allows it.
@@ -180,11 +222,12 @@ __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __
         ln_modulate<T>(x, shift, scale, out, l, c, mod_stride, eps);                                        \
     }                                                                                                      \
     extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* gate, const T* y, T* out,      \
-                                                       long long n, int l, int c, long long gate_stride) {  \
-        gated_residual<T>(x, gate, y, out, n, l, c, gate_stride);                                           \
+                                                       long long n, int l, int c, long long gate_stride,    \
+                                                       int vec_ok) {                                        \
+        gated_residual<T>(x, gate, y, out, n, l, c, gate_stride, vec_ok);                                   \
     }                                                                                                      \
-    extern "C" __global__ void gelu_tanh_##SUFFIX(const T* x, T* out, long long n) {                       \
-        gelu_tanh<T>(x, out, n);                                                                            \
+    extern "C" __global__ void gelu_tanh_##SUFFIX(const T* x, T* out, long long n, int vec_ok) {           \
+        gelu_tanh<T>(x, out, n, vec_ok);                                                                    \
     }                                                                                                      \
     extern "C" __global__ void bias_add_##SUFFIX(const T* y, const T* b, T* out, long long n, int cols,     \
                                                  int vec_ok) {                                             \

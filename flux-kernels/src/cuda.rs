@@ -10,7 +10,7 @@ use candle::{
     Storage, Tensor,
 };
 use half::{bf16, f16};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -18,18 +18,20 @@ const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 /// Head dims the flash-attention kernel is instantiated for.
 pub(crate) const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
-static FLASH_BLOCK_ROWS: AtomicUsize = AtomicUsize::new(64);
+/// (query rows per block, blocks per multiprocessor) of the flash kernel.
+static FLASH_CONFIG: Mutex<(usize, usize)> = Mutex::new((64, 2));
 
-/// Query rows per block of the CUDA flash-attention kernel: 64 (default; 4 warps) or 128 (8
-/// warps, each K/V tile serves 128 queries; measured slower on an H200: 200 vs 220 TFLOP/s at
-/// L=4608). A tuning knob for benchmarks; process-wide.
-pub fn set_flash_block_rows(rows: usize) -> crate::Result<()> {
-    if rows != 64 && rows != 128 {
+/// The flash-attention kernel's launch shape, a tuning knob for benchmarks (process-wide):
+/// `(64, 2)` (default: 4 warps per block, registers for 2 blocks per multiprocessor), `(64, 3)`
+/// (registers capped for 3 blocks; a few bytes spill) or `(128, 1)` (8 warps, each K/V tile
+/// serves 128 queries). Measured on an H200 at L=4608: (64, 2) 223 TFLOP/s, (128, 1) 204.
+pub fn set_flash_config(rows: usize, blocks_per_sm: usize) -> crate::Result<()> {
+    if !matches!((rows, blocks_per_sm), (64, 2) | (64, 3) | (128, 1)) {
         return Err(crate::Error::InvalidArgument(format!(
-            "flash attention block rows must be 64 or 128, got {rows}"
+            "flash attention config must be (64, 2), (64, 3) or (128, 1), got ({rows}, {blocks_per_sm})"
         )));
     }
-    FLASH_BLOCK_ROWS.store(rows, Ordering::Relaxed);
+    *FLASH_CONFIG.lock().unwrap_or_else(|e| e.into_inner()) = (rows, blocks_per_sm);
     Ok(())
 }
 
@@ -127,9 +129,12 @@ impl FlashAttn {
                 [(h * lq * d) as i64, (lq * d) as i64, d as i64],
             )
         };
-        let rows = FLASH_BLOCK_ROWS.load(Ordering::Relaxed);
-        let func =
-            dev.get_or_load_custom_func(&format!("{name}_r{rows}"), "flux_flash_attn", ATTN_PTX)?;
+        let (rows, blocks) = *FLASH_CONFIG.lock().unwrap_or_else(|e| e.into_inner());
+        let func = dev.get_or_load_custom_func(
+            &format!("{name}_r{rows}_o{blocks}"),
+            "flux_flash_attn",
+            ATTN_PTX,
+        )?;
         // SAFETY: every element is written by the kernel (all rows < lq, all of D).
         let out = unsafe { dev.alloc::<T>(b * h * lq * d)? };
         let (qv, kv, vv) = (
@@ -426,7 +431,15 @@ impl GatedResidual {
         };
         let mut bld = func.builder();
         bld.arg(&xv).arg(&gv).arg(&yv).arg(&out);
-        bld.arg(&ni).arg(&li).arg(&ci).arg(&gs);
+        let vec = 16 / std::mem::size_of::<T>();
+        let vec_ok = i32::from(
+            c % vec == 0
+                && gs % vec as i64 == 0
+                && [x.1, gate.1, y.1]
+                    .iter()
+                    .all(|l| l.start_offset() % vec == 0),
+        );
+        bld.arg(&ni).arg(&li).arg(&ci).arg(&gs).arg(&vec_ok);
         // SAFETY: arguments match the kernel's signature; sizes checked above.
         unsafe { bld.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, c).into()))
@@ -495,7 +508,8 @@ impl GeluTanh {
             shared_mem_bytes: 0,
         };
         let mut bld = func.builder();
-        bld.arg(&xv).arg(&out).arg(&ni);
+        let vec_ok = i32::from(l.start_offset() % (16 / std::mem::size_of::<T>()) == 0);
+        bld.arg(&xv).arg(&out).arg(&ni).arg(&vec_ok);
         // SAFETY: arguments match the kernel's signature.
         unsafe { bld.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))

@@ -13,7 +13,7 @@ mod rope;
 pub use attention::{attention, attention_composite, attention_tokens, softmax_last_dim, AttnOpts};
 pub use checkpoint::{sharded_files, Checkpoint};
 #[cfg(feature = "cuda")]
-pub use cuda::set_flash_block_rows;
+pub use cuda::set_flash_config;
 pub use error::{Error, Result};
 pub use linear::Linear;
 pub use ops::{

@@ -167,20 +167,20 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
                 |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, hs, hn)?.to_dtype(DType::F32)?) };
             let cpu = fk::attention_composite(&f(&q)?, &f(&k)?, &f(&v)?, Default::default())?;
             let (qg, kg, vg) = (q.to_device(dev)?, k.to_device(dev)?, v.to_device(dev)?);
-            for rows in [128, 64] {
-                set_block_rows(rows)?;
+            for cfg in FLASH_CONFIGS {
+                set_flash(cfg)?;
                 let gpu = fk::attention(&qg, &kg, &vg, Default::default())?;
                 let (e, finite) = rel_err(&gpu.narrow(1, hs, hn)?, &cpu)?;
                 r.check(
                     format!(
-                        "attention {} B{b} H{h} Lq{lq} Lk{lk} D{d} ({rows} rows/block)",
+                        "attention {} B{b} H{h} Lq{lq} Lk{lk} D{d} (flash {cfg:?})",
                         name(dtype)
                     ),
                     format!("rel err {e:.2e} (bound {:.0e})", bound(dtype)),
                     finite && e < bound(dtype),
                 );
             }
-            set_block_rows(128)?;
+            set_flash(FLASH_CONFIGS[0])?;
         }
     }
     // token-major output and strided q/k/v (views of one qkv projection, as the DiT passes them)
@@ -298,13 +298,16 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Query rows per block of the flash kernel (see `flux_kernels::set_flash_block_rows`).
-fn set_block_rows(rows: usize) -> Result<()> {
+/// The flash kernel's (rows per block, blocks per SM) (see `flux_kernels::set_flash_config`).
+fn set_flash(cfg: (usize, usize)) -> Result<()> {
     #[cfg(feature = "cuda")]
-    fk::set_flash_block_rows(rows)?;
-    let _ = rows;
+    fk::set_flash_config(cfg.0, cfg.1)?;
+    let _ = cfg;
     Ok(())
 }
+
+/// The flash kernel configurations compared; the first is the default.
+const FLASH_CONFIGS: [(usize, usize); 3] = [(64, 2), (64, 3), (128, 1)];
 
 /// Compares against a golden tensor and records the row.
 fn golden_row(
@@ -524,8 +527,8 @@ fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
             .collect::<Result<_>>()?;
         let flops = 4.0 * 24.0 * (l * l) as f64 * 128.0;
         let mut i = 0;
-        for rows in [128, 64] {
-            set_block_rows(rows)?;
+        for cfg in FLASH_CONFIGS {
+            set_flash(cfg)?;
             let ours = time(dev, 7, 10, || {
                 let [q, k, v] = &sets[i % 3];
                 i += 1;
@@ -533,11 +536,11 @@ fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
                 Ok(())
             })?;
             r.info(
-                format!("attention L={l} ours (flash, {rows} rows/block)"),
+                format!("attention L={l} ours (flash {cfg:?})"),
                 format!("{:.3} ms, {:.0} TFLOP/s", ours * 1e3, flops / ours / 1e12),
             );
         }
-        set_block_rows(128)?;
+        set_flash(FLASH_CONFIGS[0])?;
         let comp = time(dev, 7, 3, || {
             let [q, k, v] = &sets[i % 3];
             i += 1;
@@ -584,8 +587,13 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
     let ts = Tensor::new(&[0.5f32], dev)?.to_dtype(DType::BF16)?;
     let g = Tensor::new(&[3.5f32], dev)?;
     let mut results = vec![];
-    for (composite, rows) in [(false, 128), (false, 64), (true, 128)] {
-        set_block_rows(rows)?;
+    let runs = [
+        (false, FLASH_CONFIGS[0]),
+        (false, FLASH_CONFIGS[1]),
+        (true, FLASH_CONFIGS[0]),
+    ];
+    for (composite, flash) in runs {
+        set_flash(flash)?;
         let ckpt =
             fk::Checkpoint::from_tensors(tensors.clone(), DType::BF16, dev, "random weights")?;
         let weights = Weights::from_checkpoint(ckpt, Layout::Bfl);
@@ -611,7 +619,7 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         let label = if composite {
             "candle composite attention".to_string()
         } else {
-            format!("ours (fused kernels, flash {rows} rows/block)")
+            format!("ours (fused kernels, flash {flash:?})")
         };
         r.info(
             format!("DiT step 1024² bf16, {label}"),
@@ -619,7 +627,7 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         );
         results.push(out.expect("ran"));
     }
-    set_block_rows(128)?;
+    set_flash(FLASH_CONFIGS[0])?;
     let (e, finite) = rel_err(&results[0], &results[2])?;
     r.check(
         "DiT step: fused vs composite outputs".into(),
