@@ -3,8 +3,8 @@
 
 use candle::{DType, Device, Tensor, D};
 use flux_kernels::{
-    attention_composite, attention_tokens, gated_residual, gelu_tanh, layer_norm_modulate,
-    qk_norm_rope, rope_table, silu, AngleMode, AttnOpts, Linear, RopeTable,
+    attention_composite, attention_tokens, cat_gelu_tanh, gated_residual, gelu_tanh,
+    layer_norm_modulate, qk_norm_rope, rope_table, silu, AngleMode, AttnOpts, Linear, RopeTable,
 };
 
 use crate::config::Config;
@@ -335,9 +335,7 @@ impl SingleStreamBlock {
         let (q, k) = self.norm.forward(&q, &k, pe)?;
         let attn = joint_attention(&q, &k, &v, self.composite_attention)?;
         // attention output first, MLP activation second
-        let o = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, gelu_tanh(&mlp)?], D::Minus1)?)?;
+        let o = self.linear2.forward(&cat_gelu_tanh(&attn, &mlp)?)?;
         Ok(gated_residual(x, &m.gate, &o)?)
     }
 }

@@ -8,6 +8,8 @@
 // - ln_modulate: LayerNorm without affine, then adaLN `(1 + scale)·x + shift`.
 // - gated_residual: `x + gate·y`, gate broadcast over the tokens.
 // - gelu_tanh: GELU with the tanh approximation, in f32, one pass (the composite is three).
+// - cat_gelu: `[a, gelu(m)]` along channels (the single block's linear2 input), one pass instead
+//   of a GELU pass and a concatenation pass.
 // - bias_add: `y + b` with b broadcast over rows (the Linear layer's bias; candle's broadcast
 //   add indexes every element through its strided path and costs several times more).
 
@@ -158,9 +160,14 @@ __device__ void gated_residual(const T* __restrict__ x, const T* __restrict__ ga
     }
 }
 
+// GELU (tanh approximation). f32 results use tanhf, as the composite path; bf16/f16 results use
+// the identity 0.5·(1 + tanh(u)) = 1/(1 + e^(−2u)) with the fast exponential, whose error is far
+// below their rounding (tanhf alone made the kernel compute-bound).
+template <typename T>
 __device__ __forceinline__ float gelu_f(float v) {
     const float inner = 0.7978845608028654f * v * (1.f + 0.044715f * v * v);
-    return 0.5f * v * (1.f + tanhf(inner));
+    if (sizeof(T) == 4) return 0.5f * v * (1.f + tanhf(inner));
+    return __fdividef(v, 1.f + __expf(-2.f * inner));
 }
 
 // x contiguous; `vec_ok`: both pointers allow 16-byte vectors.
@@ -175,13 +182,40 @@ __device__ void gelu_tanh(const T* __restrict__ x, T* __restrict__ out, long lon
             uint4 v = reinterpret_cast<const uint4*>(x)[i];
             T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) e[j] = from_f<T>(gelu_f(to_f(e[j])));
+            for (int j = 0; j < kVec; ++j) e[j] = from_f<T>(gelu_f<T>(to_f(e[j])));
             reinterpret_cast<uint4*>(out)[i] = v;
         }
         start = nv * kVec;
     }
     for (long long i = start + (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        out[i] = from_f<T>(gelu_f(to_f(x[i])));
+        out[i] = from_f<T>(gelu_f<T>(to_f(x[i])));
+}
+
+// One block per token row. a: (rows, ca) rows `a_stride` apart; m: (rows, cm) rows `m_stride`
+// apart; out: contiguous (rows, ca + cm). `vec_ok`: pointers, widths and strides allow 16-byte
+// vectors.
+template <typename T>
+__device__ void cat_gelu(const T* __restrict__ a, const T* __restrict__ m, T* __restrict__ out, int ca, int cm,
+                         long long a_stride, long long m_stride, int vec_ok) {
+    constexpr int kVec = 16 / sizeof(T);
+    const long long row = blockIdx.x;
+    const T* ar = a + row * a_stride;
+    const T* mr = m + row * m_stride;
+    T* orow = out + row * (long long)(ca + cm);
+    if (vec_ok) {
+        for (int i = threadIdx.x; i < ca / kVec; i += blockDim.x)
+            reinterpret_cast<uint4*>(orow)[i] = reinterpret_cast<const uint4*>(ar)[i];
+        for (int i = threadIdx.x; i < cm / kVec; i += blockDim.x) {
+            uint4 v = reinterpret_cast<const uint4*>(mr)[i];
+            T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) e[j] = from_f<T>(gelu_f<T>(to_f(e[j])));
+            reinterpret_cast<uint4*>(orow + ca)[i] = v;
+        }
+    } else {
+        for (int i = threadIdx.x; i < ca; i += blockDim.x) orow[i] = ar[i];
+        for (int i = threadIdx.x; i < cm; i += blockDim.x) orow[ca + i] = from_f<T>(gelu_f<T>(to_f(mr[i])));
+    }
 }
 
 // y: contiguous (rows, cols); b: (cols). 16-byte vectors when cols allows it.
@@ -228,6 +262,10 @@ __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __
     }                                                                                                      \
     extern "C" __global__ void gelu_tanh_##SUFFIX(const T* x, T* out, long long n, int vec_ok) {           \
         gelu_tanh<T>(x, out, n, vec_ok);                                                                    \
+    }                                                                                                      \
+    extern "C" __global__ void cat_gelu_##SUFFIX(const T* a, const T* m, T* out, int ca, int cm,           \
+                                                 long long a_stride, long long m_stride, int vec_ok) {     \
+        cat_gelu<T>(a, m, out, ca, cm, a_stride, m_stride, vec_ok);                                         \
     }                                                                                                      \
     extern "C" __global__ void bias_add_##SUFFIX(const T* y, const T* b, T* out, long long n, int cols,     \
                                                  int vec_ok) {                                             \

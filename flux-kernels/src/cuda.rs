@@ -19,12 +19,12 @@ const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 pub(crate) const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 /// (query rows per block, blocks per multiprocessor) of the flash kernel.
-static FLASH_CONFIG: Mutex<(usize, usize)> = Mutex::new((64, 2));
+static FLASH_CONFIG: Mutex<(usize, usize)> = Mutex::new((64, 3));
 
 /// The flash-attention kernel's launch shape, a tuning knob for benchmarks (process-wide):
-/// `(64, 2)` (default: 4 warps per block, registers for 2 blocks per multiprocessor), `(64, 3)`
-/// (registers capped for 3 blocks; a few bytes spill) or `(128, 1)` (8 warps, each K/V tile
-/// serves 128 queries). Measured on an H200 at L=4608: (64, 2) 223 TFLOP/s, (128, 1) 204.
+/// `(64, 3)` (default: 4 warps per block, registers capped so that 3 blocks fit a
+/// multiprocessor; 12 bytes spill), `(64, 2)` (no cap) or `(128, 1)` (8 warps, each K/V tile
+/// serves 128 queries). Measured on an H200 at L=4608: 237, 224 and 204 TFLOP/s.
 pub fn set_flash_config(rows: usize, blocks_per_sm: usize) -> crate::Result<()> {
     if !matches!((rows, blocks_per_sm), (64, 2) | (64, 3) | (128, 1)) {
         return Err(crate::Error::InvalidArgument(format!(
@@ -610,6 +610,105 @@ impl CustomOp2 for BiasAdd {
             DType::F16 => Self::run::<f16>((y, yl), (b, bl)),
             d => Err(candle::Error::Msg(format!(
                 "bias_add: unsupported dtype {d:?}"
+            ))),
+        }
+    }
+}
+
+/// `[a, gelu(m)]` along the last dimension; a, m `(rows, C)` views with evenly spaced rows.
+pub(crate) struct CatGelu;
+
+/// The row stride of a `(B, L, C)` view whose rows are evenly spaced with contiguous C.
+pub(crate) fn row_stride(l: &Layout) -> Option<usize> {
+    match (l.dims(), l.stride()) {
+        (&[b, len, _], &[s0, s1, 1]) if b == 1 || s0 == len * s1 => Some(s1),
+        _ => None,
+    }
+}
+
+impl CatGelu {
+    fn run<T: CudaDType + DeviceRepr>(
+        a: (&CudaStorage, &Layout),
+        m: (&CudaStorage, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = a.0.device().clone();
+        let (b, l, ca) = a.1.shape().dims3()?;
+        let (mb, ml, cm) = m.1.shape().dims3()?;
+        let (Some(sa), Some(sm)) = (row_stride(a.1), row_stride(m.1)) else {
+            return Err(candle::Error::Msg(
+                "cat_gelu: rows must be evenly spaced".into(),
+            ));
+        };
+        if (mb, ml) != (b, l) {
+            return Err(candle::Error::Msg(format!(
+                "cat_gelu: a {:?} and m {:?} differ in (B, L)",
+                a.1.dims(),
+                m.1.dims()
+            )));
+        }
+        let vec = 16 / std::mem::size_of::<T>();
+        let vec_ok = i32::from(
+            [ca, cm, sa, sm, a.1.start_offset(), m.1.start_offset()]
+                .iter()
+                .all(|v| v % vec == 0),
+        );
+        let name = format!("cat_gelu_{}", suffix(a.0.dtype(), "cat_gelu")?);
+        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        // SAFETY: one block writes every element of its row.
+        let out = unsafe { dev.alloc::<T>(b * l * (ca + cm))? };
+        let (av, mv) = (slice::<T>(a.0, a.1)?, slice::<T>(m.0, m.1)?);
+        let (cai, cmi, sai, smi) = (ca as i32, cm as i32, sa as i64, sm as i64);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * l) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&av)
+            .arg(&mv)
+            .arg(&out)
+            .arg(&cai)
+            .arg(&cmi)
+            .arg(&sai)
+            .arg(&smi)
+            .arg(&vec_ok);
+        // SAFETY: arguments match the kernel's signature; sizes checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            (b, l, ca + cm).into(),
+        ))
+    }
+}
+
+impl CustomOp2 for CatGelu {
+    fn name(&self) -> &'static str {
+        "flux-cat-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(cpu_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        m: &CudaStorage,
+        ml: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match a.dtype() {
+            DType::F32 => Self::run::<f32>((a, al), (m, ml)),
+            DType::BF16 => Self::run::<bf16>((a, al), (m, ml)),
+            DType::F16 => Self::run::<f16>((a, al), (m, ml)),
+            d => Err(candle::Error::Msg(format!(
+                "cat_gelu: unsupported dtype {d:?}"
             ))),
         }
     }

@@ -17,7 +17,7 @@ pub use cuda::set_flash_config;
 pub use error::{Error, Result};
 pub use linear::Linear;
 pub use ops::{
-    gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate, modulate, quick_gelu,
-    rms_norm, silu,
+    cat_gelu_tanh, gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate,
+    modulate, quick_gelu, rms_norm, silu,
 };
 pub use rope::{apply_rope, qk_norm_rope, rope_table, AngleMode, RopeTable};

@@ -179,6 +179,34 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.gelu()?.to_dtype(dtype)?)
 }
 
+/// `cat([a, gelu_tanh(m)], -1)`, the input of FLUX's single-block output projection. On CUDA one
+/// kernel pass reading both views; elsewhere the two ops, its plain twin.
+///
+/// # Shapes
+/// `a`: `(B, L, Ca)`, `m`: `(B, L, Cm)`. Returns `(B, L, Ca + Cm)`.
+pub fn cat_gelu_tanh(a: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let dtype = float_dtype("cat_gelu_tanh", a)?;
+    if a.rank() != 3 || m.rank() != 3 || a.dims()[..2] != m.dims()[..2] || m.dtype() != dtype {
+        return Err(Error::ShapeMismatch {
+            what: "cat_gelu_tanh m (same B, L and dtype as a)",
+            expected: vec![a.dim(0)?, a.dim(1)?, usize::MAX],
+            got: m.dims().to_vec(),
+        });
+    }
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda() && dtype != DType::F64 {
+        let even = |t: &Tensor| -> Result<Tensor> {
+            Ok(if crate::cuda::row_stride(t.layout()).is_some() {
+                t.clone()
+            } else {
+                t.contiguous()?
+            })
+        };
+        return Ok(even(a)?.apply_op2_no_bwd(&even(m)?, &crate::cuda::CatGelu)?);
+    }
+    Ok(Tensor::cat(&[a, &gelu_tanh(m)?], D::Minus1)?)
+}
+
 /// QuickGELU `x·sigmoid(1.702·x)` (CLIP), computed in f32.
 ///
 /// # Shapes

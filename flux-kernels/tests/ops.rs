@@ -346,3 +346,19 @@ fn checkpoint_from_tensors_is_as_strict_as_files() {
         Err(Error::UnsupportedDtype { .. })
     ));
 }
+
+#[test]
+fn cat_gelu_tanh_is_cat_of_gelu_and_checks_shapes() {
+    let a = randn(&[2, 3, 4], 41);
+    let h = randn(&[2, 3, 10], 42);
+    let m = h.narrow(2, 4, 6).unwrap(); // a strided view, as the single block passes it
+    let out = cat_gelu_tanh(&a, &m).unwrap();
+    assert_eq!(out.dims(), [2, 3, 10]);
+    let expect = Tensor::cat(&[a.clone(), gelu_tanh(&m).unwrap()], 2).unwrap();
+    assert_eq!(max_diff(&out, &expect), 0.0);
+    let bad = randn(&[2, 4, 6], 43);
+    assert!(matches!(
+        cat_gelu_tanh(&a, &bad),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}

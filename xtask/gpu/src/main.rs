@@ -285,6 +285,20 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
                 format!("rel err {e:.2e}"),
                 finite && e < bound(dtype),
             );
+            // [a, gelu(m)] with m a strided view, as the single block passes it
+            let h = randn(&[b, l, 2 * c], dtype)?;
+            let hg = h.to_device(dev)?;
+            let gpu = fk::cat_gelu_tanh(&xg, &hg.narrow(D::Minus1, c, c)?)?;
+            let cpu = fk::cat_gelu_tanh(&x, &h.narrow(D::Minus1, c, c)?)?;
+            let (e, finite) = rel_err(&gpu, &cpu)?;
+            r.check(
+                format!(
+                    "cat_gelu_tanh {} B{b} L{l} C{c}+{c} (strided m)",
+                    name(dtype)
+                ),
+                format!("rel err {e:.2e}"),
+                finite && e < bound(dtype),
+            );
             let gpu = fk::gated_residual(&xg, &chunk(&mg, 2)?, &yg)?;
             let cpu = fk::gated_residual(&x, &chunk(&m, 2)?, &y)?;
             let (e, finite) = rel_err(&gpu, &cpu)?;
@@ -307,7 +321,7 @@ fn set_flash(cfg: (usize, usize)) -> Result<()> {
 }
 
 /// The flash kernel configurations compared; the first is the default.
-const FLASH_CONFIGS: [(usize, usize); 3] = [(64, 2), (64, 3), (128, 1)];
+const FLASH_CONFIGS: [(usize, usize); 3] = [(64, 3), (64, 2), (128, 1)];
 
 /// Compares against a golden tensor and records the row.
 fn golden_row(
@@ -721,7 +735,13 @@ fn profile(dev: &Device, r: &mut Report) -> Result<()> {
         fk::gelu_tanh(&h)?;
         Ok(())
     })?;
-    row(r, "gelu_tanh (fused kernel)", 19 * 2 + 38, secs, 0.0);
+    row(
+        r,
+        "gelu_tanh (fused kernel, double blocks)",
+        19 * 2,
+        secs,
+        0.0,
+    );
     let secs = time(dev, 5, 10, || {
         h.to_dtype(DType::F32)?.gelu()?.to_dtype(DType::BF16)?;
         Ok(())
@@ -752,7 +772,26 @@ fn profile(dev: &Device, r: &mut Report) -> Result<()> {
         Tensor::cat(&[&a, &b], 2)?;
         Ok(())
     })?;
-    row(r, "cat [attn, mlp] (single block)", 38, secs, 0.0);
+    row(
+        r,
+        "cat [attn, mlp] (single block; replaced by cat_gelu)",
+        0,
+        secs,
+        0.0,
+    );
+    let hm = bf(&[1, l, 3 * c + mlp])?;
+    let mv = hm.narrow(2, 3 * c, mlp)?;
+    let secs = time(dev, 5, 10, || {
+        fk::cat_gelu_tanh(&a, &mv)?;
+        Ok(())
+    })?;
+    row(
+        r,
+        "cat_gelu_tanh [attn, gelu(mlp view)] (single block)",
+        38,
+        secs,
+        0.0,
+    );
     let q = bf(&[1, 24, l, 128])?;
     let secs = time(dev, 5, 10, || {
         fk::attention_tokens(&q, &q, &q, Default::default())?;
