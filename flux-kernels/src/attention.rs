@@ -20,7 +20,8 @@ pub struct AttnOpts<'a> {
 /// FLUX's transformer uses it without bias or mask (every token attends to every token, text
 /// padding included).
 ///
-/// With the `cuda` feature, CUDA tensors in bf16/f16 without bias or mask and with head dim 32,
+/// On the CPU without bias or mask, a tiled online-softmax schedule (memory O(L) per head, the
+/// score tiles stay in cache). With the `cuda` feature, CUDA tensors in bf16/f16 without bias or mask and with head dim 32,
 /// 64 or 128 run the flash kernel (tensor cores, f32 accumulation, online softmax: memory O(L),
 /// never the L×L scores); every other case runs the composite path, [`attention_composite`].
 ///
@@ -37,7 +38,32 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<T
         let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
         return Ok(q.apply_op3_no_bwd(&k, &v, &op)?);
     }
+    if let Some(x) = tiled_cpu(q, k, v, &opts, d)? {
+        return Ok(x);
+    }
     composite(q, k, v, opts, d)
+}
+
+/// The CPU's tiled online-softmax path, for inputs without bias or mask: computed in f32 and
+/// returned in `q`'s dtype. `None` elsewhere.
+fn tiled_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttnOpts,
+    d: usize,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cpu() || opts.bias.is_some() || opts.causal {
+        return Ok(None);
+    }
+    let dtype = q.dtype();
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32;
+    Ok(
+        crate::attention_cpu::attention_tiled(&f(q)?, &f(k)?, &f(v)?, scale)?
+            .map(|x| x.to_dtype(dtype))
+            .transpose()?,
+    )
 }
 
 /// [`attention`] followed by `(B, H, Lq, Dv) → (B, Lq, H·Dv)`, the token-major layout the
@@ -54,7 +80,10 @@ pub fn attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> R
         let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
         return Ok(q.apply_op3_no_bwd(&k, &v, &op)?.reshape((b, lq, h * d))?);
     }
-    let x = composite(q, k, v, opts, d)?;
+    let x = match tiled_cpu(q, k, v, &opts, d)? {
+        Some(x) => x,
+        None => composite(q, k, v, opts, d)?,
+    };
     let dv = x.dim(3)?;
     Ok(x.transpose(1, 2)?.reshape((b, lq, h * dv))?)
 }

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 mod attention;
+mod attention_cpu;
 mod checkpoint;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -1,0 +1,170 @@
+//! Tiled attention with an online softmax for CPU f32: flash attention's schedule on the CPU.
+//!
+//! For each (batch, head) and each block of [`BR`] query rows, keys and values stream through in
+//! chunks of [`BC`]: the block's scores against one chunk (a small gemm), a running row maximum
+//! and row sum, the output rows rescaled when the maximum grows, and `P·V` accumulated by a
+//! second gemm. Memory is O(L) per head (one `BR × BC` score tile per worker) instead of the
+//! composite path's `H × L × L` scores, and every pass over the scores stays in cache.
+
+use candle::{DType, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Query rows per block.
+const BR: usize = 64;
+/// Keys per chunk.
+const BC: usize = 256;
+
+/// `softmax(q·kᵀ·scale)·v` for contiguous-or-not f32 CPU tensors `(B, H, Lq, D)`,
+/// `(B, H, Lk, D)`, `(B, H, Lk, Dv)`; `None` when the inputs are not f32 on the CPU.
+pub(crate) fn attention_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cpu() || [q, k, v].iter().any(|t| t.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let dv = v.dim(3)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mut out = vec![0f32; b * h * lq * dv];
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
+            return Ok(None);
+        };
+        let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
+            ql.contiguous_offsets(),
+            kl.contiguous_offsets(),
+            vl.contiguous_offsets(),
+        ) else {
+            return Ok(None);
+        };
+        let qv = &qc.as_slice::<f32>()?[q0..q1];
+        let kv = &kc.as_slice::<f32>()?[k0..k1];
+        let vv = &vc.as_slice::<f32>()?[v0..v1];
+        if lq == 0 || dv == 0 {
+            return Ok(Some(Tensor::from_vec(out, (b, h, lq, dv), q.device())?));
+        }
+        out.par_chunks_mut(lq * dv).enumerate().for_each(|(bh, o)| {
+            let qh = &qv[bh * lq * d..(bh + 1) * lq * d];
+            let kh = &kv[bh * lk * d..(bh + 1) * lk * d];
+            let vh = &vv[bh * lk * dv..(bh + 1) * lk * dv];
+            head(qh, kh, vh, o, lq, lk, d, dv, scale);
+        });
+    }
+    Ok(Some(Tensor::from_vec(out, (b, h, lq, dv), q.device())?))
+}
+
+/// One (batch, head): `o (lq × dv) = softmax(q kᵀ · scale) v`.
+#[allow(clippy::too_many_arguments)]
+fn head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+) {
+    let mut s = vec![0f32; BR * BC];
+    let mut row_max = [0f32; BR];
+    let mut row_sum = [0f32; BR];
+    for r0 in (0..lq).step_by(BR) {
+        let br = BR.min(lq - r0);
+        let ob = &mut o[r0 * dv..(r0 + br) * dv];
+        ob.fill(0.0);
+        row_max[..br].fill(f32::NEG_INFINITY);
+        row_sum[..br].fill(0.0);
+        for c0 in (0..lk).step_by(BC) {
+            let bc = BC.min(lk - c0);
+            // s (br × bc) = q[r0..] · k[c0..]ᵀ
+            // SAFETY: every pointer and stride below stays inside its slice: q rows r0..r0+br of
+            // d, k rows c0..c0+bc of d (read transposed), s br × bc row-major.
+            unsafe {
+                gemm::gemm(
+                    br,
+                    bc,
+                    d,
+                    s.as_mut_ptr(),
+                    1,
+                    bc as isize,
+                    false,
+                    q.as_ptr().add(r0 * d),
+                    1,
+                    d as isize,
+                    k.as_ptr().add(c0 * d),
+                    d as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for i in 0..br {
+                let row = &mut s[i * bc..(i + 1) * bc];
+                let mut mx = f32::NEG_INFINITY;
+                for x in row.iter_mut() {
+                    *x *= scale;
+                    mx = mx.max(*x);
+                }
+                let m_new = row_max[i].max(mx);
+                let alpha = (row_max[i] - m_new).exp();
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - m_new).exp();
+                    sum += *x;
+                }
+                row_sum[i] = row_sum[i] * alpha + sum;
+                row_max[i] = m_new;
+                if alpha != 1.0 {
+                    for x in &mut ob[i * dv..(i + 1) * dv] {
+                        *x *= alpha;
+                    }
+                }
+            }
+            // ob (br × dv) += p (br × bc) · v[c0..] (bc × dv)
+            // SAFETY: as above; ob is br × dv row-major, v rows c0..c0+bc of dv.
+            unsafe {
+                gemm::gemm(
+                    br,
+                    dv,
+                    bc,
+                    ob.as_mut_ptr(),
+                    1,
+                    dv as isize,
+                    true,
+                    s.as_ptr(),
+                    1,
+                    bc as isize,
+                    v.as_ptr().add(c0 * dv),
+                    1,
+                    dv as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        for i in 0..br {
+            let inv = 1.0 / row_sum[i];
+            for x in &mut ob[i * dv..(i + 1) * dv] {
+                *x *= inv;
+            }
+        }
+    }
+}
