@@ -7,6 +7,7 @@ mod checkpoint;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod error;
+mod fused_cpu;
 mod linear;
 mod ops;
 mod rope;

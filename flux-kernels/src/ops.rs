@@ -113,8 +113,8 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok((scale + 1.0)?.broadcast_mul(x)?.broadcast_add(shift)?)
 }
 
-/// `modulate(layer_norm(x, eps), shift, scale)` (adaLN after a LayerNorm without affine). On
-/// CUDA one fused kernel pass; elsewhere the two ops, which are its plain twin.
+/// `modulate(layer_norm(x, eps), shift, scale)` (adaLN after a LayerNorm without affine). One
+/// fused pass on CUDA and for CPU f32; elsewhere the two ops, which are its plain twin.
 ///
 /// # Shapes
 /// `x`: `(B, L, C)`; `shift`, `scale`: `(B, 1, C)`. Returns `(B, L, C)` in `x`'s dtype.
@@ -138,11 +138,14 @@ pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64)
         let op = crate::cuda::LnModulate { eps: eps as f32 };
         return Ok(x.contiguous()?.apply_op3_no_bwd(shift, scale, &op)?);
     }
+    if let Some(y) = crate::fused_cpu::layer_norm_modulate(x, shift, scale, eps as f32)? {
+        return Ok(y);
+    }
     modulate(&layer_norm(x, eps)?, shift, scale)
 }
 
-/// The gated residual `x + gate·y` of every FLUX block. On CUDA one fused kernel pass; elsewhere
-/// the composite ops, its plain twin.
+/// The gated residual `x + gate·y` of every FLUX block. One fused pass on CUDA and for CPU f32;
+/// elsewhere the composite ops, its plain twin.
 ///
 /// # Shapes
 /// `x`, `y`: `(B, L, C)`; `gate`: `(B, 1, C)`. Returns `(B, L, C)` in `x`'s dtype.
@@ -161,6 +164,9 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         return Ok(x
             .contiguous()?
             .apply_op3_no_bwd(gate, &y.contiguous()?, &op)?);
+    }
+    if let Some(out) = crate::fused_cpu::gated_residual(x, gate, y)? {
+        return Ok(out);
     }
     Ok((x + gate.broadcast_mul(y)?)?)
 }

@@ -121,7 +121,7 @@ pub fn apply_rope(x: &Tensor, pe: &RopeTable) -> Result<Tensor> {
 
 /// FLUX's QK-norm then RoPE: `apply_rope(rms_norm(x, scale, eps), pe)`. On CUDA one fused kernel
 /// pass that reads `x` through its strides (q or k straight out of the qkv projection) and writes
-/// it contiguous; elsewhere the two ops, its plain twin.
+/// it contiguous; for CPU f32 one pass over rows; elsewhere the two ops, its plain twin.
 ///
 /// # Shapes
 /// `x`: `(B, H, L, D)`; `scale`: `(D)`; `pe`: `(B or 1, 1, L, D/2)`. Returns `(B, H, L, D)` in
@@ -161,6 +161,9 @@ pub fn qk_norm_rope(x: &Tensor, scale: &Tensor, eps: f64, pe: &RopeTable) -> Res
         };
         let scale = scale.to_dtype(x.dtype())?.contiguous()?;
         return Ok(x.apply_op2_no_bwd(&scale, &op)?);
+    }
+    if let Some(y) = crate::fused_cpu::qk_norm_rope(x, scale, eps as f32, &pe.cos, &pe.sin)? {
+        return Ok(y);
     }
     apply_rope(&crate::rms_norm(x, scale, eps)?, pe)
 }

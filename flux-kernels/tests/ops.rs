@@ -252,6 +252,28 @@ proptest! {
     }
 
     #[test]
+    fn fused_cpu_ops_equal_their_plain_twins(b in 1usize..3, l in 1usize..20, c in 1usize..70, h in 1usize..4, half_d in 1usize..12, seed in 0u64..1000) {
+        let x = (randn(&[b, l, c], seed) * 3.0).unwrap();
+        let m = randn(&[b, 1, 3 * c], seed + 1);
+        let ch = |i: usize| m.narrow(2, i * c, c).unwrap();
+        let fused = layer_norm_modulate(&x, &ch(0), &ch(1), 1e-6).unwrap();
+        let plain = modulate(&layer_norm(&x, 1e-6).unwrap(), &ch(0), &ch(1)).unwrap();
+        prop_assert!(max_diff(&fused, &plain) <= 1e-4, "ln_modulate {}", max_diff(&fused, &plain));
+        let y = randn(&[b, l, c], seed + 2);
+        let fused = gated_residual(&x, &ch(2), &y).unwrap();
+        let plain = (&x + ch(2).broadcast_mul(&y).unwrap()).unwrap();
+        prop_assert!(max_diff(&fused, &plain) <= 1e-6);
+        let d = 2 * half_d;
+        let q = (randn(&[b, h, l, d], seed + 3) * 5.0).unwrap();
+        let s = randn(&[d], seed + 4);
+        let ang = (randn(&[1, 1, l, half_d], seed + 5) * 3.0).unwrap();
+        let pe = RopeTable { cos: ang.cos().unwrap(), sin: ang.sin().unwrap() };
+        let fused = qk_norm_rope(&q, &s, 1e-6, &pe).unwrap();
+        let plain = apply_rope(&rms_norm(&q, &s, 1e-6).unwrap(), &pe).unwrap();
+        prop_assert!(max_diff(&fused, &plain) <= 1e-5, "qk_norm_rope {}", max_diff(&fused, &plain));
+    }
+
+    #[test]
     fn softmax_rows_sum_to_one(rows in 1usize..6, cols in 1usize..40, seed in 0u64..1000) {
         let x = (randn(&[rows, cols], seed) * 30.0).unwrap();
         let s = softmax_last_dim(&x).unwrap().sum(D::Minus1).unwrap().to_vec1::<f32>().unwrap();
@@ -304,7 +326,7 @@ fn fused_entry_points_equal_their_parts_on_cpu() {
     );
     let fused = layer_norm_modulate(&x, &shift, &scale, 1e-6).unwrap();
     let plain = modulate(&layer_norm(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
-    assert_eq!(max_diff(&fused, &plain), 0.0);
+    assert!(max_diff(&fused, &plain) < 1e-5);
     // LayerNorm output has zero mean per row before modulation: spot-check the math too.
     let ln = layer_norm(&x, 1e-6).unwrap();
     let mean = ln.mean_keepdim(D::Minus1).unwrap().abs().unwrap();
@@ -321,7 +343,7 @@ fn fused_entry_points_equal_their_parts_on_cpu() {
     let y = randn(&[2, 6, 8], 23);
     let g = gated_residual(&x, &gate, &y).unwrap();
     let by_hand = (&x + gate.broadcast_mul(&y).unwrap()).unwrap();
-    assert_eq!(max_diff(&g, &by_hand), 0.0);
+    assert!(max_diff(&g, &by_hand) < 1e-6);
 
     // QK-norm + RoPE on a strided view (as the DiT passes q): RMSNorm then rotation.
     let qkv = randn(&[1, 5, 3 * 2, 8], 24);
@@ -331,7 +353,7 @@ fn fused_entry_points_equal_their_parts_on_cpu() {
     let fused = qk_norm_rope(&q, &s, 1e-6, &pe).unwrap();
     let plain = apply_rope(&rms_norm(&q.contiguous().unwrap(), &s, 1e-6).unwrap(), &pe).unwrap();
     assert_eq!(fused.dims(), [1, 2, 5, 8]);
-    assert_eq!(max_diff(&fused, &plain), 0.0);
+    assert!(max_diff(&fused, &plain) < 1e-5);
 }
 
 #[test]

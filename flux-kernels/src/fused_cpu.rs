@@ -1,0 +1,148 @@
+//! One-pass CPU f32 versions of the fused entry points (`layer_norm_modulate`,
+//! `gated_residual`, `qk_norm_rope`): the composite paths make a dozen passes over memory with a
+//! temporary each; these make one, rows in parallel. Each returns `None` when its inputs are not
+//! f32 on the CPU (the caller then takes the plain twin).
+
+use candle::{DType, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// The f32 elements of a contiguous CPU tensor's storage, or `None`.
+fn cpu_slice<'a>(s: &'a Storage, l: &candle::Layout) -> Result<Option<&'a [f32]>> {
+    let (Storage::Cpu(c), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    Ok(Some(&c.as_slice::<f32>()?[a..b]))
+}
+
+/// Binds `$name` to the f32 slice of tensor `$t` (keeping its storage guard alive), or returns
+/// `Ok(None)` from the enclosing function.
+macro_rules! slice_of {
+    ($t:expr, $guard:ident, $name:ident) => {
+        let ($guard, layout) = $t.storage_and_layout();
+        let Some($name) = cpu_slice(&$guard, layout)? else {
+            return Ok(None);
+        };
+    };
+}
+
+fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `(1 + scale)·LN(x) + shift`; x `(B, L, C)`, shift/scale `(B, 1, C)`.
+pub(crate) fn layer_norm_modulate(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(&[x, shift, scale]) || x.rank() != 3 {
+        return Ok(None);
+    }
+    let (b, l, c) = x.dims3()?;
+    if shift.dims() != [b, 1, c] || scale.dims() != [b, 1, c] || c == 0 {
+        return Ok(None);
+    }
+    let (x, shift, scale) = (x.contiguous()?, shift.contiguous()?, scale.contiguous()?);
+    let mut out = vec![0f32; b * l * c];
+    {
+        slice_of!(x, xg, xv);
+        slice_of!(shift, shg, sh);
+        slice_of!(scale, scg, sc);
+        out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+            let bi = row / l;
+            let xr = &xv[row * c..(row + 1) * c];
+            let (shr, scr) = (&sh[bi * c..(bi + 1) * c], &sc[bi * c..(bi + 1) * c]);
+            let mean = xr.iter().sum::<f32>() / c as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for i in 0..c {
+                o[i] = (scr[i] + 1.0) * ((xr[i] - mean) * rstd) + shr[i];
+            }
+        });
+    }
+    Ok(Some(Tensor::from_vec(out, (b, l, c), x.device())?))
+}
+
+/// `x + gate·y`; x, y `(B, L, C)`, gate `(B, 1, C)`.
+pub(crate) fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(&[x, gate, y]) || x.rank() != 3 || x.dims() != y.dims() {
+        return Ok(None);
+    }
+    let (b, l, c) = x.dims3()?;
+    if gate.dims() != [b, 1, c] || c == 0 {
+        return Ok(None);
+    }
+    let (x, gate, y) = (x.contiguous()?, gate.contiguous()?, y.contiguous()?);
+    let mut out = vec![0f32; b * l * c];
+    {
+        slice_of!(x, xg, xv);
+        slice_of!(gate, gg, gv);
+        slice_of!(y, yg, yv);
+        out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+            let bi = row / l;
+            let g = &gv[bi * c..(bi + 1) * c];
+            let (xr, yr) = (&xv[row * c..(row + 1) * c], &yv[row * c..(row + 1) * c]);
+            for i in 0..c {
+                o[i] = xr[i] + g[i] * yr[i];
+            }
+        });
+    }
+    Ok(Some(Tensor::from_vec(out, (b, l, c), x.device())?))
+}
+
+/// RMSNorm (learned scale) then RoPE on interleaved pairs; x a `(B, H, L, D)` view (any
+/// strides), scale `(D)`, tables `(B or 1, 1, L, D/2)` f32. Output contiguous.
+pub(crate) fn qk_norm_rope(
+    x: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(&[x, scale, cos, sin]) || x.rank() != 4 {
+        return Ok(None);
+    }
+    let (b, h, l, d) = x.dims4()?;
+    let pb = cos.dim(0)?;
+    if d % 2 != 0
+        || d == 0
+        || scale.dims() != [d]
+        || cos.dims() != [pb, 1, l, d / 2]
+        || sin.dims() != cos.dims()
+    {
+        return Ok(None);
+    }
+    let (x, scale, cos, sin) = (
+        x.contiguous()?,
+        scale.contiguous()?,
+        cos.contiguous()?,
+        sin.contiguous()?,
+    );
+    let mut out = vec![0f32; b * h * l * d];
+    {
+        slice_of!(x, xg, xv);
+        slice_of!(scale, sg, sv);
+        slice_of!(cos, cg, cv);
+        slice_of!(sin, sng, snv);
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let li = row % l;
+            let bi = row / (l * h);
+            let t = ((if pb == 1 { 0 } else { bi }) * l + li) * (d / 2);
+            let xr = &xv[row * d..(row + 1) * d];
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let rrms = 1.0 / (ms + eps).sqrt();
+            for p in 0..d / 2 {
+                let y0 = xr[2 * p] * rrms * sv[2 * p];
+                let y1 = xr[2 * p + 1] * rrms * sv[2 * p + 1];
+                let (c, s) = (cv[t + p], snv[t + p]);
+                o[2 * p] = y0 * c - y1 * s;
+                o[2 * p + 1] = y0 * s + y1 * c;
+            }
+        });
+    }
+    Ok(Some(Tensor::from_vec(out, (b, h, l, d), x.device())?))
+}
