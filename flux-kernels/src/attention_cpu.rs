@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::Result;
 
 /// Query rows per block.
-const BR: usize = 64;
+const BR: usize = 128;
 /// Keys per chunk.
 const BC: usize = 256;
 
