@@ -13,8 +13,8 @@
 //! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
 //!   weights made on the device) with our kernels and with the composite attention.
 //!
-//! Prints a table last; exits non-zero if a check failed. Timings: the device is synchronised
-//! around batches of calls (warm-up first), median over batches.
+//! Prints a table last; exits non-zero if a check failed. Timings: CUDA events around batches
+//! of calls (warm-up first), median over batches.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -502,8 +502,8 @@ fn goldens(dev: &Device, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Median seconds of one call: `batches` batches of `per` calls between device syncs, after
-/// a warm-up batch.
+/// Median seconds of one call: `batches` batches of `per` calls, each timed with CUDA events
+/// on the device's stream (host clock around a device sync elsewhere), after a warm-up batch.
 fn time(
     dev: &Device,
     batches: usize,
@@ -516,6 +516,25 @@ fn time(
     dev.synchronize()?;
     let mut v = Vec::with_capacity(batches);
     for _ in 0..batches {
+        // CUDA events around the batch on the device's stream; the host clock elsewhere
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = dev {
+            use candle::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let stream = cuda.cuda_stream();
+            let ev = |e| anyhow::anyhow!("CUDA event: {e:?}");
+            let start = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(ev)?;
+            for _ in 0..per {
+                f()?;
+            }
+            let end = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(ev)?;
+            let ms = start.elapsed_ms(&end).map_err(ev)?;
+            v.push(f64::from(ms) / 1e3 / per as f64);
+            continue;
+        }
         let t = Instant::now();
         for _ in 0..per {
             f()?;
