@@ -146,3 +146,27 @@ pub(crate) fn qk_norm_rope(
     }
     Ok(Some(Tensor::from_vec(out, (b, h, l, d), x.device())?))
 }
+
+/// GELU (tanh approximation) for CPU f32 in one parallel pass, through
+/// `0.5·(1 + tanh(u)) = 1 / (1 + e^(−2u))` and the vectorisable exp of the attention tiles
+/// (libm's `tanhf` per element dominated candle's GELU).
+pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(&[x]) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let mut out = vec![0f32; n];
+    {
+        slice_of!(x, xg, xv);
+        out.par_chunks_mut(4096)
+            .zip(xv.par_chunks(4096))
+            .for_each(|(o, xs)| {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    let u = 0.797_884_6 * v * (1.0 + 0.044_715 * v * v);
+                    *o = v / (1.0 + crate::attention_cpu::exp_approx(-2.0 * u));
+                }
+            });
+    }
+    Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+}

@@ -171,8 +171,8 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok((x + gate.broadcast_mul(y)?)?)
 }
 
-/// GELU with the tanh approximation (`approximate="tanh"`), computed in f32 (on CUDA one fused
-/// kernel pass; elsewhere the composite, its plain twin).
+/// GELU with the tanh approximation (`approximate="tanh"`), computed in f32 (on CUDA and for CPU
+/// f32 one fused pass; elsewhere candle's, its plain twin).
 ///
 /// # Shapes
 /// Any. Returns `x`'s shape and dtype.
@@ -181,6 +181,9 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && dtype != DType::F64 {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&crate::cuda::GeluTanh)?);
+    }
+    if let Some(y) = crate::fused_cpu::gelu_tanh(x)? {
+        return Ok(y);
     }
     Ok(x.to_dtype(DType::F32)?.gelu()?.to_dtype(dtype)?)
 }

@@ -271,6 +271,11 @@ proptest! {
         let fused = qk_norm_rope(&q, &s, 1e-6, &pe).unwrap();
         let plain = apply_rope(&rms_norm(&q, &s, 1e-6).unwrap(), &pe).unwrap();
         prop_assert!(max_diff(&fused, &plain) <= 1e-5, "qk_norm_rope {}", max_diff(&fused, &plain));
+        // GELU through the fast exp vs candle's tanh form, over ±12 (both tails)
+        let g = (randn(&[b, l, c], seed + 6) * 12.0).unwrap();
+        let fused = gelu_tanh(&g).unwrap();
+        let plain = g.gelu().unwrap();
+        prop_assert!(max_diff(&fused, &plain) <= 4e-6, "gelu {}", max_diff(&fused, &plain));
     }
 
     #[test]
