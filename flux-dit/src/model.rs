@@ -143,12 +143,15 @@ impl QkNorm {
     }
 }
 
-/// Rows `start..start + len` of a RoPE table (contiguous copies).
-fn rope_rows(pe: &RopeTable, start: usize, len: usize) -> Result<RopeTable> {
-    Ok(RopeTable {
-        cos: pe.cos.narrow(2, start, len)?.contiguous()?,
-        sin: pe.sin.narrow(2, start, len)?.contiguous()?,
-    })
+/// The text rows and the image rows of a `[txt; img]` RoPE table (contiguous copies).
+fn split_rope(pe: &RopeTable, l_txt: usize, l_img: usize) -> Result<(RopeTable, RopeTable)> {
+    let rows = |start: usize, len: usize| -> Result<RopeTable> {
+        Ok(RopeTable {
+            cos: pe.cos.narrow(2, start, len)?.contiguous()?,
+            sin: pe.sin.narrow(2, start, len)?.contiguous()?,
+        })
+    };
+    Ok((rows(0, l_txt)?, rows(l_txt, l_img)?))
 }
 
 /// q, k, v as `(B, H, L, D)` views (no copies) of the first `3·H·D` channels of a contiguous
@@ -276,11 +279,24 @@ impl DoubleStreamBlock {
         pe: &RopeTable,
     ) -> Result<(Tensor, Tensor)> {
         let (l_txt, l_img) = (txt.dim(1)?, img.dim(1)?);
-        let (pe_txt, pe_img) = (rope_rows(pe, 0, l_txt)?, rope_rows(pe, l_txt, l_img)?);
+        let pe = split_rope(pe, l_txt, l_img)?;
+        self.forward_split(img, txt, vec_act, &pe)
+    }
+
+    /// [`Self::forward`] with the table already split into text and image rows (once per
+    /// model forward, not once per block).
+    fn forward_split(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec_act: &Tensor,
+        (pe_txt, pe_img): &(RopeTable, RopeTable),
+    ) -> Result<(Tensor, Tensor)> {
+        let l_txt = txt.dim(1)?;
         // prepare image and text for attention
         let heads = self.num_heads;
-        let (img_m, [img_q, img_k, img_v]) = self.img.prepare(img, vec_act, heads, &pe_img)?;
-        let (txt_m, [txt_q, txt_k, txt_v]) = self.txt.prepare(txt, vec_act, heads, &pe_txt)?;
+        let (img_m, [img_q, img_k, img_v]) = self.img.prepare(img, vec_act, heads, pe_img)?;
+        let (txt_m, [txt_q, txt_k, txt_v]) = self.txt.prepare(txt, vec_act, heads, pe_txt)?;
         // run joint attention, text first
         let q = Tensor::cat(&[txt_q, img_q], 2)?;
         let k = Tensor::cat(&[txt_k, img_k], 2)?;
@@ -627,8 +643,10 @@ impl Flux {
         // SiLU(vec) feeds every modulation: compute it once.
         let vec_act = silu(&vec)?;
         let (mut img, mut txt) = (img, txt);
+        // the table's text and image rows, split once for every double block
+        let pe_split = split_rope(&pe, l_txt, img.dim(1)?)?;
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &vec_act, &pe)?;
+            (img, txt) = block.forward_split(&img, &txt, &vec_act, &pe_split)?;
         }
         let mut x_all = Tensor::cat(&[txt, img], 1)?;
         for block in &self.single_blocks {

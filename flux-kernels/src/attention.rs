@@ -101,6 +101,8 @@ pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -
 fn flash_eligible(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOpts) -> bool {
     let d = q.dim(3).unwrap_or(0);
     q.device().is_cuda()
+        && q.dim(2).is_ok_and(|l| l > 0)
+        && k.dim(2).is_ok_and(|l| l > 0)
         && opts.bias.is_none()
         && !opts.causal
         && matches!(q.dtype(), DType::BF16 | DType::F16)

@@ -49,6 +49,9 @@ pub(crate) fn attention_tiled(
         let qv = &qc.as_slice::<f32>()?[q0..q1];
         let kv = &kc.as_slice::<f32>()?[k0..k1];
         let vv = &vc.as_slice::<f32>()?[v0..v1];
+        if lk == 0 {
+            return Ok(None); // no keys: the composite path says what it makes of that
+        }
         if lq == 0 || dv == 0 {
             return Ok(Some(Tensor::from_vec(out, (b, h, lq, dv), q.device())?));
         }

@@ -123,6 +123,9 @@ pub struct Comparison {
     pub first_mismatch: Option<(Vec<usize>, f64, f64)>,
     /// Cosine similarity of the flattened tensors.
     pub cosine: f64,
+    /// Relative L2 error ‖actual − expected‖ / ‖expected‖; NaN when a difference is not finite
+    /// (a NaN or infinity against a number).
+    pub rel_l2: f64,
     /// Whether the comparison passed.
     pub passed: bool,
 }
@@ -173,9 +176,10 @@ pub fn compare_values(a: &[f64], e: &[f64], shape: &[usize], tol: Tolerance) -> 
         max_rel: 0.0,
         first_mismatch: None,
         cosine: 1.0,
+        rel_l2: 0.0,
         passed: true,
     };
-    let (mut dot, mut na, mut ne) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut dot, mut na, mut ne, mut dd) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for (i, (&x, &y)) in a.iter().zip(e.iter()).enumerate() {
         let both_nan = x.is_nan() && y.is_nan();
         let same_inf = x.is_infinite() && x == y;
@@ -201,6 +205,7 @@ pub fn compare_values(a: &[f64], e: &[f64], shape: &[usize], tol: Tolerance) -> 
         if y.abs() > rel_floor && diff.is_finite() {
             c.max_rel = c.max_rel.max(diff / y.abs());
         }
+        dd += diff * diff;
         if x.is_finite() && y.is_finite() {
             dot += x * y;
             na += x * x;
@@ -211,6 +216,11 @@ pub fn compare_values(a: &[f64], e: &[f64], shape: &[usize], tol: Tolerance) -> 
         1.0
     } else {
         dot / (na.sqrt() * ne.sqrt()).max(f64::MIN_POSITIVE)
+    };
+    c.rel_l2 = if dd == 0.0 {
+        0.0
+    } else {
+        dd.sqrt() / ne.sqrt().max(f64::MIN_POSITIVE)
     };
     let cos_ok = tol.min_cosine.is_none_or(|m| c.cosine >= m);
     c.passed = c.mismatches == 0 && cos_ok;
@@ -468,6 +478,24 @@ fn record(line: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rel_l2_is_the_norm_ratio_and_nan_on_non_finite() {
+        // ‖(0, 3, 4) − (0, 0, 0)‖ is 5; ‖expected‖ = ‖(3, 4, 0)‖ = 5 → with a = e + (0, 3, 4): 1
+        let e = [3.0, 4.0, 0.0];
+        let a = [3.0, 7.0, 4.0];
+        let c = compare_values(&a, &e, &[3], Tolerance::new(f64::INFINITY, 0.0));
+        assert!((c.rel_l2 - 1.0).abs() < 1e-15, "{}", c.rel_l2);
+        assert_eq!(compare_values(&e, &e, &[3], Tolerance::EXACT).rel_l2, 0.0);
+        let c = compare_values(
+            &[3.0, f64::NAN, 0.0],
+            &e,
+            &[3],
+            Tolerance::new(f64::INFINITY, 0.0),
+        );
+        assert!(c.rel_l2.is_nan());
+        assert_eq!(c.mismatches, 1);
+    }
 
     #[test]
     fn exact_tolerance_catches_one_ulp() {

@@ -107,18 +107,15 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// ‖a − b‖ / ‖b‖ in f64 on the CPU, and whether `a` is free of NaN/inf.
+/// ‖a − b‖ / ‖b‖ (flux-golden's comparison, in f64), and whether every difference is finite.
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<(f64, bool)> {
-    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let finite = a
-        .flatten_all()?
-        .to_vec1::<f64>()?
-        .iter()
-        .all(|v| v.is_finite());
-    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    Ok((num / den.max(1e-300), finite))
+    let c = compare(
+        &a.to_device(&Device::Cpu)?,
+        &b.to_device(&Device::Cpu)?,
+        Tolerance::new(f64::INFINITY, 0.0),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok((c.rel_l2, c.rel_l2.is_finite()))
 }
 
 /// The bound on relative error for results in `dtype` (METHOD: f32 far under 1e-3, bf16
