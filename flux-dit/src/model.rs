@@ -1,7 +1,9 @@
 //! The FLUX transformer, module by module as BFL's `src/flux/model.py` and
 //! `src/flux/modules/layers.py` define it. Field and prefix names equal the BFL checkpoint keys.
 
-use candle::{DType, Device, Tensor, D};
+use std::sync::{Arc, Mutex};
+
+use candle::{DType, Device, Tensor, TensorId, D};
 use flux_kernels::{
     attention_composite, attention_tokens, cat_gelu_tanh, gated_residual, gelu_tanh,
     layer_norm_modulate, qk_norm_rope, rope_table, silu, AngleMode, AttnOpts, Linear, RopeTable,
@@ -413,6 +415,13 @@ pub struct FluxOptions {
     pub composite_attention: bool,
 }
 
+/// A RoPE table and the ids it was built from.
+#[derive(Debug)]
+struct RopeCache {
+    key: (TensorId, TensorId),
+    table: RopeTable,
+}
+
 /// The FLUX transformer.
 #[derive(Debug, Clone)]
 pub struct Flux {
@@ -426,6 +435,9 @@ pub struct Flux {
     final_layer: LastLayer,
     cfg: Config,
     opts: FluxOptions,
+    /// The RoPE table of the last `(txt_ids, img_ids)` pair: a sampler passes the same id
+    /// tensors at every step, so the table is built once per image, not once per step.
+    rope_cache: Arc<Mutex<Option<RopeCache>>>,
     dtype: DType,
     device: Device,
 }
@@ -456,6 +468,7 @@ impl Flux {
             final_layer: LastLayer::load(w, cfg)?,
             cfg: cfg.clone(),
             opts,
+            rope_cache: Arc::default(),
             dtype: w.dtype(),
             device: w.device().clone(),
         };
@@ -614,6 +627,22 @@ impl Flux {
         )?)
     }
 
+    /// [`Self::rope`], reusing the last table when the same id tensors come again (candle
+    /// tensors are immutable and their ids never reused).
+    fn rope_cached(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<RopeTable> {
+        let key = (txt_ids.id(), img_ids.id());
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.key == key) {
+            return Ok(c.table.clone());
+        }
+        let table = self.rope(txt_ids, img_ids)?;
+        *cache = Some(RopeCache {
+            key,
+            table: table.clone(),
+        });
+        Ok(table)
+    }
+
     /// The double-stream blocks, for per-block checks.
     pub fn double_blocks(&self) -> &[DoubleStreamBlock] {
         &self.double_blocks
@@ -639,7 +668,7 @@ impl Flux {
         let img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
         let vec = self.embed_vec(x.timesteps, x.guidance, x.y)?;
         let txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
-        let pe = self.rope(x.txt_ids, x.img_ids)?;
+        let pe = self.rope_cached(x.txt_ids, x.img_ids)?;
         // SiLU(vec) feeds every modulation: compute it once.
         let vec_act = silu(&vec)?;
         let (mut img, mut txt) = (img, txt);

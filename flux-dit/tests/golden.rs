@@ -263,3 +263,45 @@ fn timestep_embedding_f32_and_bf16() {
     let scaled = g.tensor("temb/bf16_scaled").to_vec1::<f32>().unwrap();
     assert_eq!(scaled[2], 752.0);
 }
+
+#[test]
+fn rope_table_reused_only_for_the_same_ids() {
+    // The model keeps the RoPE table of the last id tensors (a sampler passes the same ones at
+    // every step); new ids must build a new table.
+    let g = golden("dev");
+    let (model, fresh) = load_both("dev", DType::F32);
+    let i = inputs(&g, DType::F32);
+    let first = run(&model, &i);
+    assert_eq!(
+        (run(&model, &i) - &first)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let moved = Inputs {
+        img_ids: (&i.img_ids + 3.0).unwrap(),
+        ..i
+    };
+    let cached = run(&model, &moved);
+    let expect = run(&fresh, &moved);
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(diff(&cached, &expect), 0.0);
+    assert!(
+        diff(&cached, &first) > 1e-4,
+        "new ids must change the output"
+    );
+}
