@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod alloc;
 mod attention;
 mod attention_cpu;
 mod checkpoint;
@@ -12,6 +13,7 @@ mod linear;
 mod ops;
 mod rope;
 
+pub use alloc::ReuseAlloc;
 pub use attention::{attention, attention_composite, attention_tokens, softmax_last_dim, AttnOpts};
 pub use checkpoint::{sharded_files, Checkpoint};
 #[cfg(feature = "cuda")]

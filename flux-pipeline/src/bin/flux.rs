@@ -12,6 +12,10 @@ use flux_pipeline::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Large activations are reused rather than returned to the system between blocks and steps.
+#[global_allocator]
+static ALLOC: flux_kernels::ReuseAlloc = flux_kernels::ReuseAlloc::new();
+
 #[derive(Parser)]
 #[command(name = "flux", version, about = "FLUX.1 text-to-image in Rust")]
 struct Cli {

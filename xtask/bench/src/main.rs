@@ -19,6 +19,10 @@ use flux_dit::{
 };
 use flux_sampler::{torch_randn, NoiseOptions};
 
+/// Large activations are reused rather than returned to the system (see `ReuseAlloc`).
+#[global_allocator]
+static ALLOC: flux_kernels::ReuseAlloc = flux_kernels::ReuseAlloc::new();
+
 /// Text tokens of every bench input (schnell's T5 length).
 pub const TXT_LEN: usize = 256;
 
