@@ -38,20 +38,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> Result<T
         let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
         return Ok(q.apply_op3_no_bwd(&k, &v, &op)?);
     }
-    if let Some(x) = tiled_cpu(q, k, v, &opts, d)? {
+    if let Some(x) = tiled_cpu(q, k, v, &opts, d, false)? {
         return Ok(x);
     }
     composite(q, k, v, opts, d)
 }
 
 /// The CPU's tiled online-softmax path, for inputs without bias or mask: computed in f32 and
-/// returned in `q`'s dtype. `None` elsewhere.
+/// returned in `q`'s dtype, `(B, H, Lq, Dv)` or with `tokens_out` `(B, Lq, H·Dv)`. `None`
+/// elsewhere.
 fn tiled_cpu(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     opts: &AttnOpts,
     d: usize,
+    tokens_out: bool,
 ) -> Result<Option<Tensor>> {
     if !q.device().is_cpu() || opts.bias.is_some() || opts.causal {
         return Ok(None);
@@ -60,7 +62,7 @@ fn tiled_cpu(
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32;
     Ok(
-        crate::attention_cpu::attention_tiled(&f(q)?, &f(k)?, &f(v)?, scale)?
+        crate::attention_cpu::attention_tiled(&f(q)?, &f(k)?, &f(v)?, scale, tokens_out)?
             .map(|x| x.to_dtype(dtype))
             .transpose()?,
     )
@@ -80,10 +82,10 @@ pub fn attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOpts) -> R
         let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
         return Ok(q.apply_op3_no_bwd(&k, &v, &op)?.reshape((b, lq, h * d))?);
     }
-    let x = match tiled_cpu(q, k, v, &opts, d)? {
-        Some(x) => x,
-        None => composite(q, k, v, opts, d)?,
-    };
+    if let Some(x) = tiled_cpu(q, k, v, &opts, d, true)? {
+        return Ok(x);
+    }
+    let x = composite(q, k, v, opts, d)?;
     let dv = x.dim(3)?;
     Ok(x.transpose(1, 2)?.reshape((b, lq, h * dv))?)
 }

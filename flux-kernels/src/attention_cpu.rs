@@ -16,13 +16,57 @@ const BR: usize = 128;
 /// Keys per chunk.
 const BC: usize = 256;
 
-/// `softmax(q·kᵀ·scale)·v` for contiguous-or-not f32 CPU tensors `(B, H, Lq, D)`,
-/// `(B, H, Lk, D)`, `(B, H, Lk, Dv)`; `None` when the inputs are not f32 on the CPU.
+/// A CPU f32 view `(B, H, L, D)` whose rows are contiguous: its storage slice, the offset of
+/// element 0 and the strides of B, H and L. Views with a strided last dim are copied first.
+struct Rows {
+    t: Tensor,
+}
+
+impl Rows {
+    fn new(t: &Tensor) -> Result<Self> {
+        let t = if t.layout().stride()[3] == 1 || t.dim(3)? <= 1 {
+            t.clone()
+        } else {
+            t.contiguous()?
+        };
+        Ok(Rows { t })
+    }
+
+    /// `(offset, [s_b, s_h, s_l])`.
+    fn geometry(&self) -> (usize, [usize; 3]) {
+        let l = self.t.layout();
+        let st = l.stride();
+        (l.start_offset(), [st[0], st[1], st[2]])
+    }
+}
+
+/// The output pointer, shared by the workers: each (batch, head) writes its own rows only.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the workers write disjoint rows (one (batch, head) each).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `i` must lie inside the output.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `i` inside the output.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// `softmax(q·kᵀ·scale)·v` for f32 CPU views `(B, H, Lq, D)`, `(B, H, Lk, D)`, `(B, H, Lk, Dv)`
+/// with any batch, head and row strides (the DiT passes slices of its projections; nothing is
+/// copied unless a row itself is strided). Returns `(B, H, Lq, Dv)`, or `(B, Lq, H·Dv)` when
+/// `tokens_out` (the layout the output projection reads); `None` when the inputs are not f32
+/// on the CPU.
 pub(crate) fn attention_tiled(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
+    tokens_out: bool,
 ) -> Result<Option<Tensor>> {
     if !q.device().is_cpu() || [q, k, v].iter().any(|t| t.dtype() != DType::F32) {
         return Ok(None);
@@ -30,68 +74,107 @@ pub(crate) fn attention_tiled(
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
     let dv = v.dim(3)?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let shape: Vec<usize> = if tokens_out {
+        vec![b, lq, h * dv]
+    } else {
+        vec![b, h, lq, dv]
+    };
+    if lk == 0 {
+        return Ok(None); // no keys: the composite path says what it makes of that
+    }
+    if b * h * lq * dv == 0 {
+        return Ok(Some(Tensor::zeros(shape, DType::F32, q.device())?));
+    }
+    let (q, k, v) = (Rows::new(q)?, Rows::new(k)?, Rows::new(v)?);
+    let ((qo, qs), (ko, ks), (vo, vs)) = (q.geometry(), k.geometry(), v.geometry());
+    // every element of the output is written once, by the worker of its (batch, head)
     let mut out = vec![0f32; b * h * lq * dv];
+    // (batch, head, row) → offset in `out`, and the row stride
+    let (o_b, o_h, o_l) = if tokens_out {
+        (lq * h * dv, dv, h * dv)
+    } else {
+        (h * lq * dv, lq * dv, dv)
+    };
     {
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
+        let (qg, _) = q.t.storage_and_layout();
+        let (kg, _) = k.t.storage_and_layout();
+        let (vg, _) = v.t.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else {
             return Ok(None);
         };
-        let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
-            ql.contiguous_offsets(),
-            kl.contiguous_offsets(),
-            vl.contiguous_offsets(),
-        ) else {
-            return Ok(None);
-        };
-        let qv = &qc.as_slice::<f32>()?[q0..q1];
-        let kv = &kc.as_slice::<f32>()?[k0..k1];
-        let vv = &vc.as_slice::<f32>()?[v0..v1];
-        if lk == 0 {
-            return Ok(None); // no keys: the composite path says what it makes of that
-        }
-        if lq == 0 || dv == 0 {
-            return Ok(Some(Tensor::from_vec(out, (b, h, lq, dv), q.device())?));
-        }
-        out.par_chunks_mut(lq * dv).enumerate().for_each(|(bh, o)| {
-            let qh = &qv[bh * lq * d..(bh + 1) * lq * d];
-            let kh = &kv[bh * lk * d..(bh + 1) * lk * d];
-            let vh = &vv[bh * lk * dv..(bh + 1) * lk * dv];
-            head(qh, kh, vh, o, lq, lk, d, dv, scale);
+        let (qv, kv, vv) = (
+            qc.as_slice::<f32>()?,
+            kc.as_slice::<f32>()?,
+            vc.as_slice::<f32>()?,
+        );
+        let o = Out(out.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let qh = &qv[qo + bi * qs[0] + hi * qs[1]..];
+            let kh = &kv[ko + bi * ks[0] + hi * ks[1]..];
+            let vh = &vv[vo + bi * vs[0] + hi * vs[1]..];
+            // SAFETY: this head's rows of `out` (offset below, `lq` rows of `dv` at stride
+            // `o_l`) lie inside `out` and no other worker writes them.
+            let oh = unsafe { o.at(bi * o_b + hi * o_h) };
+            let g = Geometry {
+                lq,
+                lk,
+                d,
+                dv,
+                q_rs: qs[2],
+                k_rs: ks[2],
+                v_rs: vs[2],
+                o_rs: o_l,
+            };
+            head(qh, kh, vh, oh, &g, scale);
         });
     }
-    Ok(Some(Tensor::from_vec(out, (b, h, lq, dv), q.device())?))
+    Ok(Some(Tensor::from_vec(out, shape, q.t.device())?))
 }
 
-/// One (batch, head): `o (lq × dv) = softmax(q kᵀ · scale) v`.
-#[allow(clippy::too_many_arguments)]
-fn head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &mut [f32],
+/// Sizes and row strides of one (batch, head).
+struct Geometry {
     lq: usize,
     lk: usize,
     d: usize,
     dv: usize,
-    scale: f32,
-) {
+    q_rs: usize,
+    k_rs: usize,
+    v_rs: usize,
+    o_rs: usize,
+}
+
+/// One (batch, head): `o (lq × dv) = softmax(q kᵀ · scale) v`. `q`, `k`, `v` start at the head's
+/// first row (rows `g.*_rs` apart, each contiguous); `o` points at the head's first output row.
+fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) {
+    let Geometry {
+        lq,
+        lk,
+        d,
+        dv,
+        q_rs,
+        k_rs,
+        v_rs,
+        o_rs,
+    } = *g;
+    // the last row of each view ends inside its slice
+    assert!((lq - 1) * q_rs + d <= q.len() && (lk - 1) * k_rs + d <= k.len());
+    assert!((lk - 1) * v_rs + dv <= v.len());
     let mut s = vec![0f32; BR * BC];
+    let mut acc = vec![0f32; BR * dv];
     let mut row_max = [0f32; BR];
     let mut row_sum = [0f32; BR];
     for r0 in (0..lq).step_by(BR) {
         let br = BR.min(lq - r0);
-        let ob = &mut o[r0 * dv..(r0 + br) * dv];
+        let ob = &mut acc[..br * dv];
         ob.fill(0.0);
         row_max[..br].fill(f32::NEG_INFINITY);
         row_sum[..br].fill(0.0);
         for c0 in (0..lk).step_by(BC) {
             let bc = BC.min(lk - c0);
             // s (br × bc) = q[r0..] · k[c0..]ᵀ
-            // SAFETY: every pointer and stride below stays inside its slice: q rows r0..r0+br of
-            // d, k rows c0..c0+bc of d (read transposed), s br × bc row-major.
+            // SAFETY: every pointer and stride below stays inside its slice (asserted above):
+            // q rows r0..r0+br, k rows c0..c0+bc (read transposed), s br × bc row-major.
             unsafe {
                 gemm::gemm(
                     br,
@@ -101,11 +184,11 @@ fn head(
                     1,
                     bc as isize,
                     false,
-                    q.as_ptr().add(r0 * d),
+                    q.as_ptr().add(r0 * q_rs),
                     1,
-                    d as isize,
-                    k.as_ptr().add(c0 * d),
-                    d as isize,
+                    q_rs as isize,
+                    k.as_ptr().add(c0 * k_rs),
+                    k_rs as isize,
                     1,
                     0.0,
                     1.0,
@@ -130,7 +213,7 @@ fn head(
                 }
             }
             // ob (br × dv) += p (br × bc) · v[c0..] (bc × dv)
-            // SAFETY: as above; ob is br × dv row-major, v rows c0..c0+bc of dv.
+            // SAFETY: as above; ob is br × dv row-major, v rows c0..c0+bc.
             unsafe {
                 gemm::gemm(
                     br,
@@ -143,9 +226,9 @@ fn head(
                     s.as_ptr(),
                     1,
                     bc as isize,
-                    v.as_ptr().add(c0 * dv),
+                    v.as_ptr().add(c0 * v_rs),
                     1,
-                    dv as isize,
+                    v_rs as isize,
                     1.0,
                     1.0,
                     false,
@@ -157,8 +240,10 @@ fn head(
         }
         for i in 0..br {
             let inv = 1.0 / row_sum[i];
-            for x in &mut ob[i * dv..(i + 1) * dv] {
-                *x *= inv;
+            // SAFETY: output row r0 + i of this head (see the caller).
+            let dst = unsafe { std::slice::from_raw_parts_mut(o.add((r0 + i) * o_rs), dv) };
+            for (x, &a) in dst.iter_mut().zip(&ob[i * dv..(i + 1) * dv]) {
+                *x = a * inv;
             }
         }
     }

@@ -95,7 +95,8 @@ pub(crate) fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Op
 }
 
 /// RMSNorm (learned scale) then RoPE on interleaved pairs; x a `(B, H, L, D)` view (any
-/// strides), scale `(D)`, tables `(B or 1, 1, L, D/2)` f32. Output contiguous.
+/// strides; read in place when its rows are contiguous), scale `(D)`, tables
+/// `(B or 1, 1, L, D/2)` f32. Output contiguous.
 pub(crate) fn qk_norm_rope(
     x: &Tensor,
     scale: &Tensor,
@@ -116,23 +117,31 @@ pub(crate) fn qk_norm_rope(
     {
         return Ok(None);
     }
-    let (x, scale, cos, sin) = (
-        x.contiguous()?,
-        scale.contiguous()?,
-        cos.contiguous()?,
-        sin.contiguous()?,
-    );
+    // x is read in place when its rows are contiguous (q and k are views of the projection)
+    let x = if x.layout().stride()[3] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    let (scale, cos, sin) = (scale.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     let mut out = vec![0f32; b * h * l * d];
     {
-        slice_of!(x, xg, xv);
+        let (xg, xl) = x.storage_and_layout();
+        let Storage::Cpu(xc) = &*xg else {
+            return Ok(None);
+        };
+        let xv = xc.as_slice::<f32>()?;
+        let (x0, xs) = (xl.start_offset(), xl.stride());
         slice_of!(scale, sg, sv);
         slice_of!(cos, cg, cv);
         slice_of!(sin, sng, snv);
         out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
             let li = row % l;
+            let hi = (row / l) % h;
             let bi = row / (l * h);
             let t = ((if pb == 1 { 0 } else { bi }) * l + li) * (d / 2);
-            let xr = &xv[row * d..(row + 1) * d];
+            let at = x0 + bi * xs[0] + hi * xs[1] + li * xs[2];
+            let xr = &xv[at..at + d];
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let rrms = 1.0 / (ms + eps).sqrt();
             for p in 0..d / 2 {
@@ -145,6 +154,60 @@ pub(crate) fn qk_norm_rope(
         });
     }
     Ok(Some(Tensor::from_vec(out, (b, h, l, d), x.device())?))
+}
+
+/// `[a, GELU_tanh(m)]` along the last dim in one parallel pass; a `(B, L, Ca)`, m `(B, L, Cm)`
+/// views with contiguous rows (m is a slice of the single block's projection, read in place).
+pub(crate) fn cat_gelu_tanh(a: &Tensor, m: &Tensor) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(&[a, m]) || a.rank() != 3 || m.rank() != 3 {
+        return Ok(None);
+    }
+    let (b, l, ca) = a.dims3()?;
+    let cm = m.dim(2)?;
+    let rows_of = |t: &Tensor| -> Result<Tensor> {
+        Ok(if t.layout().stride()[2] == 1 {
+            t.clone()
+        } else {
+            t.contiguous()?
+        })
+    };
+    let (a, m) = (rows_of(a)?, rows_of(m)?);
+    let c = ca + cm;
+    let mut out = vec![0f32; b * l * c];
+    if out.is_empty() {
+        return Ok(Some(Tensor::from_vec(out, (b, l, c), a.device())?));
+    }
+    {
+        let (ag, al) = a.storage_and_layout();
+        let (mg, ml) = m.storage_and_layout();
+        let (Storage::Cpu(ac), Storage::Cpu(mc)) = (&*ag, &*mg) else {
+            return Ok(None);
+        };
+        let (av, mv) = (ac.as_slice::<f32>()?, mc.as_slice::<f32>()?);
+        let (a0, ast, m0, mst) = (
+            al.start_offset(),
+            al.stride(),
+            ml.start_offset(),
+            ml.stride(),
+        );
+        out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+            let (bi, li) = (row / l, row % l);
+            let at = a0 + bi * ast[0] + li * ast[1];
+            let mt = m0 + bi * mst[0] + li * mst[1];
+            o[..ca].copy_from_slice(&av[at..at + ca]);
+            for (o, &v) in o[ca..].iter_mut().zip(&mv[mt..mt + cm]) {
+                *o = gelu_one(v);
+            }
+        });
+    }
+    Ok(Some(Tensor::from_vec(out, (b, l, c), a.device())?))
+}
+
+/// GELU (tanh form) of one value through `0.5·(1 + tanh(u)) = 1 / (1 + e^(−2u))`.
+#[inline(always)]
+fn gelu_one(v: f32) -> f32 {
+    let u = 0.797_884_6 * v * (1.0 + 0.044_715 * v * v);
+    v / (1.0 + crate::attention_cpu::exp_approx(-2.0 * u))
 }
 
 /// GELU (tanh approximation) for CPU f32 in one parallel pass, through
@@ -163,8 +226,7 @@ pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
             .zip(xv.par_chunks(4096))
             .for_each(|(o, xs)| {
                 for (o, &v) in o.iter_mut().zip(xs) {
-                    let u = 0.797_884_6 * v * (1.0 + 0.044_715 * v * v);
-                    *o = v / (1.0 + crate::attention_cpu::exp_approx(-2.0 * u));
+                    *o = gelu_one(v);
                 }
             });
     }

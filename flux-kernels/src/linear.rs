@@ -127,12 +127,16 @@ impl Linear {
         }
         let x = x.contiguous()?;
         let (inp, out) = self.dims();
-        let mut dst = vec![0f32; rows * out];
-        if let Some(b) = &self.bias {
-            let b = b.to_vec1::<f32>()?;
-            for row in dst.chunks_exact_mut(out) {
-                row.copy_from_slice(&b);
+        // the output starts as the bias rows (one pass; no zeroing first)
+        let mut dst = Vec::with_capacity(rows * out);
+        match &self.bias {
+            Some(b) => {
+                let b = b.to_vec1::<f32>()?;
+                for _ in 0..rows {
+                    dst.extend_from_slice(&b);
+                }
             }
+            None => dst.resize(rows * out, 0.0),
         }
         {
             let (xs, xl) = x.storage_and_layout();

@@ -213,6 +213,9 @@ pub fn cat_gelu_tanh(a: &Tensor, m: &Tensor) -> Result<Tensor> {
         };
         return Ok(even(a)?.apply_op2_no_bwd(&even(m)?, &crate::cuda::CatGelu)?);
     }
+    if let Some(y) = crate::fused_cpu::cat_gelu_tanh(a, m)? {
+        return Ok(y);
+    }
     Ok(Tensor::cat(&[a, &gelu_tanh(m)?], D::Minus1)?)
 }
 

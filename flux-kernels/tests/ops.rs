@@ -249,6 +249,21 @@ proptest! {
         prop_assert_eq!(t.dims(), &[b, h, lq, dv]);
         let diff = max_diff(&t, &c);
         prop_assert!(diff <= 2e-6, "max diff {}", diff);
+        // the same inputs as strided head views of token-major projections (as the DiT passes
+        // them), and the token-major output
+        let view = |x: &Tensor, s: u64| {
+            let (_, _, l, dd) = x.dims4().unwrap();
+            let p = randn(&[b, l, h + 2, dd], s);
+            let p = p.slice_assign(&[0..b, 0..l, 1..h + 1, 0..dd], &x.transpose(1, 2).unwrap()).unwrap();
+            p.narrow(2, 1, h).unwrap().transpose(1, 2).unwrap()
+        };
+        let (qs, ks, vs) = (view(&q, seed + 7), view(&k, seed + 8), view(&v, seed + 9));
+        prop_assert!(max_diff(&qs, &q) == 0.0 && (lq == 1 || !qs.is_contiguous()));
+        let t = attention(&qs, &ks, &vs, AttnOpts::default()).unwrap();
+        prop_assert!(max_diff(&t, &c) <= 2e-6, "strided: max diff {}", max_diff(&t, &c));
+        let t = attention_tokens(&qs, &ks, &vs, AttnOpts::default()).unwrap();
+        let c = c.transpose(1, 2).unwrap().reshape((b, lq, h * dv)).unwrap();
+        prop_assert!(max_diff(&t, &c) <= 2e-6, "tokens: max diff {}", max_diff(&t, &c));
     }
 
     #[test]
@@ -271,11 +286,24 @@ proptest! {
         let fused = qk_norm_rope(&q, &s, 1e-6, &pe).unwrap();
         let plain = apply_rope(&rms_norm(&q, &s, 1e-6).unwrap(), &pe).unwrap();
         prop_assert!(max_diff(&fused, &plain) <= 1e-5, "qk_norm_rope {}", max_diff(&fused, &plain));
+        // q as a head view of a token-major projection (read in place)
+        let proj = randn(&[b, l, 2 * h + 1, d], seed + 7);
+        let qv = proj.narrow(2, h + 1, h).unwrap().transpose(1, 2).unwrap();
+        let fused = qk_norm_rope(&qv, &s, 1e-6, &pe).unwrap();
+        let plain = apply_rope(&rms_norm(&qv.contiguous().unwrap(), &s, 1e-6).unwrap(), &pe).unwrap();
+        prop_assert!(max_diff(&fused, &plain) <= 1e-5, "strided qk_norm_rope {}", max_diff(&fused, &plain));
         // GELU through the fast exp vs candle's tanh form, over ±12 (both tails)
         let g = (randn(&[b, l, c], seed + 6) * 12.0).unwrap();
         let fused = gelu_tanh(&g).unwrap();
         let plain = g.gelu().unwrap();
         prop_assert!(max_diff(&fused, &plain) <= 4e-6, "gelu {}", max_diff(&fused, &plain));
+        // [a, GELU(m)] with m a slice of a wider projection, vs candle's cat and GELU
+        let wide = (randn(&[b, l, 2 * c + 3], seed + 8) * 12.0).unwrap();
+        let m = wide.narrow(2, c + 3, c).unwrap();
+        let a = wide.narrow(2, 0, c).unwrap();
+        let fused = cat_gelu_tanh(&a, &m).unwrap();
+        let plain = Tensor::cat(&[a.clone(), m.gelu().unwrap()], 2).unwrap();
+        prop_assert!(max_diff(&fused, &plain) <= 4e-6, "cat_gelu {}", max_diff(&fused, &plain));
     }
 
     #[test]
