@@ -162,6 +162,8 @@ fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) 
     assert!((lk - 1) * v_rs + dv <= v.len());
     let mut s = vec![0f32; BR * BC];
     let mut acc = vec![0f32; BR * dv];
+    // the block's query rows times the softmax scale, so the scores come out scaled
+    let mut qb = vec![0f32; BR * d];
     let mut row_max = [0f32; BR];
     let mut row_sum = [0f32; BR];
     for r0 in (0..lq).step_by(BR) {
@@ -170,11 +172,17 @@ fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) 
         ob.fill(0.0);
         row_max[..br].fill(f32::NEG_INFINITY);
         row_sum[..br].fill(0.0);
+        for (i, dst) in qb.chunks_exact_mut(d).take(br).enumerate() {
+            let src = &q[(r0 + i) * q_rs..(r0 + i) * q_rs + d];
+            for (x, &y) in dst.iter_mut().zip(src) {
+                *x = y * scale;
+            }
+        }
         for c0 in (0..lk).step_by(BC) {
             let bc = BC.min(lk - c0);
-            // s (br × bc) = q[r0..] · k[c0..]ᵀ
+            // s (br × bc) = scale · q[r0..] · k[c0..]ᵀ
             // SAFETY: every pointer and stride below stays inside its slice (asserted above):
-            // q rows r0..r0+br, k rows c0..c0+bc (read transposed), s br × bc row-major.
+            // qb br × d, k rows c0..c0+bc (read transposed), s br × bc row-major.
             unsafe {
                 gemm::gemm(
                     br,
@@ -184,9 +192,9 @@ fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) 
                     1,
                     bc as isize,
                     false,
-                    q.as_ptr().add(r0 * q_rs),
+                    qb.as_ptr(),
                     1,
-                    q_rs as isize,
+                    d as isize,
                     k.as_ptr().add(c0 * k_rs),
                     k_rs as isize,
                     1,
@@ -200,7 +208,7 @@ fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) 
             }
             for i in 0..br {
                 let row = &mut s[i * bc..(i + 1) * bc];
-                let mx = scale_and_max(row, scale);
+                let mx = max_of(row);
                 let m_new = row_max[i].max(mx);
                 let alpha = (row_max[i] - m_new).exp();
                 let sum = exp_and_sum(row, m_new);
@@ -249,24 +257,48 @@ fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) 
     }
 }
 
-/// `row *= scale`, returning the row's maximum (8 running maxima so that the loop vectorises).
-fn scale_and_max(row: &mut [f32], scale: f32) -> f32 {
+/// Runs `$body` compiled for AVX2 when the CPU has it (detected once, then a cached check),
+/// else as built: the default x86-64 target has only SSE2, where these loops run at half width.
+/// Both paths compute the same results (no FMA contraction in either).
+macro_rules! with_avx2 {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) -> $r:ty $body:block) => {
+        $(#[$m])*
+        pub(crate) fn $name($($a: $t),*) -> $r {
+            #[inline(always)]
+            fn body($($a: $t),*) -> $r $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2($($a: $t),*) -> $r {
+                    body($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (just checked).
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+pub(crate) use with_avx2;
+
+with_avx2! {
+/// The row's maximum (8 running maxima so that the loop vectorises).
+fn max_of(row: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact_mut(8);
+    let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
         for j in 0..8 {
-            c[j] *= scale;
             m[j] = m[j].max(c[j]);
         }
     }
-    let mut mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    for x in chunks.into_remainder() {
-        *x *= scale;
-        mx = mx.max(*x);
-    }
-    mx
+    let mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    chunks.remainder().iter().fold(mx, |a, &b| a.max(b))
+}
 }
 
+with_avx2! {
 /// `row = exp(row − m)`, returning the row's sum (8 running sums).
 fn exp_and_sum(row: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; 8];
@@ -284,6 +316,7 @@ fn exp_and_sum(row: &mut [f32], m: f32) -> f32 {
     }
     sum
 }
+}
 
 /// `e^x` for `x ≤ 0` to about 1 ulp (Cody–Waite reduction by ln 2 in two parts, degree-7
 /// polynomial, scale by 2ⁿ through the exponent bits), written so that loops over it vectorise;
@@ -294,8 +327,10 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
-    // round to nearest through the 1.5·2²³ trick (vectorises, unlike `round`)
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // round to nearest through the 1.5·2²³ trick (vectorises, unlike `round`): the low bits of
+    // `t` hold n in two's complement
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
         * r
@@ -306,7 +341,9 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
         * r
         + r
         + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2ⁿ from t's bits by integer ops only (n + 127 is in 1..=254 after the clamp; the bits of
+    // 1.5·2²³ shift out), where `n as i32` would be a scalar saturating conversion
+    let bits = t.to_bits().wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 

@@ -195,19 +195,20 @@ pub(crate) fn cat_gelu_tanh(a: &Tensor, m: &Tensor) -> Result<Option<Tensor>> {
             let at = a0 + bi * ast[0] + li * ast[1];
             let mt = m0 + bi * mst[0] + li * mst[1];
             o[..ca].copy_from_slice(&av[at..at + ca]);
-            for (o, &v) in o[ca..].iter_mut().zip(&mv[mt..mt + cm]) {
-                *o = gelu_one(v);
-            }
+            gelu_into(&mut o[ca..], &mv[mt..mt + cm]);
         });
     }
     Ok(Some(Tensor::from_vec(out, (b, l, c), a.device())?))
 }
 
-/// GELU (tanh form) of one value through `0.5·(1 + tanh(u)) = 1 / (1 + e^(−2u))`.
-#[inline(always)]
-fn gelu_one(v: f32) -> f32 {
-    let u = 0.797_884_6 * v * (1.0 + 0.044_715 * v * v);
-    v / (1.0 + crate::attention_cpu::exp_approx(-2.0 * u))
+crate::attention_cpu::with_avx2! {
+/// `o = GELU(x)` (tanh form) through `0.5·(1 + tanh(u)) = 1 / (1 + e^(−2u))`.
+fn gelu_into(o: &mut [f32], x: &[f32]) -> () {
+    for (o, &v) in o.iter_mut().zip(x) {
+        let u = 0.797_884_6 * v * (1.0 + 0.044_715 * v * v);
+        *o = v / (1.0 + crate::attention_cpu::exp_approx(-2.0 * u));
+    }
+}
 }
 
 /// GELU (tanh approximation) for CPU f32 in one parallel pass, through
@@ -225,9 +226,7 @@ pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
         out.par_chunks_mut(4096)
             .zip(xv.par_chunks(4096))
             .for_each(|(o, xs)| {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = gelu_one(v);
-                }
+                gelu_into(o, xs);
             });
     }
     Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
