@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle::{DType, Device, Tensor};
 use flux_dit::*;
-use flux_golden::{Golden, Tolerance};
+use flux_golden::{max_abs_diff, Golden, Tolerance};
 
 fn golden(file: &str) -> Golden {
     Golden::open(env!("CARGO_MANIFEST_DIR"), file)
@@ -272,36 +272,16 @@ fn rope_table_reused_only_for_the_same_ids() {
     let (model, fresh) = load_both("dev", DType::F32);
     let i = inputs(&g, DType::F32);
     let first = run(&model, &i);
-    assert_eq!(
-        (run(&model, &i) - &first)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&run(&model, &i), &first), 0.0);
     let moved = Inputs {
         img_ids: (&i.img_ids + 3.0).unwrap(),
         ..i
     };
     let cached = run(&model, &moved);
     let expect = run(&fresh, &moved);
-    let diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    assert_eq!(diff(&cached, &expect), 0.0);
+    assert_eq!(max_abs_diff(&cached, &expect), 0.0);
     assert!(
-        diff(&cached, &first) > 1e-4,
+        max_abs_diff(&cached, &first) > 1e-4,
         "new ids must change the output"
     );
 }

@@ -2,6 +2,7 @@
 
 use candle::{DType, Device, Tensor};
 use flux_dit::*;
+use flux_golden::max_abs_diff;
 use proptest::prelude::*;
 
 fn arange(shape: &[usize]) -> Tensor {
@@ -78,7 +79,7 @@ proptest! {
         let p = pack(&z).unwrap();
         prop_assert_eq!(p.dims(), &[b, h2 * w2, 4 * c]);
         let back = unpack(&p, 2 * h2, 2 * w2).unwrap();
-        let diff = (back - &z).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_abs_diff(&back, &z);
         prop_assert_eq!(diff, 0.0);
         let ids = img_ids(b, 2 * h2, 2 * w2, 0.0, &Device::Cpu).unwrap();
         prop_assert_eq!(ids.dims(), &[b, h2 * w2, 3]);

@@ -268,8 +268,10 @@ macro_rules! with_avx2 {
             fn body($($a: $t),*) -> $r $body
             #[cfg(target_arch = "x86_64")]
             {
+                // `unsafe fn`: a safe `#[target_feature]` fn needs Rust 1.86, the workspace
+                // supports 1.85
                 #[target_feature(enable = "avx2")]
-                fn avx2($($a: $t),*) -> $r {
+                unsafe fn avx2($($a: $t),*) -> $r {
                     body($($a),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {

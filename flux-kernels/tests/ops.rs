@@ -1,6 +1,7 @@
 //! Hand-checked cases and properties of the shared ops.
 
 use candle::{DType, Device, Tensor, D};
+use flux_golden::max_abs_diff;
 use flux_kernels::*;
 use proptest::prelude::*;
 
@@ -123,14 +124,7 @@ fn rope_is_identity_at_position_zero() {
         let pe = rope_table(&zeros, &[4, 6, 6], 10_000.0, mode).unwrap();
         let x = randn(&[1, 2, 4, 16], 3);
         let y = apply_rope(&x, &pe).unwrap();
-        let diff = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&x, &y);
         assert_eq!(diff, 0.0);
     }
 }
@@ -216,12 +210,12 @@ proptest! {
         let x = randn(&[rows, inp], seed + 2);
         let fast = lin.forward(&x).unwrap();
         let plain = lin.forward_plain(&x).unwrap();
-        let d = (fast - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = max_abs_diff(&fast, &plain);
         prop_assert!(d <= 1e-5, "max diff {}", d);
         // strided input (a transposed view) takes the same path after a copy
         let xt = randn(&[inp, rows], seed + 3).t().unwrap();
-        let d = (lin.forward(&xt).unwrap() - lin.forward_plain(&xt.contiguous().unwrap()).unwrap()).unwrap();
-        prop_assert!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() <= 1e-5);
+        let d = max_abs_diff(&lin.forward(&xt).unwrap(), &lin.forward_plain(&xt.contiguous().unwrap()).unwrap());
+        prop_assert!(d <= 1e-5);
     }
 
     #[test]
@@ -316,17 +310,8 @@ proptest! {
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs_diff(a, b)
 }
 
 #[test]

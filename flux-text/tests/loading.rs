@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle::{DType, Device, Tensor};
+use flux_golden::max_abs_diff;
 use flux_text::*;
 
 fn path(p: &str) -> PathBuf {
@@ -126,16 +127,11 @@ fn full_clip_model_file_ignores_vision_keys_and_prefix() {
     let a = ClipTextModel::load(&clip_cfg(), &[full], DType::F32, &Device::Cpu).unwrap();
     let b = ClipTextModel::load(&clip_cfg(), &clip_files(), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[49406u32, 320, 2368, 49407, 49407]], &Device::Cpu).unwrap();
-    let d = (a.forward(&ids).unwrap().pooled - b.forward(&ids).unwrap().pooled).unwrap();
-    assert_eq!(
-        d.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
+    let d = max_abs_diff(
+        &a.forward(&ids).unwrap().pooled,
+        &b.forward(&ids).unwrap().pooled,
     );
+    assert_eq!(d, 0.0);
 }
 
 #[test]
@@ -216,17 +212,7 @@ fn t5_accepts_either_embedding_name() {
             .unwrap()
             .forward(&ids)
             .unwrap();
-        assert_eq!(
-            (out - &reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(max_abs_diff(&out, &reference), 0.0);
     }
 }
 
@@ -256,38 +242,13 @@ fn prompt_encoder_batches_reports_and_unloads() {
         .unsqueeze(0)
         .unwrap();
     let pooled = clip.forward(&ids).unwrap().pooled;
-    let diff = (out.pooled.get(0).unwrap() - pooled.get(0).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    let diff = max_abs_diff(&out.pooled.get(0).unwrap(), &pooled.get(0).unwrap());
+    assert_eq!(diff, 0.0);
     // prompt_2 goes to T5 only.
     let two = enc.encode(&["a cat"], Some(&["a dog"])).unwrap();
     let one = enc.encode(&["a cat"], None).unwrap();
-    assert_eq!(
-        (two.pooled - &one.pooled)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
-    assert!(
-        (two.t5 - &one.t5)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 0.0
-    );
+    assert_eq!(max_abs_diff(&two.pooled, &one.pooled), 0.0);
+    assert!(max_abs_diff(&two.t5, &one.t5) > 0.0);
     assert!(matches!(
         enc.encode(&["a", "b"], Some(&["c"])),
         Err(Error::InvalidIds(_))

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor};
+use flux_golden::max_abs_diff;
 use flux_vae::*;
 
 fn golden(name: &str) -> PathBuf {
@@ -195,17 +196,7 @@ fn encode_sample_is_mean_plus_scaled_noise() {
     let mean = m.encode(&img).unwrap();
     let zero = Tensor::zeros(mean.dims(), DType::F32, &d).unwrap();
     let same = m.encode_sample(&img, &zero).unwrap();
-    assert_eq!(
-        (same - &mean)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&same, &mean), 0.0);
     let ones = Tensor::ones(mean.dims(), DType::F32, &d).unwrap();
     let (_, logvar) = m.encode_moments(&img).unwrap();
     let want = (&mean
@@ -216,13 +207,6 @@ fn encode_sample_is_mean_plus_scaled_noise() {
             * m.config().scale_factor)
         .unwrap();
     let got = m.encode_sample(&img, &ones).unwrap();
-    let err = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = max_abs_diff(&got, &want);
     assert!(err < 1e-5, "{err}");
 }

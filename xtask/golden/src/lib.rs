@@ -428,6 +428,24 @@ pub fn manifest(manifest_dir: &str, name: &str) -> std::collections::BTreeMap<St
         .collect()
 }
 
+/// The largest absolute difference between two tensors of the same shape (any float dtype),
+/// for tests that need one number; panics (a test failure) on a shape mismatch.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "max_abs_diff: shapes differ");
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    if d.elem_count() == 0 {
+        return 0.0;
+    }
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// Asserts that `ours` names exactly the tensors of `want` with the same shapes, listing what is
 /// missing, extra or misshapen.
 pub fn assert_same_tensors(
