@@ -10,6 +10,7 @@ mod weights;
 pub use config::{Config, DiffusersConfig};
 pub use error::{Error, Result};
 pub use flux_kernels::AngleMode;
+pub use flux_kernels::LoadError;
 pub use model::{
     timestep_embedding, DitInput, DoubleStreamBlock, Flux, FluxOptions, LastLayer, MlpEmbedder,
     Modulation, ModulationOut, QkNorm, SingleStreamBlock,

@@ -310,11 +310,12 @@ impl Weights {
                             .collect::<Result<Vec<_>>>()?;
                         let t = Tensor::cat(&ts, 0)?;
                         if t.dims() != shape {
-                            return Err(Error::ShapeMismatch {
+                            return Err(flux_kernels::LoadError::TensorShape {
                                 name: format!("{} (concatenated)", parts.join(" + ")),
                                 expected: shape.to_vec(),
                                 got: t.dims().to_vec(),
-                            });
+                            }
+                            .into());
                         }
                         t
                     }
@@ -361,7 +362,7 @@ impl Weights {
         Ok(())
     }
 
-    /// After loading: fails with [`Error::UnexpectedTensors`] if the file holds tensors that
+    /// After loading: fails with [`flux_kernels::LoadError::UnexpectedTensors`] if the file holds tensors that
     /// were not used.
     pub fn finish(&self) -> Result<()> {
         Ok(self.ckpt.finish(|_| false)?)
@@ -371,7 +372,7 @@ impl Weights {
 /// The `config.json` text and the safetensors files of a diffusers model folder.
 pub fn diffusers_folder_files(dir: &Path) -> Result<(String, Vec<PathBuf>)> {
     let path = dir.join("config.json");
-    let config = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+    let config = std::fs::read_to_string(&path).map_err(|e| flux_kernels::LoadError::File {
         path,
         reason: e.to_string(),
     })?;

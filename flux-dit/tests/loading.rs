@@ -1,6 +1,7 @@
 //! Strict loading and input validation: every bad checkpoint or input is a typed error naming
 //! the problem.
 
+use flux_kernels::LoadError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -48,7 +49,7 @@ fn missing_tensor_is_named() {
     t.remove("double_blocks.1.txt_attn.norm.key_norm.scale");
     let err = load(&save(&t, "missing.safetensors"), &dev_cfg()).unwrap_err();
     assert!(
-        matches!(&err, Error::MissingTensor { name, .. } if name == "double_blocks.1.txt_attn.norm.key_norm.scale"),
+        matches!(&err, Error::Load(LoadError::MissingTensor { name, .. }) if name == "double_blocks.1.txt_attn.norm.key_norm.scale"),
         "{err}"
     );
 }
@@ -62,11 +63,11 @@ fn wrong_shape_names_both_shapes() {
     );
     let err = load(&save(&t, "shape.safetensors"), &dev_cfg()).unwrap_err();
     match err {
-        Error::ShapeMismatch {
+        Error::Load(LoadError::TensorShape {
             name,
             expected,
             got,
-        } => {
+        }) => {
             assert_eq!(
                 (name.as_str(), expected, got),
                 ("img_in.weight", vec![16, 16], vec![16, 15])
@@ -85,7 +86,7 @@ fn unexpected_tensors_are_listed() {
     );
     let err = load(&save(&t, "extra.safetensors"), &dev_cfg()).unwrap_err();
     assert!(
-        matches!(&err, Error::UnexpectedTensors { names, .. } if names == &vec!["double_blocks.2.img_mod.lin.weight".to_string()]),
+        matches!(&err, Error::Load(LoadError::UnexpectedTensors { names, .. }) if names == &vec!["double_blocks.2.img_mod.lin.weight".to_string()]),
         "{err}"
     );
     // A schnell config on dev weights: the guidance embedder is left over.
@@ -95,7 +96,7 @@ fn unexpected_tensors_are_listed() {
     };
     let err = load(&golden("dev_bfl.safetensors"), &cfg).unwrap_err();
     assert!(
-        matches!(&err, Error::UnexpectedTensors { names, .. } if names.iter().all(|n| n.starts_with("guidance_in."))),
+        matches!(&err, Error::Load(LoadError::UnexpectedTensors { names, .. }) if names.iter().all(|n| n.starts_with("guidance_in."))),
         "{err}"
     );
 }
@@ -116,17 +117,17 @@ fn truncated_and_corrupt_files_are_checkpoint_errors() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     assert!(matches!(
         load(&p, &dev_cfg()),
-        Err(Error::Checkpoint { .. })
+        Err(Error::Load(LoadError::File { .. }))
     ));
     let p = tmp("garbage.safetensors");
     std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
     assert!(matches!(
         load(&p, &dev_cfg()),
-        Err(Error::Checkpoint { .. })
+        Err(Error::Load(LoadError::File { .. }))
     ));
     assert!(matches!(
         load(&tmp("absent.safetensors"), &dev_cfg()),
-        Err(Error::Checkpoint { .. })
+        Err(Error::Load(LoadError::File { .. }))
     ));
 }
 
@@ -169,7 +170,7 @@ fn unsupported_dtype_and_missing_folder() {
         &Device::Cpu,
         FluxOptions::default(),
     );
-    assert!(matches!(e, Err(Error::Checkpoint { .. })));
+    assert!(matches!(e, Err(Error::Load(LoadError::File { .. }))));
 }
 
 struct Inp {

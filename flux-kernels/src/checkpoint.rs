@@ -1,9 +1,12 @@
-//! Strict, memory-mapped reading of safetensors checkpoints, shared by every model's loader.
+//! Strict, memory-mapped reading of checkpoints (safetensors and GGUF), shared by every model's
+//! loader.
 //!
 //! This knows no model: each model crate maps its own key names onto a [`Checkpoint`]. What is
 //! shared is the strictness — a missing key or a wrong shape is an error naming the key, every
 //! key read is recorded so that leftovers can be reported, and files are mapped, never read
-//! whole into memory.
+//! whole into memory — and the weight encodings: a tensor stored as a GGUF block type or as fp8
+//! (with ComfyUI's per-layer scales) is decoded by [`Checkpoint::get`], or kept packed for a
+//! [`crate::Linear`] by [`Checkpoint::get_weight`].
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -15,7 +18,39 @@ use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::{Error, Result};
+use crate::gguf;
+use crate::linear::LinearWeight;
+use crate::quant::{Encoding, Fp8Kind, PackedWeight, QuantType};
+use crate::{Error, LoadError, Result};
+
+/// How a tensor is stored in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredType {
+    /// A safetensors dtype (`F32`, `BF16`, `F8_E4M3`, …).
+    Safetensors(Dtype),
+    /// A GGUF tensor type.
+    Gguf(QuantType),
+}
+
+impl std::fmt::Display for StoredType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoredType::Safetensors(d) => write!(f, "{d:?}"),
+            StoredType::Gguf(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+impl StoredType {
+    /// The fp8 format, when the tensor is fp8.
+    pub fn fp8(self) -> Option<Fp8Kind> {
+        match self {
+            StoredType::Safetensors(Dtype::F8_E4M3) => Some(Fp8Kind::E4M3),
+            StoredType::Safetensors(Dtype::F8_E5M2) => Some(Fp8Kind::E5M2),
+            _ => None,
+        }
+    }
+}
 
 /// Where one tensor's bytes are.
 struct Entry {
@@ -27,9 +62,12 @@ enum Data {
     /// A byte range of a mapped file.
     Mapped {
         file: usize,
-        dtype: Dtype,
+        stored: StoredType,
         start: usize,
         end: usize,
+        /// The stored (block) layout matches `shape`; false when a GGUF file recorded a
+        /// different original shape (`comfy.gguf.orig_shape.*`), which only decodes densely.
+        packable: bool,
     },
     /// A tensor already in memory ([`Checkpoint::from_tensors`]).
     Memory(Tensor),
@@ -43,7 +81,10 @@ enum Data {
 pub struct Checkpoint {
     maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
+    gguf_meta: std::collections::BTreeMap<String, gguf::Value>,
     prefix: String,
+    /// Only keys under `prefix` belong to this checkpoint (one part of an all-in-one file).
+    scoped: bool,
     dtype: DType,
     device: Device,
     desc: String,
@@ -63,7 +104,7 @@ impl std::fmt::Debug for Checkpoint {
 impl Checkpoint {
     /// Maps `files` (one file, or every shard of a sharded checkpoint). Tensors are converted to
     /// `dtype` (f32, bf16 or f16) on `device` as they are read. Every header is validated here
-    /// (a truncated or corrupt file is a [`Error::Checkpoint`]).
+    /// (a truncated or corrupt file is a [`LoadError::File`] or [`LoadError::Gguf`]).
     pub fn open(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype {
@@ -71,43 +112,83 @@ impl Checkpoint {
                 dtype,
             });
         }
-        let first = files.first().ok_or_else(|| Error::Checkpoint {
+        let first = files.first().ok_or_else(|| LoadError::File {
             path: PathBuf::new(),
             reason: "no checkpoint files given".into(),
         })?;
         let mut maps = Vec::with_capacity(files.len());
         let mut entries = HashMap::new();
+        let mut gguf_meta = std::collections::BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
-            let bad = |reason: String| Error::Checkpoint {
+            let bad = |reason: String| LoadError::File {
                 path: f.clone(),
                 reason,
             };
             if !f.is_file() {
-                return Err(bad("no such file".into()));
+                return Err(bad(if f.is_dir() {
+                    "this is a folder, not a checkpoint file".into()
+                } else {
+                    "no such file".into()
+                })
+                .into());
             }
             let file = std::fs::File::open(f).map_err(|e| bad(e.to_string()))?;
             // SAFETY: mapped read-only; like every mmap-based loader this assumes no one
             // truncates or rewrites the file while it is being read.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
-            // Validates the header and that every tensor's bytes lie inside the file.
-            SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
-            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
-            let data_start = 8 + n;
-            for (name, info) in meta.tensors() {
-                let (a, b) = info.data_offsets;
-                let e = Entry {
-                    shape: info.shape.clone(),
-                    data: Data::Mapped {
-                        file: i,
-                        dtype: info.dtype,
-                        start: data_start + a,
-                        end: data_start + b,
-                    },
-                };
+            let mut add = |name: String, e: Entry| -> Result<()> {
                 if entries.insert(name.clone(), e).is_some() {
-                    return Err(bad(format!(
-                        "tensor `{name}` appears in more than one shard"
-                    )));
+                    return Err(
+                        bad(format!("tensor `{name}` appears in more than one shard")).into(),
+                    );
+                }
+                Ok(())
+            };
+            if gguf::is_gguf(&map) {
+                let head = gguf::parse(&map).map_err(|source| LoadError::Gguf {
+                    path: f.clone(),
+                    source,
+                })?;
+                for t in head.tensors {
+                    let (shape, packable) =
+                        orig_shape(&head.metadata, &t).map_err(|reason| bad(reason))?;
+                    add(
+                        t.name,
+                        Entry {
+                            shape,
+                            data: Data::Mapped {
+                                file: i,
+                                stored: StoredType::Gguf(t.ty),
+                                start: t.start,
+                                end: t.end,
+                                packable,
+                            },
+                        },
+                    )?;
+                }
+                if gguf_meta.is_empty() {
+                    gguf_meta = head.metadata;
+                }
+            } else {
+                // Validates the header and that every tensor's bytes lie inside the file.
+                SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+                let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+                let data_start = 8 + n;
+                for (name, info) in meta.tensors() {
+                    let (a, b) = info.data_offsets;
+                    add(
+                        name.clone(),
+                        Entry {
+                            shape: info.shape.clone(),
+                            data: Data::Mapped {
+                                file: i,
+                                stored: StoredType::Safetensors(info.dtype),
+                                start: data_start + a,
+                                end: data_start + b,
+                                packable: true,
+                            },
+                        },
+                    )?;
                 }
             }
             maps.push(map);
@@ -121,7 +202,9 @@ impl Checkpoint {
         Ok(Checkpoint {
             maps,
             entries,
+            gguf_meta,
             prefix: String::new(),
+            scoped: false,
             dtype,
             device: device.clone(),
             desc,
@@ -159,7 +242,9 @@ impl Checkpoint {
         Ok(Checkpoint {
             maps: vec![],
             entries,
+            gguf_meta: Default::default(),
             prefix: String::new(),
+            scoped: false,
             dtype,
             device: device.clone(),
             desc: desc.to_string(),
@@ -177,6 +262,24 @@ impl Checkpoint {
         all
     }
 
+    /// Makes this checkpoint the part of the file under `prefix` (one component of an
+    /// all-in-one file such as `text_encoders.t5xxl.transformer.`): keys are read without it,
+    /// and other keys are neither visible nor reported as unexpected. Returns whether any key
+    /// carries `prefix`.
+    pub fn restrict_to_prefix(&mut self, prefix: &str) -> bool {
+        let any = self.entries.keys().any(|k| k.starts_with(prefix));
+        if any {
+            self.prefix = prefix.to_string();
+            self.scoped = true;
+        }
+        any
+    }
+
+    /// Whether any key (in the whole file, ignoring the prefix) starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.entries.keys().any(|k| k.starts_with(prefix))
+    }
+
     /// A description of the source for error messages (file, or folder and shard count).
     pub fn desc(&self) -> &str {
         &self.desc
@@ -192,6 +295,12 @@ impl Checkpoint {
         &self.device
     }
 
+    /// GGUF metadata of the (first) GGUF file, e.g. `general.architecture`; `None` for keys it
+    /// lacks and for safetensors checkpoints.
+    pub fn gguf_metadata(&self, key: &str) -> Option<&gguf::Value> {
+        self.gguf_meta.get(key)
+    }
+
     /// Whether `key` (without the stripped prefix) is present.
     pub fn contains(&self, key: &str) -> bool {
         self.entries.contains_key(&format!("{}{key}", self.prefix))
@@ -204,50 +313,98 @@ impl Checkpoint {
             .map(|e| e.shape.as_slice())
     }
 
-    /// A few keys, sorted, for "this does not look like …" messages.
+    /// How `key` is stored, if present in a file.
+    pub fn stored_type(&self, key: &str) -> Option<StoredType> {
+        match self.entries.get(&format!("{}{key}", self.prefix))?.data {
+            Data::Mapped { stored, .. } => Some(stored),
+            Data::Memory(_) => None,
+        }
+    }
+
+    /// A few keys (of this checkpoint's part), sorted, for "this does not look like …" messages.
     pub fn sample_keys(&self, n: usize) -> Vec<String> {
-        let mut k: Vec<String> = self.entries.keys().cloned().collect();
+        let mut k: Vec<String> = self.visible_keys().cloned().collect();
         k.sort();
         k.truncate(n);
         k
     }
 
-    /// Reads `key`, checking its stored shape against `expected` when given, and records it as
-    /// used.
-    pub fn get(&self, key: &str, expected: Option<&[usize]>) -> Result<Tensor> {
+    fn visible_keys(&self) -> impl Iterator<Item = &String> {
+        self.entries
+            .keys()
+            .filter(|k| !self.scoped || k.starts_with(&self.prefix))
+    }
+
+    fn entry(&self, key: &str, expected: Option<&[usize]>) -> Result<(String, &Entry)> {
         let full = format!("{}{key}", self.prefix);
         let Some(e) = self.entries.get(&full) else {
-            return Err(Error::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 name: full,
                 source_desc: self.desc.clone(),
-            });
+            }
+            .into());
         };
         if let Some(exp) = expected {
             if e.shape.as_slice() != exp {
-                return Err(Error::TensorShape {
+                return Err(LoadError::TensorShape {
                     name: full,
                     expected: exp.to_vec(),
                     got: e.shape.clone(),
-                });
+                }
+                .into());
             }
         }
+        Ok((full, e))
+    }
+
+    /// Reads `key`, checking its stored shape against `expected` when given, and records it as
+    /// used. Any stored encoding is decoded (GGUF blocks, fp8 with its scale if the file has
+    /// one) and converted to the checkpoint's dtype.
+    pub fn get(&self, key: &str, expected: Option<&[usize]>) -> Result<Tensor> {
+        let (full, e) = self.entry(key, expected)?;
         let t = match &e.data {
             Data::Memory(t) => t.to_device(&self.device)?.to_dtype(self.dtype)?,
             &Data::Mapped {
                 file,
-                dtype,
+                stored,
                 start,
                 end,
+                ..
             } => {
                 let map = &self.maps[file];
-                let view =
-                    TensorView::new(dtype, e.shape.clone(), &map[start..end]).map_err(|err| {
-                        Error::Checkpoint {
-                            path: PathBuf::from(&self.desc),
-                            reason: format!("{full}: {err}"),
-                        }
-                    })?;
-                let t = view.load(&self.device)?.to_dtype(self.dtype)?;
+                let bytes = &map[start..end];
+                let n: usize = e.shape.iter().product();
+                let t = match stored {
+                    StoredType::Gguf(ty) => {
+                        let v = crate::quant::dequantize(ty, bytes, n)?;
+                        self.from_f32(v, &e.shape)?
+                    }
+                    StoredType::Safetensors(_) if stored.fp8().is_some() => {
+                        let kind = stored.fp8().unwrap_or(Fp8Kind::E4M3);
+                        let scale = self.fp8_scale(&full, &e.shape)?;
+                        let mut v = vec![0f32; n];
+                        crate::quant::fp8_into(kind, bytes, &scale, &mut v)?;
+                        self.from_f32(v, &e.shape)?
+                    }
+                    StoredType::Safetensors(dtype) => {
+                        let view =
+                            TensorView::new(dtype, e.shape.clone(), bytes).map_err(|err| {
+                                LoadError::File {
+                                    path: PathBuf::from(&self.desc),
+                                    reason: format!("{full}: {err}"),
+                                }
+                            })?;
+                        let t = view.load(&self.device).map_err(|err| {
+                            LoadError::UnsupportedTensorType {
+                                name: full.clone(),
+                                source_desc: self.desc.clone(),
+                                stored: format!("{dtype:?}"),
+                                why: format!("cannot be read ({err})"),
+                            }
+                        })?;
+                        t.to_dtype(self.dtype)?
+                    }
+                };
                 // The bytes now live in `t`; let the kernel drop the mapped pages.
                 // SAFETY: the mapping is read-only and the file unchanged, so dropped pages read
                 // back the same bytes if they are ever touched again; nothing borrows them past
@@ -262,30 +419,175 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// After loading: fails with [`Error::UnexpectedTensors`] listing every key that was never
-    /// read, except those `ignore` accepts (e.g. a full CLIPModel's vision tower).
+    /// Reads the 2-D weight `key` for a [`crate::Linear`]: GGUF block types and fp8 stay packed
+    /// (about one byte per value or less, decoded per use); everything else is read as
+    /// [`Checkpoint::get`] does. Records the key (and its scale siblings) as used.
+    pub fn get_weight(&self, key: &str, expected: &[usize]) -> Result<LinearWeight> {
+        let (full, e) = self.entry(key, Some(expected))?;
+        let packed = match &e.data {
+            &Data::Mapped {
+                file,
+                stored,
+                start,
+                end,
+                packable: true,
+            } if e.shape.len() == 2 => {
+                let encoding = match stored {
+                    StoredType::Gguf(ty) if ty.is_quantized() => Some(Encoding::Gguf(ty)),
+                    _ => stored.fp8().map(Encoding::Fp8),
+                };
+                encoding.map(|enc| (enc, file, start, end))
+            }
+            _ => None,
+        };
+        let Some((encoding, file, start, end)) = packed else {
+            return Ok(LinearWeight::Dense(self.get(key, Some(expected))?));
+        };
+        let scale = match encoding {
+            Encoding::Fp8(_) => self.fp8_scale(&full, &e.shape)?,
+            Encoding::Gguf(_) => vec![],
+        };
+        let map = &self.maps[file];
+        let w = PackedWeight::new(
+            encoding,
+            map[start..end].to_vec(),
+            e.shape[0],
+            e.shape[1],
+            scale,
+        )?;
+        // SAFETY: as in `get`: the bytes were copied out of the read-only mapping.
+        let _ =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        self.used.borrow_mut().insert(full);
+        Ok(LinearWeight::Packed(w))
+    }
+
+    fn from_f32(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?)
+    }
+
+    /// ComfyUI's scale of an fp8 weight `full` (`….scale_weight`, or newer `….weight_scale`):
+    /// one value, or one per row. Empty when the file has none. Marks the scale and the
+    /// layer's other quantization records (`scale_input`/`input_scale`, `comfy_quant`) used.
+    fn fp8_scale(&self, full: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let Some(stem) = full.strip_suffix("weight") else {
+            return Ok(vec![]);
+        };
+        let mut used = self.used.borrow_mut();
+        for aux in ["scale_input", "input_scale", "comfy_quant"] {
+            let k = format!("{stem}{aux}");
+            if self.entries.contains_key(&k) {
+                used.insert(k);
+            }
+        }
+        for name in ["scale_weight", "weight_scale"] {
+            let k = format!("{stem}{name}");
+            let Some(e) = self.entries.get(&k) else {
+                continue;
+            };
+            let n: usize = e.shape.iter().product();
+            let rows = shape.first().copied().unwrap_or(1);
+            if n != 1 && n != rows {
+                return Err(LoadError::TensorShape {
+                    name: k,
+                    expected: vec![rows],
+                    got: e.shape.clone(),
+                }
+                .into());
+            }
+            let v = match &e.data {
+                Data::Memory(t) => t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                &Data::Mapped {
+                    file,
+                    stored,
+                    start,
+                    end,
+                    ..
+                } => {
+                    let bytes = &self.maps[file][start..end];
+                    let ty = match stored {
+                        StoredType::Safetensors(Dtype::F32) => QuantType::F32,
+                        StoredType::Safetensors(Dtype::F16) => QuantType::F16,
+                        StoredType::Safetensors(Dtype::BF16) => QuantType::BF16,
+                        other => {
+                            return Err(LoadError::UnsupportedTensorType {
+                                name: k,
+                                source_desc: self.desc.clone(),
+                                stored: other.to_string(),
+                                why: "is not a float type a scale can have".into(),
+                            }
+                            .into())
+                        }
+                    };
+                    crate::quant::dequantize(ty, bytes, n)?
+                }
+            };
+            used.insert(k);
+            return Ok(v);
+        }
+        Ok(vec![])
+    }
+
+    /// After loading: fails with [`LoadError::UnexpectedTensors`] listing every key that was
+    /// never read, except those `ignore` accepts (e.g. a full CLIPModel's vision tower) and
+    /// ComfyUI's `scaled_fp8` format marker.
     pub fn finish(&self, ignore: impl Fn(&str) -> bool) -> Result<()> {
-        let names: Vec<String> = self.unused().into_iter().filter(|k| !ignore(k)).collect();
+        let names: Vec<String> = self
+            .unused()
+            .into_iter()
+            .filter(|k| !ignore(k) && !k.ends_with("scaled_fp8"))
+            .collect();
         if names.is_empty() {
             return Ok(());
         }
-        Err(Error::UnexpectedTensors {
+        Err(LoadError::UnexpectedTensors {
             names,
             source_desc: self.desc.clone(),
-        })
+        }
+        .into())
     }
 
-    /// Keys present in the files and never read, sorted.
+    /// Keys of this checkpoint's part present in the files and never read, sorted.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
         let mut v: Vec<String> = self
-            .entries
-            .keys()
+            .visible_keys()
             .filter(|k| !used.contains(*k))
             .cloned()
             .collect();
         v.sort();
         v
+    }
+}
+
+/// The PyTorch shape of a GGUF tensor: its stored shape, or the `comfy.gguf.orig_shape.<name>`
+/// that ComfyUI-GGUF's converter records for reshaped tensors (then it decodes densely only).
+fn orig_shape(
+    meta: &std::collections::BTreeMap<String, gguf::Value>,
+    t: &gguf::TensorInfo,
+) -> std::result::Result<(Vec<usize>, bool), String> {
+    let Some(v) = meta.get(&format!("comfy.gguf.orig_shape.{}", t.name)) else {
+        return Ok((t.shape.clone(), true));
+    };
+    let dims: Option<Vec<usize>> = match v {
+        gguf::Value::Array(items) if !items.is_empty() && items.len() <= 8 => items
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect(),
+        _ => None,
+    };
+    let stored: usize = t.shape.iter().product();
+    match dims {
+        Some(d) if d.iter().try_fold(1usize, |a, &x| a.checked_mul(x)) == Some(stored) => {
+            let same = d == t.shape;
+            Ok((d, same))
+        }
+        _ => Err(format!(
+            "comfy.gguf.orig_shape.{} = {v:?} does not describe the {stored} values of tensor `{}`",
+            t.name, t.name
+        )),
     }
 }
 
@@ -296,7 +598,7 @@ pub fn sharded_files(dir: &std::path::Path, stem: &str) -> Result<Vec<PathBuf>> 
     let single = dir.join(format!("{stem}.safetensors"));
     let index = dir.join(format!("{stem}.safetensors.index.json"));
     if index.is_file() {
-        let bad = |reason: String| Error::Checkpoint {
+        let bad = |reason: String| LoadError::File {
             path: index.clone(),
             reason,
         };
@@ -308,15 +610,16 @@ pub fn sharded_files(dir: &std::path::Path, stem: &str) -> Result<Vec<PathBuf>> 
             .ok_or_else(|| bad("no `weight_map` object".into()))?;
         let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
         if shards.is_empty() {
-            return Err(bad("`weight_map` names no files".into()));
+            return Err(bad("`weight_map` names no files".into()).into());
         }
         Ok(shards.into_iter().map(|s| dir.join(s)).collect())
     } else if single.is_file() {
         Ok(vec![single])
     } else {
-        Err(Error::Checkpoint {
+        Err(LoadError::File {
             path: dir.to_path_buf(),
             reason: format!("neither {stem}.safetensors nor {stem}.safetensors.index.json is here"),
-        })
+        }
+        .into())
     }
 }

@@ -9,19 +9,24 @@ mod checkpoint;
 mod cuda;
 mod error;
 mod fused_cpu;
+pub mod gguf;
 mod linear;
 mod ops;
+mod quant;
 mod rope;
 
 pub use alloc::ReuseAlloc;
 pub use attention::{attention, attention_composite, attention_tokens, softmax_last_dim, AttnOpts};
-pub use checkpoint::{sharded_files, Checkpoint};
+pub use checkpoint::{sharded_files, Checkpoint, StoredType};
 #[cfg(feature = "cuda")]
 pub use cuda::set_flash_config;
-pub use error::{Error, Result};
-pub use linear::Linear;
+pub use error::{preview, Error, LoadError, Result};
+pub use linear::{Linear, LinearWeight};
 pub use ops::{
     cat_gelu_tanh, gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate,
     modulate, quick_gelu, rms_norm, silu,
+};
+pub use quant::{
+    dequantize, dequantize_into, fp8_into, quantize, Encoding, Fp8Kind, PackedWeight, QuantType,
 };
 pub use rope::{apply_rope, qk_norm_rope, rope_table, AngleMode, RopeTable};

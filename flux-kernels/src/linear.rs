@@ -1,20 +1,52 @@
-//! The `Linear` layer every model uses: `y = x·Wᵀ + b`.
+//! The `Linear` layer every model uses: `y = x·Wᵀ + b`, for every weight encoding.
 //!
-//! The weight is kept once, transposed to `(in, out)` row-major at construction. On the CPU in
-//! f32 the product runs straight through `gemm` (the kernel candle itself uses) into an output
-//! pre-filled with the bias, so the bias costs no extra pass over memory; elsewhere it is a
-//! candle matmul plus a broadcast add (the plain twin, also the test oracle).
+//! A dense weight is kept once, transposed to `(in, out)` row-major at construction. A packed
+//! weight (GGUF blocks, fp8) stays packed and is decoded for each product: on the CPU in
+//! parallel into an f32 scratch buffer, on other devices by candle's dequantization kernels
+//! (GGUF) or a 256-entry table (fp8). On the CPU in f32 the product runs straight through
+//! `gemm` (the kernel candle itself uses) into an output pre-filled with the bias, so the bias
+//! costs no extra pass over memory; elsewhere it is a candle matmul plus a bias add (the plain
+//! twin, also the test oracle).
 
-use candle::{DType, Module, Storage, Tensor};
+use std::sync::Arc;
 
+use candle::quantized::{QStorage, QTensor};
+use candle::{DType, Device, Module, Storage, Tensor};
+
+use crate::quant::{Encoding, PackedWeight};
 use crate::{Error, Result};
 
-/// How the weight is stored. Dense today; quantized formats join here, behind the same
-/// [`Linear`] interface, so model code never changes.
+/// A weight as a checkpoint gives it to [`Linear::from_weight`].
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A dense `(out, in)` tensor.
+    Dense(Tensor),
+    /// A packed `(out, in)` weight (GGUF blocks or fp8), kept packed.
+    Packed(PackedWeight),
+}
+
+/// How the weight is stored. Model code never sees the difference.
 #[derive(Debug, Clone)]
 enum Weight {
     /// `(in, out)`, contiguous.
     DenseT(Tensor),
+    /// Packed on the host; decoded on the CPU for each product.
+    Packed(PackedWeight),
+    /// Packed on another device.
+    Device(DevicePacked),
+}
+
+#[derive(Debug, Clone)]
+enum DevicePacked {
+    /// GGUF blocks in candle's device storage; decoded by its dequantization kernels.
+    Gguf { q: Arc<QTensor>, dtype: DType },
+    /// fp8 bytes `(out, in)` as u8, the format's value table, and the scale (`()` or `(out, 1)`).
+    Fp8 {
+        bytes: Tensor,
+        table: Tensor,
+        scale: Option<Tensor>,
+        dtype: DType,
+    },
 }
 
 /// A linear layer `y = x·Wᵀ + b` with `W: (out, in)`, as PyTorch stores it.
@@ -52,17 +84,83 @@ impl Linear {
         })
     }
 
+    /// From a checkpoint's weight: dense as [`Linear::new`]; packed weights stay packed, on
+    /// `device`, and are decoded to `dtype` (the activations' dtype) for each product.
+    pub fn from_weight(
+        weight: LinearWeight,
+        bias: Option<Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let w = match weight {
+            LinearWeight::Dense(w) => return Self::new(w, bias),
+            LinearWeight::Packed(w) => w,
+        };
+        let (out, _) = w.dims();
+        if let Some(b) = &bias {
+            if b.dims() != [out] {
+                return Err(Error::ShapeMismatch {
+                    what: "linear bias",
+                    expected: vec![out],
+                    got: b.dims().to_vec(),
+                });
+            }
+        }
+        let weight = if device.is_cpu() {
+            Weight::Packed(w)
+        } else {
+            Weight::Device(DevicePacked::new(&w, device, dtype)?)
+        };
+        Ok(Linear {
+            weight,
+            bias: bias.map(|b| b.contiguous()).transpose()?,
+        })
+    }
+
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {
             Weight::DenseT(w) => (w.dims()[0], w.dims()[1]),
+            Weight::Packed(p) => (p.dims().1, p.dims().0),
+            Weight::Device(d) => d.dims(),
         }
     }
 
-    /// The dense weight as PyTorch lays it out, `(out, in)` (a transposed view).
+    /// How the weight is stored: `"dense"`, or the packed encoding (`Q4_K`, `float8_e4m3fn`).
+    pub fn encoding(&self) -> String {
+        match &self.weight {
+            Weight::DenseT(w) => format!("dense {:?}", w.dtype()),
+            Weight::Packed(p) => p.encoding().to_string(),
+            Weight::Device(DevicePacked::Gguf { q, .. }) => format!("{:?}", q.dtype()),
+            Weight::Device(DevicePacked::Fp8 { .. }) => "fp8".into(),
+        }
+    }
+
+    /// The weight as PyTorch lays it out, `(out, in)`: a transposed view of a dense weight, or
+    /// a packed one decoded (in the bias' dtype, else f32).
     pub fn weight(&self) -> Result<Tensor> {
+        let dtype = self.bias.as_ref().map_or(DType::F32, |b| b.dtype());
         match &self.weight {
             Weight::DenseT(w) => Ok(w.t()?),
+            Weight::Packed(p) => {
+                let (o, i) = p.dims();
+                Ok(Tensor::from_vec(p.dequantize()?, (o, i), &Device::Cpu)?.to_dtype(dtype)?)
+            }
+            Weight::Device(d) => d.decode(),
+        }
+    }
+
+    /// The `(in, out)` weight for the plain path, decoded to `dtype` when packed.
+    fn weight_t(&self, dtype: DType) -> Result<Tensor> {
+        match &self.weight {
+            Weight::DenseT(w) => Ok(w.clone()),
+            Weight::Packed(p) => {
+                let (o, i) = p.dims();
+                Ok(Tensor::from_vec(p.dequantize()?, (o, i), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .t()?)
+            }
+            Weight::Device(d) => Ok(d.decode()?.t()?),
         }
     }
 
@@ -101,8 +199,8 @@ impl Linear {
     /// # Shapes
     /// `x`: `(rows, in)`. Returns `(rows, out)`.
     pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
-        let Weight::DenseT(wt) = &self.weight;
-        let y = x.matmul(wt)?;
+        let wt = self.weight_t(x.dtype())?;
+        let y = x.matmul(&wt)?;
         Ok(match &self.bias {
             // candle's broadcast add on CUDA costs more than the product itself on wide layers
             #[cfg(feature = "cuda")]
@@ -116,10 +214,10 @@ impl Linear {
         })
     }
 
-    /// The fused CPU f32 path, when `x`, the weight and the bias are contiguous f32 on the CPU.
+    /// The fused CPU f32 path, when `x` and the bias are contiguous f32 on the CPU and the
+    /// weight is dense f32 or packed (decoded here into an f32 scratch buffer).
     fn forward_cpu_f32(&self, x: &Tensor, rows: usize) -> Result<Option<Tensor>> {
-        let Weight::DenseT(wt) = &self.weight;
-        if !x.device().is_cpu() || x.dtype() != DType::F32 || wt.dtype() != DType::F32 {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
         if self.bias.as_ref().is_some_and(|b| b.dtype() != DType::F32) {
@@ -138,54 +236,151 @@ impl Linear {
             }
             None => dst.resize(rows * out, 0.0),
         }
-        {
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, wl) = wt.storage_and_layout();
-            let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
-                return Ok(None);
-            };
-            let (Ok(xv), Ok(wv)) = (xc.as_slice::<f32>(), wc.as_slice::<f32>()) else {
-                return Ok(None);
-            };
-            let (Some((x0, x1)), Some((w0, w1))) =
-                (xl.contiguous_offsets(), wl.contiguous_offsets())
-            else {
-                return Ok(None);
-            };
-            let (xv, wv) = (&xv[x0..x1], &wv[w0..w1]);
-            let threads = candle::utils::get_num_threads();
-            let par = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: dst is rows×out, xv rows×inp, wv inp×out, all row-major and in bounds;
-            // the strides below describe exactly those layouts.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    out,
-                    inp,
-                    dst.as_mut_ptr(),
-                    1,
-                    out as isize,
-                    self.bias.is_some(),
-                    xv.as_ptr(),
-                    1,
-                    inp as isize,
-                    wv.as_ptr(),
-                    1,
-                    out as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
+        let (xs, xl) = x.storage_and_layout();
+        let Storage::Cpu(xc) = &*xs else {
+            return Ok(None);
+        };
+        let (Ok(xv), Some((x0, x1))) = (xc.as_slice::<f32>(), xl.contiguous_offsets()) else {
+            return Ok(None);
+        };
+        let xv = &xv[x0..x1];
+        match &self.weight {
+            Weight::DenseT(wt) => {
+                if wt.dtype() != DType::F32 {
+                    return Ok(None);
+                }
+                let (ws, wl) = wt.storage_and_layout();
+                let Storage::Cpu(wc) = &*ws else {
+                    return Ok(None);
+                };
+                let (Ok(wv), Some((w0, w1))) = (wc.as_slice::<f32>(), wl.contiguous_offsets())
+                else {
+                    return Ok(None);
+                };
+                // (in, out) row-major: element (k, n) at k·out + n
+                gemm_into(&mut dst, xv, &wv[w0..w1], (rows, inp, out), (out, 1));
+            }
+            Weight::Packed(p) => {
+                let w = p.dequantize()?;
+                // (out, in) row-major: element (k, n) at n·in + k
+                gemm_into(&mut dst, xv, &w, (rows, inp, out), (1, inp));
+            }
+            Weight::Device(_) => return Ok(None),
+        }
+        drop(xs);
+        Ok(Some(Tensor::from_vec(dst, (rows, out), x.device())?))
+    }
+}
+
+/// `dst (m, n) += x (m, k) · W` with `W`'s element `(k, n)` at `k·rs + n·cs`, through gemm on
+/// every candle thread.
+fn gemm_into(
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (m, k, n): (usize, usize, usize),
+    (rs, cs): (usize, usize),
+) {
+    assert!(dst.len() == m * n && x.len() == m * k && w.len() == k * n);
+    let threads = candle::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst is m×n and x m×k row-major, w holds k×n values at the given strides (all
+    // lengths asserted above); the strides below describe exactly those layouts.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            cs as isize,
+            rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+impl DevicePacked {
+    fn new(w: &PackedWeight, device: &Device, dtype: DType) -> Result<Self> {
+        let (out, inp) = w.dims();
+        Ok(match w.encoding() {
+            Encoding::Gguf(t) => {
+                let storage = QStorage::from_data(
+                    std::borrow::Cow::Borrowed(w.bytes()),
+                    device,
+                    t.to_candle(),
+                )?;
+                DevicePacked::Gguf {
+                    q: Arc::new(QTensor::new(storage, (out, inp))?),
+                    dtype,
+                }
+            }
+            Encoding::Fp8(k) => {
+                let bytes = Tensor::from_slice(w.bytes(), (out, inp), device)?;
+                let table = Tensor::from_slice(k.table(), 256, device)?;
+                let scale = match w.scale().len() {
+                    0 => None,
+                    1 => Some(Tensor::from_slice(w.scale(), (), device)?),
+                    _ => Some(Tensor::from_slice(w.scale(), (out, 1), device)?),
+                };
+                DevicePacked::Fp8 {
+                    bytes,
+                    table,
+                    scale,
+                    dtype,
+                }
+            }
+        })
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            DevicePacked::Gguf { q, .. } => {
+                let d = q.shape().dims();
+                (d[1], d[0])
+            }
+            DevicePacked::Fp8 { bytes, .. } => (bytes.dims()[1], bytes.dims()[0]),
+        }
+    }
+
+    /// The `(out, in)` weight decoded on its device.
+    fn decode(&self) -> Result<Tensor> {
+        match self {
+            DevicePacked::Gguf { q, dtype } => Ok(match dtype {
+                DType::F32 => q.dequantize(&q.device())?,
+                _ => q.dequantize_f16(&q.device())?.to_dtype(*dtype)?,
+            }),
+            DevicePacked::Fp8 {
+                bytes,
+                table,
+                scale,
+                dtype,
+            } => {
+                let (o, i) = bytes.dims2()?;
+                let idx = bytes.flatten_all()?.to_dtype(DType::U32)?;
+                let w = table.index_select(&idx, 0)?.reshape((o, i))?;
+                let w = match scale {
+                    Some(s) => w.broadcast_mul(s)?,
+                    None => w,
+                };
+                Ok(w.to_dtype(*dtype)?)
             }
         }
-        Ok(Some(Tensor::from_vec(dst, (rows, out), x.device())?))
     }
 }
 

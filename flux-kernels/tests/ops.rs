@@ -2,6 +2,7 @@
 
 use candle::{DType, Device, Tensor, D};
 use flux_golden::max_abs_diff;
+use flux_kernels::LoadError;
 use flux_kernels::*;
 use proptest::prelude::*;
 
@@ -383,18 +384,20 @@ fn checkpoint_from_tensors_is_as_strict_as_files() {
     let a = ck.get("a.weight", Some(&[2, 3])).unwrap();
     assert_eq!(a.dtype(), DType::BF16);
     match ck.get("a.weight", Some(&[3, 2])) {
-        Err(Error::TensorShape { name, .. }) => assert_eq!(name, "a.weight"),
+        Err(Error::Load(LoadError::TensorShape { name, .. })) => assert_eq!(name, "a.weight"),
         other => panic!("expected a shape error, got {other:?}"),
     }
     match ck.get("c.weight", None) {
-        Err(Error::MissingTensor { name, source_desc }) => {
+        Err(Error::Load(LoadError::MissingTensor { name, source_desc })) => {
             assert_eq!(name, "c.weight");
             assert_eq!(source_desc, "made in memory");
         }
         other => panic!("expected a missing-tensor error, got {other:?}"),
     }
     match ck.finish(|_| false) {
-        Err(Error::UnexpectedTensors { names, .. }) => assert_eq!(names, ["b.weight"]),
+        Err(Error::Load(LoadError::UnexpectedTensors { names, .. })) => {
+            assert_eq!(names, ["b.weight"])
+        }
         other => panic!("expected leftovers, got {other:?}"),
     }
     assert!(matches!(

@@ -53,7 +53,10 @@ impl Error {
             Error::InvalidRequest(m) if m.contains("multiple of 16") => {
                 Some("FLUX works on 16-pixel blocks: try 1024x1024, 1360x768 or 512x512".into())
             }
-            Error::Dit(flux_dit::Error::UnexpectedTensors { .. } | flux_dit::Error::NotAFluxTransformer { .. }) => {
+            Error::Dit(
+                flux_dit::Error::Load(flux_kernels::LoadError::UnexpectedTensors { .. })
+                | flux_dit::Error::NotAFluxTransformer { .. },
+            ) => {
                 Some("the transformer file does not match the model config (dev vs schnell, or another model)".into())
             }
             Error::Io { .. } => Some("check that the folder exists and is writable".into()),

@@ -155,7 +155,12 @@ fn wrong_variant_and_missing_files() {
     let mut p = FluxPipeline::new(f, PipelineOptions::default()).unwrap();
     let e = p.generate(&req(), |_, _| {}).unwrap_err();
     assert!(
-        matches!(e, Error::Dit(flux_dit::Error::UnexpectedTensors { .. })),
+        matches!(
+            e,
+            Error::Dit(flux_dit::Error::Load(
+                flux_kernels::LoadError::UnexpectedTensors { .. }
+            ))
+        ),
         "{e}"
     );
     assert!(e.hint().unwrap().contains("dev vs schnell"));

@@ -352,8 +352,11 @@ impl ClipTextModel {
 
 pub(crate) fn read_config(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
-    std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
-        path,
-        reason: e.to_string(),
+    std::fs::read_to_string(&path).map_err(|e| {
+        flux_kernels::LoadError::File {
+            path,
+            reason: e.to_string(),
+        }
+        .into()
     })
 }

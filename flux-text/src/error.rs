@@ -33,40 +33,10 @@ pub enum Error {
     /// A configuration that breaks an invariant of the model.
     #[error("invalid config: {0}")]
     InvalidConfig(String),
-    /// A checkpoint lacks a tensor the model needs.
-    #[error("missing tensor `{name}` in {source_desc}")]
-    MissingTensor {
-        /// Key in the checkpoint.
-        name: String,
-        /// Which checkpoint.
-        source_desc: String,
-    },
-    /// A checkpoint tensor has the wrong shape.
-    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch {
-        /// Key in the checkpoint.
-        name: String,
-        /// The shape the config requires.
-        expected: Vec<usize>,
-        /// The shape in the file.
-        got: Vec<usize>,
-    },
-    /// A checkpoint holds tensors the model does not use.
-    #[error("{} unexpected tensor(s) in {source_desc}: {}", names.len(), names.iter().take(8).cloned().collect::<Vec<_>>().join(", "))]
-    UnexpectedTensors {
-        /// The unused keys, sorted.
-        names: Vec<String>,
-        /// Which checkpoint.
-        source_desc: String,
-    },
-    /// A checkpoint file that cannot be read or parsed.
-    #[error("cannot read checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
+    /// A checkpoint that cannot be read or does not fit the model (missing, unexpected or
+    /// misshapen tensors, corrupt files, unsupported tensor types).
+    #[error(transparent)]
+    Load(#[from] flux_kernels::LoadError),
     /// Token ids that do not fit the model (shape, vocabulary, length).
     #[error("input ids: {0}")]
     InvalidIds(String),
@@ -95,25 +65,12 @@ impl From<flux_kernels::Error> for Error {
     fn from(e: flux_kernels::Error) -> Self {
         use flux_kernels::Error as K;
         match e {
-            K::MissingTensor { name, source_desc } => Error::MissingTensor { name, source_desc },
-            K::TensorShape {
-                name,
-                expected,
-                got,
-            } => Error::ShapeMismatch {
-                name,
-                expected,
-                got,
-            },
-            K::Checkpoint { path, reason } => Error::Checkpoint { path, reason },
+            K::Load(e) => Error::Load(e),
             K::UnsupportedDtype { what, dtype } => Error::UnsupportedDtype {
                 what,
                 dtype,
                 why: "supported: f32, bf16",
             },
-            K::UnexpectedTensors { names, source_desc } => {
-                Error::UnexpectedTensors { names, source_desc }
-            }
             K::Candle(e) => Error::Candle(e),
             e => Error::Kernels(e),
         }

@@ -9,6 +9,7 @@ mod tokenizer;
 
 pub use clip::{ClipConfig, ClipOutput, ClipTextModel};
 pub use error::{Error, Result};
+pub use flux_kernels::LoadError;
 pub use prompt::{PromptEmbeds, PromptEncoder};
 pub use t5::{relative_position_bucket, T5Config, T5Encoder};
 pub use tokenizer::{

@@ -1,5 +1,6 @@
 //! Bad input for flux-text: tokenizer files, lengths, checkpoints, ids, dtypes.
 
+use flux_kernels::LoadError;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -147,7 +148,7 @@ fn checkpoint_and_id_errors() {
     candle::safetensors::save(&t, &p).unwrap();
     let e = ClipTextModel::load(&clip_cfg(), &[p], DType::F32, &Device::Cpu).unwrap_err();
     assert!(
-        matches!(&e, Error::MissingTensor { name, .. } if name == "encoder.layers.1.mlp.fc2.bias"),
+        matches!(&e, Error::Load(LoadError::MissingTensor { name, .. }) if name == "encoder.layers.1.mlp.fc2.bias"),
         "{e}"
     );
     t.insert(
@@ -158,7 +159,7 @@ fn checkpoint_and_id_errors() {
     candle::safetensors::save(&t, &p).unwrap();
     let e = ClipTextModel::load(&clip_cfg(), &[p], DType::F32, &Device::Cpu).unwrap_err();
     assert!(
-        matches!(&e, Error::UnexpectedTensors { names, .. } if names == &["encoder.layers.9.mlp.fc2.bias"]),
+        matches!(&e, Error::Load(LoadError::UnexpectedTensors { names, .. }) if names == &["encoder.layers.9.mlp.fc2.bias"]),
         "{e}"
     );
     let model = ClipTextModel::load(&clip_cfg(), &clip_files(), DType::F32, &Device::Cpu).unwrap();
@@ -181,7 +182,7 @@ fn checkpoint_and_id_errors() {
     std::fs::write(&truncated, &bytes[..1000]).unwrap();
     assert!(matches!(
         ClipTextModel::load(&clip_cfg(), &[truncated], DType::F32, &Device::Cpu),
-        Err(Error::Checkpoint { .. })
+        Err(Error::Load(LoadError::File { .. }))
     ));
 }
 

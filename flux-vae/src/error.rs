@@ -1,7 +1,6 @@
 //! The error type of flux-vae.
 
 use candle::DType;
-use std::path::PathBuf;
 
 /// Errors of flux-vae. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -10,32 +9,10 @@ pub enum Error {
     /// A configuration that breaks an invariant of the model.
     #[error("invalid config: {0}")]
     InvalidConfig(String),
-    /// A checkpoint lacks a tensor the model needs.
-    #[error("missing tensor `{name}` in {source_desc}")]
-    MissingTensor {
-        /// Key in the checkpoint's own layout.
-        name: String,
-        /// Which checkpoint.
-        source_desc: String,
-    },
-    /// A checkpoint tensor has the wrong shape.
-    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch {
-        /// Key in the checkpoint's own layout.
-        name: String,
-        /// The shape the config requires.
-        expected: Vec<usize>,
-        /// The shape in the file.
-        got: Vec<usize>,
-    },
-    /// A checkpoint holds tensors the model does not use.
-    #[error("{} unexpected tensor(s) in {source_desc}: {}", names.len(), names.iter().take(8).cloned().collect::<Vec<_>>().join(", "))]
-    UnexpectedTensors {
-        /// The unused keys, sorted.
-        names: Vec<String>,
-        /// Which checkpoint.
-        source_desc: String,
-    },
+    /// A checkpoint that cannot be read or does not fit the model (missing, unexpected or
+    /// misshapen tensors, corrupt files, unsupported tensor types).
+    #[error(transparent)]
+    Load(#[from] flux_kernels::LoadError),
     /// A file that holds no FLUX autoencoder.
     #[error("{source_desc} does not look like a FLUX autoencoder in the {layout} layout (its keys look like: {})", sample_keys.join(", "))]
     NotAnAutoencoder {
@@ -45,14 +22,6 @@ pub enum Error {
         layout: &'static str,
         /// A few of the file's keys.
         sample_keys: Vec<String>,
-    },
-    /// A checkpoint file that cannot be read or parsed.
-    #[error("cannot read checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
     },
     /// An image or latent with the wrong rank, channel count or size.
     #[error("{name} has shape {got:?}, expected {expected}")]
@@ -97,21 +66,8 @@ impl From<flux_kernels::Error> for Error {
     fn from(e: flux_kernels::Error) -> Self {
         use flux_kernels::Error as K;
         match e {
-            K::MissingTensor { name, source_desc } => Error::MissingTensor { name, source_desc },
-            K::TensorShape {
-                name,
-                expected,
-                got,
-            } => Error::ShapeMismatch {
-                name,
-                expected,
-                got,
-            },
-            K::Checkpoint { path, reason } => Error::Checkpoint { path, reason },
+            K::Load(e) => Error::Load(e),
             K::UnsupportedDtype { what, dtype } => Error::UnsupportedDtype { what, dtype },
-            K::UnexpectedTensors { names, source_desc } => {
-                Error::UnexpectedTensors { names, source_desc }
-            }
             K::Candle(e) => Error::Candle(e),
             e => Error::Kernels(e),
         }

@@ -10,6 +10,7 @@ mod weights;
 
 pub use config::{Config, DiffusersConfig};
 pub use error::{Error, Result};
+pub use flux_kernels::LoadError;
 pub use image::{from_rgb8, to_rgb8, ByteRounding, Rgb8};
 pub use model::{AttnBlock, AutoEncoder, Decoder, Downsample, Encoder, ResnetBlock, Upsample};
 pub use tiled::TileOptions;

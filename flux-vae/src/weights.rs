@@ -240,7 +240,7 @@ impl Weights {
         device: &Device,
     ) -> Result<(Config, Self)> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+        let text = std::fs::read_to_string(&path).map_err(|e| flux_kernels::LoadError::File {
             path,
             reason: e.to_string(),
         })?;
@@ -287,7 +287,7 @@ impl Weights {
         Ok(())
     }
 
-    /// Fails with [`Error::UnexpectedTensors`] if tensors were left unused.
+    /// Fails with [`flux_kernels::LoadError::UnexpectedTensors`] if tensors were left unused.
     pub fn finish(&self) -> Result<()> {
         Ok(self.ckpt.finish(|_| false)?)
     }

@@ -1,5 +1,6 @@
 //! Strict loading and input validation of the autoencoder.
 
+use flux_kernels::LoadError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -50,7 +51,7 @@ fn checkpoint_errors_are_typed() {
     let mut t = tensors();
     t.remove("decoder.up.3.upsample.conv.bias");
     assert!(
-        matches!(load(&save(&t, "missing.safetensors")), Err(Error::MissingTensor { name, .. }) if name == "decoder.up.3.upsample.conv.bias")
+        matches!(load(&save(&t, "missing.safetensors")), Err(Error::Load(LoadError::MissingTensor { name, .. })) if name == "decoder.up.3.upsample.conv.bias")
     );
     let mut t = tensors();
     t.insert(
@@ -58,7 +59,7 @@ fn checkpoint_errors_are_typed() {
         Tensor::zeros((4, 3, 3, 2), DType::F32, &Device::Cpu).unwrap(),
     );
     assert!(
-        matches!(load(&save(&t, "shape.safetensors")), Err(Error::ShapeMismatch { name, .. }) if name == "encoder.conv_in.weight")
+        matches!(load(&save(&t, "shape.safetensors")), Err(Error::Load(LoadError::TensorShape { name, .. })) if name == "encoder.conv_in.weight")
     );
     let mut t = tensors();
     t.insert(
@@ -66,12 +67,12 @@ fn checkpoint_errors_are_typed() {
         Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     );
     assert!(
-        matches!(load(&save(&t, "extra.safetensors")), Err(Error::UnexpectedTensors { names, .. }) if names == ["encoder.quant_conv.weight"])
+        matches!(load(&save(&t, "extra.safetensors")), Err(Error::Load(LoadError::UnexpectedTensors { names, .. })) if names == ["encoder.quant_conv.weight"])
     );
     let bytes = std::fs::read(golden("tiny_bfl.safetensors")).unwrap();
     let p = tmp("truncated.safetensors");
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
-    assert!(matches!(load(&p), Err(Error::Checkpoint { .. })));
+    assert!(matches!(load(&p), Err(Error::Load(LoadError::File { .. }))));
     // A transformer file is not an autoencoder.
     let mut t = HashMap::new();
     t.insert(
@@ -84,7 +85,7 @@ fn checkpoint_errors_are_typed() {
     ));
     assert!(matches!(
         AutoEncoder::from_diffusers_folder(tmp("nowhere"), DType::F32, &Device::Cpu),
-        Err(Error::Checkpoint { .. })
+        Err(Error::Load(LoadError::File { .. }))
     ));
 }
 
