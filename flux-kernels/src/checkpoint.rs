@@ -150,8 +150,7 @@ impl Checkpoint {
                     source,
                 })?;
                 for t in head.tensors {
-                    let (shape, packable) =
-                        orig_shape(&head.metadata, &t).map_err(|reason| bad(reason))?;
+                    let (shape, packable) = orig_shape(&head.metadata, &t).map_err(&bad)?;
                     add(
                         t.name,
                         Entry {
@@ -171,7 +170,8 @@ impl Checkpoint {
                 }
             } else {
                 // Validates the header and that every tensor's bytes lie inside the file.
-                SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+                SafeTensors::deserialize(&map)
+                    .map_err(|e| bad(format!("not a safetensors or GGUF file ({e})")))?;
                 let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
                 let data_start = 8 + n;
                 for (name, info) in meta.tensors() {
@@ -377,14 +377,14 @@ impl Checkpoint {
                 let t = match stored {
                     StoredType::Gguf(ty) => {
                         let v = crate::quant::dequantize(ty, bytes, n)?;
-                        self.from_f32(v, &e.shape)?
+                        self.tensor_of(v, &e.shape)?
                     }
                     StoredType::Safetensors(_) if stored.fp8().is_some() => {
                         let kind = stored.fp8().unwrap_or(Fp8Kind::E4M3);
                         let scale = self.fp8_scale(&full, &e.shape)?;
                         let mut v = vec![0f32; n];
                         crate::quant::fp8_into(kind, bytes, &scale, &mut v)?;
-                        self.from_f32(v, &e.shape)?
+                        self.tensor_of(v, &e.shape)?
                     }
                     StoredType::Safetensors(dtype) => {
                         let view =
@@ -462,7 +462,7 @@ impl Checkpoint {
         Ok(LinearWeight::Packed(w))
     }
 
-    fn from_f32(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    fn tensor_of(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
             .to_device(&self.device)?)

@@ -117,6 +117,21 @@ impl Linear {
         })
     }
 
+    /// Like [`Linear::from_weight`], but decodes through the path other devices use (candle's
+    /// dequantization, the fp8 table as a tensor) even on the CPU: for tests of that path.
+    #[doc(hidden)]
+    pub fn from_weight_device_path(
+        weight: PackedWeight,
+        bias: Option<Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(Linear {
+            weight: Weight::Device(DevicePacked::new(&weight, device, dtype)?),
+            bias: bias.map(|b| b.contiguous()).transpose()?,
+        })
+    }
+
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {

@@ -68,6 +68,48 @@ def main():
     meta = {"axes_dim": axes, "theta": theta, "eps": 1e-6, "seed": 5,
             "tolerance": {"f32": "abs=1e-5,rel=1e-5", "bf16": "abs=3e-2,rel=3e-2,cos>=0.999"}}
     common.save(args.out, "ops", t, meta)
+    gen_quant(args.out)
+
+
+def gen_quant(out):
+    """One GGUF file with a (4, 512) tensor of every supported type (random blocks, scales from
+    the ordinary to the edges: ±0, an f16 subnormal, 65504) and, beside it, gguf's numpy
+    dequantization of each, which our decoding must equal bit for bit. Plus fp8: every byte of
+    both formats as torch decodes it."""
+    import os
+
+    import numpy as np
+
+    import quant_ref
+
+    rng = np.random.default_rng(11)
+    tensors, expected = [], {}
+    for name in quant_ref.TYPES:
+        for edge in (False, True):
+            key = f"{name}{'_edge' if edge else ''}"
+            if name in ("F32", "F16", "BF16"):
+                if edge:
+                    continue
+                v = rng.standard_normal((4, 512)).astype(np.float32)
+                v[0, :6] = [0.0, -0.0, 65504.0, 2.0**-24, -3.0e38 if name != "F16" else -1.0, 1e-30]
+                raw, dec = quant_ref.encode(name, v)
+            else:
+                raw = quant_ref.random_blocks(name, 4, 512, rng, 0.01, edge=edge)
+                dec = quant_ref.decode(name, raw)
+            tensors.append((key, name, raw, (4, 512)))
+            expected[key] = torch.from_numpy(dec.copy())
+    path = os.path.join(out, "quant_blocks.gguf")
+    quant_ref.write(path, tensors, kv={"general.name": "flux-rs dequantization golden"}, arch="flux")
+    print(f"wrote {os.path.relpath(path)} ({len(tensors)} tensors, {os.path.getsize(path)} bytes)")
+    every = torch.arange(256, dtype=torch.uint8)
+    expected["fp8/bytes"] = every
+    expected["fp8/e4m3"] = every.view(torch.float8_e4m3fn).float()
+    expected["fp8/e5m2"] = every.view(torch.float8_e5m2).float()
+    import gguf
+
+    meta = {"gguf": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0", "seed": 11,
+            "tolerance": "bit-exact (NaN matches NaN)"}
+    common.save(out, "quant_blocks", expected, meta)
 
 
 if __name__ == "__main__":
