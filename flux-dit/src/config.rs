@@ -83,6 +83,21 @@ impl Config {
         }
     }
 
+    /// The released model these shapes belong to: `"dev"` (guidance-distilled text-to-image:
+    /// also Kontext and Krea, which share its shapes), `"schnell"`, `"fill"` (384 input
+    /// channels), `"canny/depth"` (128), or `"custom"`.
+    pub fn variant(&self) -> &'static str {
+        let full = self.hidden_size == 3072 && self.depth == 19 && self.depth_single_blocks == 38;
+        match (self.in_channels, self.guidance_embed) {
+            _ if !full => "custom",
+            (64, true) => "dev",
+            (64, false) => "schnell",
+            (384, _) => "fill",
+            (128, _) => "canny/depth",
+            _ => "custom",
+        }
+    }
+
     /// Head dimension `hidden_size / num_heads`.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads.max(1)

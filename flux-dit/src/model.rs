@@ -413,6 +413,9 @@ pub struct FluxOptions {
     /// Run attention as the composite matmul + softmax + matmul even where a fused kernel exists
     /// (CUDA bf16/f16): for comparisons and benchmarks. Default `false`.
     pub composite_attention: bool,
+    /// Encode the blocks' dense weights while loading (`--quantize q8_0|q4_k|…|fp8`; see
+    /// [`Weights::set_quantize`]). Default `None`: weights as stored.
+    pub quantize: Option<flux_kernels::Encoding>,
 }
 
 /// A RoPE table and the ids it was built from.
@@ -448,6 +451,7 @@ impl Flux {
     pub fn load(cfg: &Config, w: &Weights, opts: FluxOptions) -> Result<Self> {
         cfg.validate()?;
         w.check_looks_like(cfg)?;
+        w.set_quantize(opts.quantize);
         let h = cfg.hidden_size;
         let mut model = Flux {
             img_in: w.linear("img_in", cfg.in_channels, h, true)?,
@@ -482,8 +486,31 @@ impl Flux {
         Ok(model)
     }
 
-    /// Loads a BFL single-file checkpoint (`flux1-dev.safetensors`; keys may carry the
-    /// `model.diffusion_model.` prefix), memory-mapped, converting weights to `dtype`.
+    /// Loads a single-file transformer in BFL's key names, in any format (safetensors in f32,
+    /// bf16, f16 or fp8 with or without ComfyUI scales; GGUF of any supported type; keys may
+    /// carry the `model.diffusion_model.` prefix, as in all-in-one files), detecting the
+    /// config from the tensors ([`Weights::detect_config`]): dev, schnell, Fill or
+    /// Canny/Depth need no [`Config`]. Quantized and fp8 weights stay packed; activations run
+    /// in `dtype`.
+    pub fn from_file(
+        path: impl AsRef<std::path::Path>,
+        dtype: DType,
+        device: &Device,
+        opts: FluxOptions,
+    ) -> Result<Self> {
+        let w = Weights::open(
+            &[path.as_ref().to_path_buf()],
+            crate::Layout::Bfl,
+            dtype,
+            device,
+        )?;
+        let cfg = w.detect_config()?;
+        Self::load(&cfg, &w, opts)
+    }
+
+    /// Loads a BFL single-file checkpoint (`flux1-dev.safetensors`, or any format
+    /// [`Flux::from_file`] reads) with an explicit config, memory-mapped, converting weights to
+    /// `dtype`.
     pub fn from_bfl_file(
         path: impl AsRef<std::path::Path>,
         cfg: &Config,

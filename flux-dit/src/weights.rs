@@ -232,24 +232,132 @@ const BFL_PREFIX: &str = "model.diffusion_model.";
 pub struct Weights {
     ckpt: Checkpoint,
     layout: Layout,
+    quantize: std::cell::Cell<Option<flux_kernels::Encoding>>,
 }
 
 impl Weights {
-    /// Maps safetensors `files` (one file, or every shard) read in `layout`; tensors are
-    /// converted to `dtype` on `device` as they are loaded. BFL files whose keys all carry the
-    /// `model.diffusion_model.` prefix are accepted.
+    /// Maps checkpoint `files` (one file, or every shard; safetensors or GGUF) read in
+    /// `layout`; tensors are converted to `dtype` on `device` as they are loaded. In the BFL
+    /// layout, keys carrying the `model.diffusion_model.` prefix are read without it: a file
+    /// whose every key has it (stable-diffusion.cpp's converter, repackagings), or the
+    /// transformer part of an all-in-one file (its other parts are left to their loaders).
     pub fn open(files: &[PathBuf], layout: Layout, dtype: DType, device: &Device) -> Result<Self> {
         let mut ckpt = Checkpoint::open(files, dtype, device)?;
-        if layout == Layout::Bfl {
-            ckpt.strip_common_prefix(BFL_PREFIX);
+        if layout == Layout::Bfl && !ckpt.strip_common_prefix(BFL_PREFIX) {
+            ckpt.restrict_to_prefix(BFL_PREFIX);
         }
-        Ok(Weights { ckpt, layout })
+        Ok(Weights {
+            ckpt,
+            layout,
+            quantize: Default::default(),
+        })
+    }
+
+    /// The underlying checkpoint (shapes, stored types, GGUF metadata).
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+
+    /// The config a BFL-layout checkpoint was made for, read from its tensors' shapes (any
+    /// format: safetensors, fp8, GGUF). Shapes tell dev from schnell (`guidance_in`), the
+    /// input channels (64 t2i, 128 Canny/Depth, 384 Fill), the width, depth and head size;
+    /// they cannot tell dev from Kontext or Krea (same shapes): that is the caller's to say.
+    pub fn detect_config(&self) -> Result<Config> {
+        let ck = &self.ckpt;
+        let not_flux = || Error::NotAFluxTransformer {
+            source_desc: ck.desc().to_string(),
+            layout: self.layout.name(),
+            sample_keys: ck.sample_keys(6),
+        };
+        if self.layout != Layout::Bfl {
+            return Err(Error::InvalidConfig(
+                "configs are detected from BFL-layout files; diffusers folders carry config.json"
+                    .into(),
+            ));
+        }
+        let dims2 = |k: &str| -> Option<(usize, usize)> {
+            match ck.shape(k)? {
+                [a, b] => Some((*a, *b)),
+                _ => None,
+            }
+        };
+        let (hidden, in_channels) = dims2("img_in.weight").ok_or_else(not_flux)?;
+        let (_, context_in_dim) = dims2("txt_in.weight").ok_or_else(not_flux)?;
+        let (_, vec_in_dim) = dims2("vector_in.in_layer.weight").ok_or_else(not_flux)?;
+        let (out_channels, _) = dims2("final_layer.linear.weight").ok_or_else(not_flux)?;
+        let count = |prefix: &str| {
+            let mut n = 0;
+            while ck.contains(&format!("{prefix}.{n}.norm.query_norm.scale"))
+                || ck.contains(&format!("{prefix}.{n}.img_attn.norm.query_norm.scale"))
+            {
+                n += 1;
+            }
+            n
+        };
+        let depth = count("double_blocks");
+        let depth_single_blocks = count("single_blocks");
+        let head_dim = ck
+            .shape("double_blocks.0.img_attn.norm.query_norm.scale")
+            .or_else(|| ck.shape("single_blocks.0.norm.query_norm.scale"))
+            .and_then(|s| s.first().copied())
+            .ok_or_else(not_flux)?;
+        let mlp = dims2("double_blocks.0.img_mlp.0.weight")
+            .map(|(m, _)| m)
+            .or_else(|| dims2("single_blocks.0.linear1.weight").map(|(r, _)| r - 3 * hidden))
+            .ok_or_else(not_flux)?;
+        if head_dim == 0 || hidden % head_dim != 0 || hidden == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "{}: width {hidden} is not a whole number of heads of {head_dim}",
+                ck.desc()
+            )));
+        }
+        // FLUX's RoPE axes for its 128-wide heads (BFL `configs`); other head sizes are not
+        // a released model and need an explicit config.
+        let axes_dim = match head_dim {
+            128 => vec![16, 56, 56],
+            _ => {
+                return Err(Error::InvalidConfig(format!(
+                    "{}: head size {head_dim} is not FLUX's 128; pass the config explicitly",
+                    ck.desc()
+                )))
+            }
+        };
+        let cfg = Config {
+            in_channels,
+            out_channels,
+            vec_in_dim,
+            context_in_dim,
+            hidden_size: hidden,
+            mlp_ratio: mlp as f64 / hidden as f64,
+            num_heads: hidden / head_dim,
+            depth,
+            depth_single_blocks,
+            axes_dim,
+            theta: 10_000.0,
+            qkv_bias: ck.contains("double_blocks.0.img_attn.qkv.bias")
+                || (depth == 0 && ck.contains("single_blocks.0.linear1.bias")),
+            guidance_embed: ck.contains("guidance_in.in_layer.weight"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Weights from any [`Checkpoint`] (for example [`Checkpoint::from_tensors`]: weights made
     /// in memory or on a GPU), read in `layout`.
     pub fn from_checkpoint(ckpt: Checkpoint, layout: Layout) -> Self {
-        Weights { ckpt, layout }
+        Weights {
+            ckpt,
+            layout,
+            quantize: Default::default(),
+        }
+    }
+
+    /// Encodes the blocks' dense linear weights into `q` while loading (`--quantize`): the 2-D
+    /// weights of `double_blocks.*` and `single_blocks.*`, as city96's and
+    /// stable-diffusion.cpp's converters choose; the embedders, the last layer, biases and
+    /// norms stay as stored. Weights already packed in the file are kept as they are.
+    pub fn set_quantize(&self, q: Option<flux_kernels::Encoding>) {
+        self.quantize.set(q);
     }
 
     /// Maps a diffusers `transformer/` folder: its `config.json`, and either
@@ -325,7 +433,8 @@ impl Weights {
         }
     }
 
-    /// A linear layer `{name}.weight` `(out, in)` and, if `bias`, `{name}.bias` `(out)`.
+    /// A linear layer `{name}.weight` `(out, in)` and, if `bias`, `{name}.bias` `(out)`. In the
+    /// BFL layout a weight stored packed (GGUF blocks, fp8) stays packed.
     pub fn linear(
         &self,
         name: &str,
@@ -333,9 +442,36 @@ impl Weights {
         out: usize,
         bias: bool,
     ) -> Result<flux_kernels::Linear> {
-        let w = self.get(&format!("{name}.weight"), &[out, inp])?;
+        let (wk, bk) = (format!("{name}.weight"), format!("{name}.bias"));
+        let quantize = self
+            .quantize
+            .get()
+            .filter(|_| name.starts_with("double_blocks.") || name.starts_with("single_blocks."));
+        if self.layout == Layout::Bfl {
+            let b = bias.then_some(bk.as_str());
+            return Ok(self.ckpt.linear_as(&wk, b, inp, out, quantize)?);
+        }
+        let w = self.get(&wk, &[out, inp])?;
+        if let Some(enc) = quantize {
+            let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if !matches!(enc, flux_kernels::Encoding::Gguf(t) if inp % t.block_elems() != 0) {
+                let p = flux_kernels::PackedWeight::encode(enc, &v, out, inp)?;
+                let b = if bias {
+                    Some(self.get(&bk, &[out])?)
+                } else {
+                    None
+                };
+                let lw = flux_kernels::LinearWeight::Packed(p);
+                return Ok(flux_kernels::Linear::from_weight(
+                    lw,
+                    b,
+                    self.device(),
+                    self.dtype(),
+                )?);
+            }
+        }
         let b = if bias {
-            Some(self.get(&format!("{name}.bias"), &[out])?)
+            Some(self.get(&bk, &[out])?)
         } else {
             None
         };

@@ -23,6 +23,7 @@ fn dir(name: &str) -> PathBuf {
 const DIFFUSERS: FluxOptions = FluxOptions {
     rope: AngleMode::F64,
     composite_attention: false,
+    quantize: None,
 };
 
 fn load_both(name: &str, dtype: DType) -> (Flux, Flux) {

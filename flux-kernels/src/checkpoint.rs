@@ -147,7 +147,7 @@ impl Checkpoint {
             if gguf::is_gguf(&map) {
                 let head = gguf::parse(&map).map_err(|source| LoadError::Gguf {
                     path: f.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 for t in head.tensors {
                     let (shape, packable) = orig_shape(&head.metadata, &t).map_err(&bad)?;
@@ -397,9 +397,8 @@ impl Checkpoint {
                         let t = view.load(&self.device).map_err(|err| {
                             LoadError::UnsupportedTensorType {
                                 name: full.clone(),
-                                source_desc: self.desc.clone(),
                                 stored: format!("{dtype:?}"),
-                                why: format!("cannot be read ({err})"),
+                                why: format!("cannot be read here ({err}; in {})", self.desc),
                             }
                         })?;
                         t.to_dtype(self.dtype)?
@@ -462,6 +461,43 @@ impl Checkpoint {
         Ok(LinearWeight::Packed(w))
     }
 
+    /// A [`crate::Linear`] from `weight_key` `(out, in)` (kept packed when it is stored packed)
+    /// and, when given, `bias_key` `(out)`; activations run in the checkpoint's dtype.
+    pub fn linear(
+        &self,
+        weight_key: &str,
+        bias_key: Option<&str>,
+        inp: usize,
+        out: usize,
+    ) -> Result<crate::Linear> {
+        self.linear_as(weight_key, bias_key, inp, out, None)
+    }
+
+    /// [`Checkpoint::linear`], and a weight stored dense is encoded into `quantize` while
+    /// loading (when its rows are whole blocks of that type; otherwise it stays dense).
+    pub fn linear_as(
+        &self,
+        weight_key: &str,
+        bias_key: Option<&str>,
+        inp: usize,
+        out: usize,
+        quantize: Option<Encoding>,
+    ) -> Result<crate::Linear> {
+        let mut w = self.get_weight(weight_key, &[out, inp])?;
+        if let (Some(enc), LinearWeight::Dense(t)) = (quantize, &w) {
+            let fits = match enc {
+                Encoding::Gguf(ty) => inp % ty.block_elems() == 0,
+                Encoding::Fp8(_) => true,
+            };
+            if fits {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                w = LinearWeight::Packed(PackedWeight::encode(enc, &v, out, inp)?);
+            }
+        }
+        let b = bias_key.map(|k| self.get(k, Some(&[out]))).transpose()?;
+        crate::Linear::from_weight(w, b, &self.device, self.dtype)
+    }
+
     fn tensor_of(&self, v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
@@ -514,7 +550,6 @@ impl Checkpoint {
                         other => {
                             return Err(LoadError::UnsupportedTensorType {
                                 name: k,
-                                source_desc: self.desc.clone(),
                                 stored: other.to_string(),
                                 why: "is not a float type a scale can have".into(),
                             }

@@ -77,12 +77,10 @@ pub enum LoadError {
         source_desc: String,
     },
     /// A tensor stored in a type this workspace cannot use where it is needed.
-    #[error("tensor `{name}` in {source_desc} is stored as {stored}, which {why}")]
+    #[error("tensor `{name}` is stored as {stored}, which {why}")]
     UnsupportedTensorType {
         /// Key in the file.
         name: String,
-        /// Which checkpoint.
-        source_desc: String,
         /// The stored type (`F8_E8M0`, `Q4_K`, …).
         stored: String,
         /// What is unsupported about it.
@@ -94,7 +92,7 @@ pub enum LoadError {
         /// The file.
         path: std::path::PathBuf,
         /// What is wrong.
-        source: crate::gguf::GgufError,
+        source: Box<crate::gguf::GgufError>,
     },
     /// A checkpoint file or model folder that cannot be read or parsed (missing, truncated,
     /// corrupt, not a model file).

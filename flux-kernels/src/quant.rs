@@ -305,19 +305,26 @@ impl PackedWeight {
 
     /// Quantizes a dense row-major `(out, in)` f32 weight into `ty`.
     pub fn quantize(ty: QuantType, values: &[f32], out: usize, inp: usize) -> Result<Self> {
-        if values.len() != out * inp {
+        Self::encode(Encoding::Gguf(ty), values, out, inp)
+    }
+
+    /// Encodes a dense row-major `(out, in)` f32 weight: GGUF blocks (candle's reference
+    /// quantizers), or fp8 with one scale for the tensor (max |w| onto the format's largest
+    /// finite value; each value rounded to the nearest representable one).
+    pub fn encode(encoding: Encoding, values: &[f32], out: usize, inp: usize) -> Result<Self> {
+        if Some(values.len()) != out.checked_mul(inp) {
             return Err(Error::InvalidArgument(format!(
                 "{} values for a ({out}, {inp}) weight",
                 values.len()
             )));
         }
-        Self::new(
-            Encoding::Gguf(ty),
-            quantize(ty, values, inp)?,
-            out,
-            inp,
-            vec![],
-        )
+        match encoding {
+            Encoding::Gguf(ty) => Self::new(encoding, quantize(ty, values, inp)?, out, inp, vec![]),
+            Encoding::Fp8(kind) => {
+                let (bytes, scale) = fp8_encode(kind, values);
+                Self::new(encoding, bytes, out, inp, vec![scale])
+            }
+        }
     }
 
     /// The encoding.
@@ -425,6 +432,51 @@ pub fn fp8_into(kind: Fp8Kind, bytes: &[u8], scale: &[f32], out: &mut [f32]) -> 
             });
     }
     Ok(())
+}
+
+/// fp8 bytes of `values / scale` (nearest value; NaN and ±inf saturate to ±max) and the
+/// per-tensor scale.
+fn fp8_encode(kind: Fp8Kind, values: &[f32]) -> (Vec<u8>, f32) {
+    let table = kind.table();
+    // the non-negative finite values and their bytes, ascending
+    let mut pos: Vec<(f32, u8)> = (0u8..=0x7F)
+        .map(|b| (table[b as usize], b))
+        .filter(|(v, _)| v.is_finite())
+        .collect();
+    pos.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let max = pos.last().map_or(1.0, |p| p.0);
+    let amax = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if amax > 0.0 { amax / max } else { 1.0 };
+    let nearest = |x: f32| -> u8 {
+        let a = if x.is_nan() {
+            0.0
+        } else {
+            (x.abs() / scale).min(max)
+        };
+        let i = pos.partition_point(|p| p.0 < a);
+        let b = match (pos.get(i.wrapping_sub(1)), pos.get(i)) {
+            (Some(lo), Some(hi)) => {
+                if a - lo.0 <= hi.0 - a {
+                    lo.1
+                } else {
+                    hi.1
+                }
+            }
+            (Some(lo), None) => lo.1,
+            (None, Some(hi)) => hi.1,
+            (None, None) => 0,
+        };
+        if x.is_sign_negative() && b != 0 {
+            b | 0x80
+        } else {
+            b
+        }
+    };
+    let bytes = values.par_iter().map(|&x| nearest(x)).collect();
+    (bytes, scale)
 }
 
 fn decode_chunk(ty: QuantType, b: &[u8], o: &mut [f32]) {
@@ -615,6 +667,29 @@ mod tests {
                 _ => 0.04,
             };
             assert!(err <= bound, "{t}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn fp8_encoding_round_trips() {
+        let v: Vec<f32> = (0..600)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 10.0)
+            .collect();
+        for kind in [Fp8Kind::E4M3, Fp8Kind::E5M2] {
+            let w = PackedWeight::encode(Encoding::Fp8(kind), &v, 6, 100).unwrap();
+            assert_eq!(w.scale().len(), 1);
+            let d = w.dequantize().unwrap();
+            for (a, b) in v.iter().zip(&d) {
+                // 3 (E4M3) or 2 (E5M2) mantissa bits: relative error ≤ 2⁻⁴ / 2⁻³
+                let rel = if kind == Fp8Kind::E4M3 { 0.0625 } else { 0.125 };
+                assert!(
+                    (a - b).abs() <= rel * a.abs() + 1e-3,
+                    "{kind:?}: {a} -> {b}"
+                );
+            }
+            // exactly representable values come back exactly
+            let m = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(d[v.iter().position(|x| x.abs() == m).unwrap()].abs(), m);
         }
     }
 

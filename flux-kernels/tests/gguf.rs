@@ -95,7 +95,7 @@ fn expect_gguf(bytes: &[u8], name: &str) -> GgufError {
     std::fs::write(&p, bytes).unwrap();
     let direct = gguf::parse(bytes).expect_err("corrupt header accepted");
     match Checkpoint::open(&[p], DType::F32, &Device::Cpu) {
-        Err(Error::Load(LoadError::Gguf { source, .. })) => assert_eq!(source, direct),
+        Err(Error::Load(LoadError::Gguf { source, .. })) => assert_eq!(*source, direct),
         // without the magic it is not a GGUF file at all: read as safetensors, which fails
         Err(Error::Load(LoadError::File { reason, .. }))
             if matches!(direct, GgufError::BadMagic(_)) =>

@@ -199,7 +199,12 @@ impl ClipTextModel {
                 why: "supported: f32, bf16, f16",
             });
         }
-        let ck = Checkpoint::open(files, dtype, device)?;
+        let mut ck = Checkpoint::open(files, dtype, device)?;
+        // the CLIP part of an all-in-one file (ComfyUI's layout)
+        const AIO_PREFIX: &str = "text_encoders.clip_l.transformer.";
+        if !ck.strip_common_prefix(AIO_PREFIX) {
+            ck.restrict_to_prefix(AIO_PREFIX);
+        }
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         // Released checkpoints (and CLIPModel files) prefix the text tower with `text_model.`;
         // transformers 5 writes CLIPTextModel without it. Accept both.
@@ -213,10 +218,9 @@ impl ClipTextModel {
             Ok(ck.get(&format!("{prefix}{k}"), Some(s))?)
         };
         let lin = |p: &str, i: usize, o: usize| -> Result<Linear> {
-            Ok(Linear::new(
-                get(&format!("{p}.weight"), &[o, i])?,
-                Some(get(&format!("{p}.bias"), &[o])?),
-            )?)
+            let p = p.strip_prefix("text_model.").unwrap_or(p);
+            let (w, b) = (format!("{prefix}{p}.weight"), format!("{prefix}{p}.bias"));
+            Ok(ck.linear(&w, Some(&b), i, o)?)
         };
         let norm = |p: &str| -> Result<Norm> {
             Ok(Norm {

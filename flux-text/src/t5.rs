@@ -169,16 +169,135 @@ pub struct T5Encoder {
     cfg: T5Config,
 }
 
+/// Where the T5 encoder sits in an all-in-one file (ComfyUI's layout).
+const AIO_PREFIX: &str = "text_encoders.t5xxl.transformer.";
+
+fn open_checkpoint(
+    files: &[std::path::PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<Checkpoint> {
+    let mut ck = Checkpoint::open(files, dtype, device)?;
+    if !ck.strip_common_prefix(AIO_PREFIX) {
+        ck.restrict_to_prefix(AIO_PREFIX);
+    }
+    Ok(ck)
+}
+
+/// Whether the checkpoint uses llama.cpp's `t5encoder` names (city96's GGUF files).
+fn is_llama_layout(ck: &Checkpoint) -> bool {
+    ck.contains("enc.blk.0.attn_q.weight") || ck.contains("token_embd.weight")
+}
+
+/// The llama.cpp (`t5encoder`) name of a transformers T5 encoder tensor: the same map as
+/// gguf-py's tensor mapping, ComfyUI-GGUF's and stable-diffusion.cpp's.
+pub fn llama_name(hf: &str) -> Option<String> {
+    match hf {
+        "shared.weight" | "encoder.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "encoder.final_layer_norm.weight" => return Some("enc.output_norm.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("encoder.block.")?;
+    let (i, sub) = rest.split_once('.')?;
+    i.parse::<usize>().ok()?;
+    let part = match sub {
+        "layer.0.SelfAttention.q.weight" => "attn_q.weight",
+        "layer.0.SelfAttention.k.weight" => "attn_k.weight",
+        "layer.0.SelfAttention.v.weight" => "attn_v.weight",
+        "layer.0.SelfAttention.o.weight" => "attn_o.weight",
+        "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b.weight",
+        "layer.0.layer_norm.weight" => "attn_norm.weight",
+        "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate.weight",
+        "layer.1.DenseReluDense.wi_1.weight" => "ffn_up.weight",
+        "layer.1.DenseReluDense.wo.weight" => "ffn_down.weight",
+        "layer.1.layer_norm.weight" => "ffn_norm.weight",
+        _ => return None,
+    };
+    Some(format!("enc.blk.{i}.{part}"))
+}
+
+impl T5Config {
+    /// The config of the encoder in `ck`, from its tensors' shapes (either naming), with
+    /// T5 v1.1's fixed choices (gated GELU, 32 buckets at most 128 apart, ε = 1e-6) and
+    /// llama.cpp's `t5encoder.*` metadata where a GGUF file has it.
+    pub fn detect(ck: &Checkpoint) -> Result<Self> {
+        let llama = is_llama_layout(ck);
+        let name = |k: &str| {
+            if llama {
+                llama_name(k).unwrap_or_else(|| k.to_string())
+            } else {
+                k.to_string()
+            }
+        };
+        let dims2 = |k: &str| -> Result<(usize, usize)> {
+            let k = name(k);
+            match ck.shape(&k) {
+                Some([a, b]) => Ok((*a, *b)),
+                _ => Err(Error::InvalidConfig(format!(
+                    "{}: no 2-D `{k}`: not a T5 encoder (its keys look like: {})",
+                    ck.desc(),
+                    ck.sample_keys(4).join(", ")
+                ))),
+            }
+        };
+        let emb = if ck.contains(&name("shared.weight")) {
+            "shared.weight"
+        } else {
+            "encoder.embed_tokens.weight"
+        };
+        let (vocab_size, d_model) = dims2(emb)?;
+        let (inner, _) = dims2("encoder.block.0.layer.0.SelfAttention.q.weight")?;
+        let (d_ff, _) = dims2("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")?;
+        let (buckets, num_heads) =
+            dims2("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?;
+        let mut num_layers = 0;
+        while ck.contains(&name(&format!(
+            "encoder.block.{num_layers}.layer.0.SelfAttention.q.weight"
+        ))) {
+            num_layers += 1;
+        }
+        if num_heads == 0 || inner % num_heads != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "{}: attention width {inner} is not a whole number of {num_heads} heads",
+                ck.desc()
+            )));
+        }
+        let eps = ck
+            .gguf_metadata("t5encoder.attention.layer_norm_epsilon")
+            .and_then(|v| match v {
+                flux_kernels::gguf::Value::F64(e) => Some(*e),
+                _ => None,
+            })
+            .unwrap_or(1e-6);
+        let cfg = T5Config {
+            vocab_size,
+            d_model,
+            d_kv: inner / num_heads,
+            d_ff,
+            num_layers,
+            num_heads,
+            relative_attention_num_buckets: buckets,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: eps,
+            feed_forward_proj: "gated-gelu".into(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 /// Keys of a full T5 checkpoint that the encoder does not use.
 fn ignorable(key: &str) -> bool {
     key.starts_with("decoder.") || key.starts_with("lm_head.")
 }
 
 impl T5Encoder {
-    /// Loads the encoder from memory-mapped safetensors `files` (a `text_encoder_2/` folder's
-    /// shards). Accepts the embedding as `shared.weight` or `encoder.embed_tokens.weight`;
-    /// ignores decoder and LM-head weights of full T5 checkpoints; strict otherwise. f16 is
-    /// refused: T5's feed-forward overflows it and would produce NaN.
+    /// Loads the encoder from memory-mapped checkpoint `files` (a `text_encoder_2/` folder's
+    /// shards, or one file: safetensors in any float or fp8 type, or a llama.cpp-layout GGUF
+    /// such as city96's). Accepts the embedding as `shared.weight` or
+    /// `encoder.embed_tokens.weight`; ignores decoder and LM-head weights of full T5
+    /// checkpoints; reads the `text_encoders.t5xxl.transformer.` part of all-in-one files;
+    /// strict otherwise. f16 is refused: T5's feed-forward overflows it and would produce NaN.
     pub fn load(
         cfg: &T5Config,
         files: &[std::path::PathBuf],
@@ -193,15 +312,42 @@ impl T5Encoder {
                 why: "T5's feed-forward activations overflow f16 (→ inf/NaN); use bf16 or f32",
             });
         }
-        let ck = Checkpoint::open(files, dtype, device)?;
-        let (d, inner, f) = (cfg.d_model, cfg.d_kv * cfg.num_heads, cfg.d_ff);
-        let get = |k: &str, s: &[usize]| -> Result<Tensor> { Ok(ck.get(k, Some(s))?) };
-        let lin = |k: &str, i: usize, o: usize| -> Result<Linear> {
-            Ok(Linear::new(get(k, &[o, i])?, None)?)
+        let ck = open_checkpoint(files, dtype, device)?;
+        Self::load_checkpoint(cfg, &ck)
+    }
+
+    /// Loads a single T5 encoder file (any format [`T5Encoder::load`] reads), with the config
+    /// read from its tensors' shapes ([`T5Config::detect`]).
+    pub fn from_file(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        if dtype == DType::F16 {
+            return Err(Error::UnsupportedDtype {
+                what: "T5",
+                dtype,
+                why: "T5's feed-forward activations overflow f16 (→ inf/NaN); use bf16 or f32",
+            });
+        }
+        let ck = open_checkpoint(&[path.as_ref().to_path_buf()], dtype, device)?;
+        let cfg = T5Config::detect(&ck)?;
+        Self::load_checkpoint(&cfg, &ck)
+    }
+
+    fn load_checkpoint(cfg: &T5Config, ck: &Checkpoint) -> Result<Self> {
+        cfg.validate()?;
+        let llama = is_llama_layout(ck);
+        let key = |k: &str| -> String {
+            if llama {
+                llama_name(k).unwrap_or_else(|| k.to_string())
+            } else {
+                k.to_string()
+            }
         };
+        let (d, inner, f) = (cfg.d_model, cfg.d_kv * cfg.num_heads, cfg.d_ff);
+        let get = |k: &str, s: &[usize]| -> Result<Tensor> { Ok(ck.get(&key(k), Some(s))?) };
+        let lin =
+            |k: &str, i: usize, o: usize| -> Result<Linear> { Ok(ck.linear(&key(k), None, i, o)?) };
         let emb_shape = [cfg.vocab_size, d];
         let shared = match (
-            ck.contains("shared.weight"),
+            ck.contains(&key("shared.weight")),
             ck.contains("encoder.embed_tokens.weight"),
         ) {
             (true, both) => {

@@ -216,8 +216,9 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Maps safetensors `files` read in `layout` for a model with `cfg`'s levels; tensors are
-    /// converted to `dtype` on `device`.
+    /// Maps checkpoint `files` (safetensors or GGUF) read in `layout` for a model with
+    /// `cfg`'s levels; tensors are converted to `dtype` on `device`. In the BFL layout the
+    /// `vae.` part of an all-in-one file (ComfyUI's layout) is read without its prefix.
     pub fn open(
         files: &[PathBuf],
         layout: Layout,
@@ -225,7 +226,10 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let ckpt = Checkpoint::open(files, dtype, device)?;
+        let mut ckpt = Checkpoint::open(files, dtype, device)?;
+        if layout == Layout::Bfl && !ckpt.strip_common_prefix("vae.") {
+            ckpt.restrict_to_prefix("vae.");
+        }
         Ok(Weights {
             ckpt,
             layout,

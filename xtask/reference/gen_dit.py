@@ -295,12 +295,141 @@ def gen_manifests(out):
             common.write_manifest(mdir, f"{name}_{layout}", fields, d)
 
 
+# Block linears of the quantized golden and the type of each: every GGUF block type at least
+# once, larger layers in fewer bits (keeps the file small); top-level layers as city96 keeps
+# them (F16/BF16/F32, some quantized as candle's tensor-tools does), 1-D tensors F32.
+QUANT_TYPES = {
+    "double_blocks.0.img_mod.lin": "Q2_K",
+    "double_blocks.0.txt_mod.lin": "Q3_K",
+    "double_blocks.0.img_attn.qkv": "Q8_0",
+    "double_blocks.0.txt_attn.qkv": "Q5_K",
+    "double_blocks.0.img_attn.proj": "BF16",
+    "double_blocks.0.txt_attn.proj": "F16",
+    "double_blocks.0.img_mlp.0": "Q6_K",
+    "double_blocks.0.txt_mlp.0": "Q4_1",
+    "double_blocks.0.img_mlp.2": "Q5_1",
+    "double_blocks.0.txt_mlp.2": "Q2_K",
+    "single_blocks.0.linear1": "Q4_K",
+    "single_blocks.0.linear2": "Q5_0",
+    "single_blocks.0.modulation.lin": "Q4_0",
+    "img_in": "F16",
+    "txt_in": "BF16",
+    "vector_in.in_layer": "F32",
+    "time_in.in_layer": "Q8_0",
+    "time_in.out_layer": "Q4_K",
+    "vector_in.out_layer": "Q4_0",
+    "guidance_in.in_layer": "Q8_0",
+    "guidance_in.out_layer": "Q6_K",
+    "final_layer.linear": "BF16",
+    "final_layer.adaLN_modulation.1": "Q5_K",
+}
+
+
+def gen_quant(out):
+    """A FLUX-shaped transformer (heads of 128, so k-quants apply: width 256, 1 double + 1
+    single block, dev) written as a city96-style GGUF with a different type per layer; the
+    expected output is diffusers' FluxTransformer2DModel run on the weights as `gguf` decodes
+    them (so a quantized path adds no error of its own). Also the same decoded weights as an
+    fp8 (e4m3, ComfyUI scaled) safetensors with its own expected output."""
+    import numpy as np
+
+    import quant_ref
+    from diffusers import FluxTransformer2DModel
+
+    common.setup(0)
+    cfg = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1,
+               attention_head_dim=128, num_attention_heads=2, joint_attention_dim=32,
+               pooled_projection_dim=32, axes_dims_rope=(16, 56, 56), guidance_embeds=True)
+    model = FluxTransformer2DModel(**cfg).eval()
+    randomize(model, seed=21)
+    bfl = to_bfl({k: v.detach().clone() for k, v in model.state_dict().items()}, 1, 1)
+    rng = np.random.default_rng(22)
+    tensors, decoded = [], {}
+    for k in sorted(bfl):
+        v = bfl[k].float().numpy()
+        stem = k.rsplit(".", 1)[0]
+        tname = QUANT_TYPES.get(stem, "F32") if k.endswith(".weight") and v.ndim == 2 else "F32"
+        if v.ndim == 1:
+            v2 = v.reshape(1, -1)
+        else:
+            v2 = v
+        raw, dec = quant_ref.encode(tname, v2, rng=rng, scale=float(np.abs(v2).mean()))
+        tensors.append((k, tname, raw, list(v.shape)))
+        decoded[k] = torch.from_numpy(dec.reshape(v.shape).copy())
+    path = os.path.join(out, "quant_dev.gguf")
+    quant_ref.write(path, tensors, arch="flux", kv={"general.quantization_version": 2, "general.file_type": 15})
+    print(f"wrote {os.path.relpath(path)} ({len(tensors)} tensors, {os.path.getsize(path)} bytes)")
+    # the reference model on the decoded weights: BFL -> diffusers through diffusers' converter
+    convert, _ = diffusers_converter(256)
+    sd = convert({k: v.clone() for k, v in decoded.items()})
+    model.load_state_dict(sd)
+    g = torch.Generator().manual_seed(23)
+    b, (gh, gw), lt = 1, (2, 3), 4
+    inp = {
+        "img": torch.randn(b, gh * gw, 64, generator=g),
+        "txt": torch.randn(b, lt, 32, generator=g),
+        "y": torch.randn(b, 32, generator=g),
+        "timesteps": torch.tensor([0.7]),
+        "guidance": torch.tensor([3.5]),
+    }
+    inp["img_ids"], inp["txt_ids"] = make_ids((gh, gw), lt)
+
+    def call():
+        with torch.no_grad():
+            return model(hidden_states=inp["img"], encoder_hidden_states=inp["txt"],
+                         pooled_projections=inp["y"], timestep=inp["timesteps"], img_ids=inp["img_ids"],
+                         txt_ids=inp["txt_ids"], guidance=inp["guidance"], return_dict=False)[0]
+
+    t = {f"input/{k}": v for k, v in inp.items()}
+    t["output/gguf"] = call()
+    # fp8 on the tiny dev model (fp8 has no block constraint): every 2-D weight as e4m3 with a
+    # per-tensor scale (ComfyUI's scaled fp8), the rest f32, keys prefixed as in all-in-one files
+    tcfg = MODELS["dev"]["cfg"]
+    tiny = FluxTransformer2DModel(**tcfg).eval()
+    randomize(tiny, seed=1)
+    tbfl = to_bfl({k: v.detach().clone() for k, v in tiny.state_dict().items()}, 2, 2)
+    fp8, dec8 = {}, {}
+    for k, v in tbfl.items():
+        if v.ndim == 2:
+            s = v.abs().max().clamp(min=1e-12) / 448.0
+            q = (v / s).to(torch.float8_e4m3fn)
+            fp8[k] = q
+            fp8[k[: -len("weight")] + "scale_weight"] = s.reshape(())
+            dec8[k] = q.float() * s
+        else:
+            fp8[k] = v
+            dec8[k] = v
+    fp8["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    from safetensors.torch import save_file
+
+    fp8_path = os.path.join(out, "tiny_dev_fp8.safetensors")
+    save_file({("model.diffusion_model." + k): v.contiguous() for k, v in sorted(fp8.items())}, fp8_path)
+    print(f"wrote {os.path.relpath(fp8_path)} ({len(fp8)} tensors, {os.path.getsize(fp8_path)} bytes)")
+    tconvert, _ = diffusers_converter(16)
+    tiny.load_state_dict(tconvert({k: v.clone() for k, v in dec8.items()}))
+    with torch.no_grad():
+        t["fp8/img"] = torch.randn(1, 6, tcfg["in_channels"], generator=g)
+        t["fp8/txt"] = torch.randn(1, 3, tcfg["joint_attention_dim"], generator=g)
+        t["fp8/y"] = torch.randn(1, tcfg["pooled_projection_dim"], generator=g)
+        ii, ti = make_ids((2, 3), 3)
+        t["fp8/img_ids"], t["fp8/txt_ids"] = ii, ti
+        t["fp8/output"] = tiny(hidden_states=t["fp8/img"], encoder_hidden_states=t["fp8/txt"],
+                               pooled_projections=t["fp8/y"], timestep=torch.tensor([0.5]), img_ids=ii,
+                               txt_ids=ti, guidance=torch.tensor([4.0]), return_dict=False)[0]
+    meta = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+            "types": QUANT_TYPES, "seed": 21,
+            "fp8": "tiny dev model, e4m3fn, per-tensor scale_weight, model.diffusion_model. prefix, t=0.5, guidance 4",
+            "tolerance": {"f32": "abs=1e-5,rel=1e-5"}}
+    common.save(out, "quant_dev", t, meta)
+
+
 def main():
     args = common.parse_args(__doc__)
     for name, spec in MODELS.items():
         run_model(name, spec, args.out)
     gen_modules(args.out)
     gen_manifests(args.out)
+    gen_quant(args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ SCALE_FIELDS = {
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
     "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
 }
+# typical |value| of a k-quant block per unit of its f16 scale with random quants and 6/8-bit
+# sub-scales (so `encode` can aim random blocks at a weight's magnitude)
+SPREAD = {"Q2_K": 11.0, "Q3_K": 32.0, "Q4_K": 240.0, "Q5_K": 480.0, "Q6_K": 1000.0}
 # scales every block format must survive: zeros of both signs, a subnormal, the f16 maximum
 EDGE_SCALES = [0.0, -0.0, 2.0**-24, 65504.0, -2.5, 1e-3]
 
@@ -42,7 +45,8 @@ def random_blocks(name, rows, cols, rng, scale, edge=False):
 
 def encode(name, values, rng=None, scale=None):
     """(bytes as uint8 (rows, row_bytes), decoded float32 (rows, cols)) of a 2-D f32 array in
-    type `name`: quantized by `gguf` where it can, random blocks around `scale` otherwise."""
+    type `name`: quantized by `gguf` where it can, otherwise random blocks whose values are
+    about `scale` in size."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     t = TYPES[name]
     if name == "F32":
@@ -50,7 +54,7 @@ def encode(name, values, rng=None, scale=None):
     elif name in QUANTIZABLE:
         raw = quants.quantize(values, t)
     else:
-        raw = random_blocks(name, values.shape[0], values.shape[1], rng, scale)
+        raw = random_blocks(name, values.shape[0], values.shape[1], rng, scale / SPREAD[name])
     return raw, decode(name, raw)
 
 
@@ -71,8 +75,8 @@ def write(path, tensors, kv=None, arch=None):
         else:
             w.add_uint32(k, v)
     for name, tname, raw, shape in tensors:
+        raw = np.ascontiguousarray(raw).reshape(list(shape[:-1]) + [-1])  # bytes, torch order
         w.add_tensor(name, raw, raw_shape=list(raw.shape), raw_dtype=TYPES[tname])
-        assert list(shape) == list(torch.Size(shape))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
