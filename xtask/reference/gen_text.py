@@ -285,6 +285,77 @@ def manifests(out):
         common.write_manifest(mdir, name, {"model": desc, "source": "transformers on the meta device"}, model.state_dict())
 
 
+# llama.cpp's `t5encoder` names (gguf-py's tensor map), per transformers name
+def llama_t5_name(k):
+    if k in ("shared.weight", "encoder.embed_tokens.weight"):
+        return "token_embd.weight"
+    if k == "encoder.final_layer_norm.weight":
+        return "enc.output_norm.weight"
+    parts = k.split(".")
+    i, sub = parts[2], ".".join(parts[3:])
+    return f"enc.blk.{i}." + {
+        "layer.0.SelfAttention.q.weight": "attn_q.weight", "layer.0.SelfAttention.k.weight": "attn_k.weight",
+        "layer.0.SelfAttention.v.weight": "attn_v.weight", "layer.0.SelfAttention.o.weight": "attn_o.weight",
+        "layer.0.SelfAttention.relative_attention_bias.weight": "attn_rel_b.weight",
+        "layer.0.layer_norm.weight": "attn_norm.weight", "layer.1.DenseReluDense.wi_0.weight": "ffn_gate.weight",
+        "layer.1.DenseReluDense.wi_1.weight": "ffn_up.weight", "layer.1.DenseReluDense.wo.weight": "ffn_down.weight",
+        "layer.1.layer_norm.weight": "ffn_norm.weight"}[sub]
+
+
+T5_QUANT = dict(T5_TINY, vocab_size=256, d_model=256, d_kv=64, num_heads=4, d_ff=256)
+T5_QUANT_TYPES = {
+    "token_embd.weight": "Q8_0", "enc.blk.0.attn_rel_b.weight": "F16",
+    "enc.blk.0.attn_q.weight": "Q4_K", "enc.blk.0.attn_k.weight": "Q5_K", "enc.blk.0.attn_v.weight": "Q6_K",
+    "enc.blk.0.attn_o.weight": "Q8_0", "enc.blk.0.ffn_gate.weight": "Q4_0", "enc.blk.0.ffn_up.weight": "Q5_0",
+    "enc.blk.0.ffn_down.weight": "Q3_K", "enc.blk.1.attn_q.weight": "Q2_K", "enc.blk.1.attn_k.weight": "Q4_1",
+    "enc.blk.1.attn_v.weight": "Q5_1", "enc.blk.1.attn_o.weight": "BF16", "enc.blk.1.ffn_gate.weight": "F16",
+    "enc.blk.1.ffn_up.weight": "Q8_0", "enc.blk.1.ffn_down.weight": "Q4_K",
+}
+
+
+def gguf_t5(out):
+    """A T5 encoder (width 256, so k-quants apply) as a llama.cpp-layout GGUF, as city96's T5
+    files are (names, `t5encoder.*` metadata, F32 norms), with a different type per linear;
+    expected = transformers' T5EncoderModel on the weights as `gguf` decodes them."""
+    import numpy as np
+
+    import quant_ref
+    from transformers import T5Config, T5EncoderModel
+
+    common.setup(0)
+    cfg = T5Config(**T5_QUANT)
+    t5 = T5EncoderModel(cfg).eval()
+    randomize(t5, 23)
+    rng = np.random.default_rng(24)
+    tensors, decoded = [], {}
+    sd = {k: v.detach().clone() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    for k in sorted(sd):
+        v = sd[k].float().numpy()
+        name = llama_t5_name(k)
+        tname = T5_QUANT_TYPES.get(name, "F32")
+        v2 = v.reshape(1, -1) if v.ndim == 1 else v
+        raw, dec = quant_ref.encode(tname, v2, rng=rng, scale=float(np.abs(v2).mean()))
+        tensors.append((name, tname, raw, list(v.shape)))
+        decoded[k] = torch.from_numpy(dec.reshape(v.shape).copy())
+    kv = {"t5encoder.context_length": 512, "t5encoder.embedding_length": 256,
+          "t5encoder.feed_forward_length": 256, "t5encoder.block_count": 2, "t5encoder.attention.head_count": 4,
+          "t5encoder.attention.key_length": 64, "t5encoder.attention.value_length": 64,
+          "t5encoder.attention.relative_buckets_count": 32, "general.name": "T5 tiny (flux-rs golden)"}
+    path = os.path.join(out, "t5_quant.gguf")
+    quant_ref.write(path, tensors, kv=kv, arch="t5encoder")
+    print(f"wrote {os.path.relpath(path)} ({len(tensors)} tensors, {os.path.getsize(path)} bytes)")
+    decoded["encoder.embed_tokens.weight"] = decoded["shared.weight"]
+    t5.load_state_dict(decoded)
+    g = torch.Generator().manual_seed(25)
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    ids[1, 10:] = 0  # padding, as the pipeline pads
+    t = {"ids": ids}
+    with torch.no_grad():
+        t["last_hidden_state"] = t5(input_ids=ids).last_hidden_state
+    meta = {"t5_config": T5_QUANT, "types": T5_QUANT_TYPES, "seed": 23, "tolerance": "abs=1e-5,rel=1e-5"}
+    common.save(out, "t5_quant", t, meta)
+
+
 def main():
     args = common.parse_args(__doc__)
     data = os.path.join(os.path.dirname(args.out.rstrip("/")), "data")
@@ -292,6 +363,7 @@ def main():
     clip_tok, t5_tok = tokenizers(data, args.out)
     models(args.out, clip_tok, t5_tok)
     manifests(args.out)
+    gguf_t5(args.out)
 
 
 if __name__ == "__main__":
