@@ -2,12 +2,14 @@
 #![deny(missing_docs)]
 
 mod config;
+mod convert;
 mod error;
 mod model;
 mod pack;
 mod weights;
 
 pub use config::{Config, DiffusersConfig};
+pub use convert::{convert_to_gguf, gguf_type_for, llama_file_type, ConvertReport};
 pub use error::{Error, Result};
 pub use flux_kernels::AngleMode;
 pub use flux_kernels::LoadError;

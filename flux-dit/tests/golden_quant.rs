@@ -143,3 +143,49 @@ fn quantize_while_loading_error_per_type() {
         );
     }
 }
+
+/// `flux convert`: the wide model rewritten as Q4_K / Q8_0 GGUF, city96's type policy, read back
+/// by candle's GGUF reader (another implementation) and by ours.
+#[test]
+fn convert_to_gguf_round_trip() {
+    use flux_kernels::QuantType;
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "quant_dev");
+    let dir = std::env::temp_dir().join(format!("flux-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = flux_kernels::Checkpoint::open(&[path("quant_dev.gguf")], DType::F32, &Device::Cpu)
+        .unwrap();
+    for (ty, min_cos) in [(QuantType::Q8_0, 0.9999), (QuantType::Q4_K, 0.99)] {
+        let out = dir.join(format!("wide-{ty}.gguf"));
+        let mut calls = 0;
+        let report =
+            convert_to_gguf(&path("quant_dev.gguf"), None, &out, ty, |_, _| calls += 1).unwrap();
+        assert_eq!(calls, 52);
+        assert_eq!(report.types[ty.name()], 13, "{:?}", report.types); // every block linear
+                                                                       // candle's reader: same names, shapes (torch order) and types
+        let mut f = std::fs::File::open(&out).unwrap();
+        let c = candle::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let ours = flux_kernels::gguf::parse(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(c.tensor_infos.len(), ours.tensors.len());
+        for t in &ours.tensors {
+            let ci = &c.tensor_infos[&t.name];
+            assert_eq!(ci.shape.dims(), t.shape.as_slice(), "{}", t.name);
+            assert_eq!(ci.ggml_dtype, t.ty.to_candle(), "{}", t.name);
+            let want = gguf_type_for(&t.name, &t.shape, src.stored_type(&t.name), ty);
+            assert_eq!(t.ty, want, "{}", t.name);
+        }
+        assert_eq!(
+            c.metadata["general.architecture"].to_string().unwrap(),
+            "flux"
+        );
+        let model = Flux::from_file(&out, DType::F32, &Device::Cpu, DIFFUSERS).unwrap();
+        let o = forward(&model, &g, "input/", 0.7, 3.5);
+        let tol = Tolerance::new(f64::INFINITY, 0.0).with_min_cosine(min_cos);
+        g.check(
+            &format!("convert_{ty}_vs_dense"),
+            &o,
+            &g.tensor("output/gguf"),
+            tol,
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -42,6 +42,17 @@ impl std::fmt::Display for StoredType {
 }
 
 impl StoredType {
+    /// The plain float type (F32, F16, BF16) of either container, if it is one.
+    pub fn float_type(self) -> Option<QuantType> {
+        match self {
+            StoredType::Gguf(t) if !t.is_quantized() => Some(t),
+            StoredType::Safetensors(Dtype::F32) => Some(QuantType::F32),
+            StoredType::Safetensors(Dtype::F16) => Some(QuantType::F16),
+            StoredType::Safetensors(Dtype::BF16) => Some(QuantType::BF16),
+            _ => None,
+        }
+    }
+
     /// The fp8 format, when the tensor is fp8.
     pub fn fp8(self) -> Option<Fp8Kind> {
         match self {

@@ -559,75 +559,183 @@ fn value_type(v: &Value) -> u32 {
     }
 }
 
-/// Writes a GGUF v3 file (alignment 32) to `path`, through a temporary file in the same
-/// folder renamed into place, so an interrupted write never leaves a partial `path`.
-pub fn write(
-    path: &Path,
-    metadata: &[(&str, Value)],
-    tensors: &[TensorOut<'_>],
-) -> std::io::Result<()> {
-    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
-    for t in tensors {
-        let elems: usize = t.shape.iter().product();
-        let inner = t.shape.last().copied().unwrap_or(1);
-        if t.shape.is_empty() || t.shape.len() > MAX_DIMS {
-            return Err(invalid(format!(
-                "{}: GGUF tensors have 1 to 4 dimensions",
-                t.name
-            )));
-        }
-        if t.ty.bytes_for(elems, inner) != Some(t.data.len()) {
-            return Err(invalid(format!(
-                "{}: {} bytes do not hold a {} tensor of shape {:?}",
-                t.name,
-                t.data.len(),
-                t.ty,
-                t.shape
-            )));
-        }
+/// A tensor's entry in a file being written: name, type and PyTorch-order shape.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    /// The name.
+    pub name: String,
+    /// The type its data will have.
+    pub ty: QuantType,
+    /// PyTorch-order shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    fn bytes(&self) -> Option<usize> {
+        let elems = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        self.ty
+            .bytes_for(elems, self.shape.last().copied().unwrap_or(1))
     }
-    let tmp = path.with_file_name(format!(
-        ".{}.partial",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("out.gguf")
-    ));
-    let res = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+}
+
+fn invalid(m: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, m)
+}
+
+fn pad(n: usize) -> usize {
+    n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+}
+
+/// A GGUF v3 file (alignment 32) written tensor by tensor, so converting a large model holds
+/// one tensor in memory at a time. The header (metadata and every tensor's entry) is written
+/// first; [`StreamWriter::push`] then takes each tensor's data in the same order. The file is
+/// written under a temporary name in the same folder and renamed into place by
+/// [`StreamWriter::finish`]; dropped unfinished, the temporary file is removed, so an
+/// interrupted write never leaves a partial file at `path`.
+pub struct StreamWriter {
+    w: Option<std::io::BufWriter<std::fs::File>>,
+    specs: Vec<TensorSpec>,
+    next: usize,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl StreamWriter {
+    /// Creates the temporary file and writes the header.
+    pub fn create(
+        path: &Path,
+        metadata: &[(&str, Value)],
+        specs: Vec<TensorSpec>,
+    ) -> std::io::Result<Self> {
         let mut head = vec![];
         head.extend_from_slice(b"GGUF");
         head.extend_from_slice(&3u32.to_le_bytes());
-        head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(specs.len() as u64).to_le_bytes());
         head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
         for (k, v) in metadata {
             put_str(&mut head, k)?;
             put_value(&mut head, v)?;
         }
-        let pad = |n: usize| n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
         let mut offset = 0usize;
-        for t in tensors {
-            put_str(&mut head, t.name)?;
+        for t in &specs {
+            if t.shape.is_empty() || t.shape.len() > MAX_DIMS {
+                return Err(invalid(format!(
+                    "{}: GGUF tensors have 1 to 4 dimensions",
+                    t.name
+                )));
+            }
+            let Some(size) = t.bytes() else {
+                return Err(invalid(format!(
+                    "{}: shape {:?} is not a whole number of {} blocks",
+                    t.name, t.shape, t.ty
+                )));
+            };
+            put_str(&mut head, &t.name)?;
             head.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
             for d in t.shape.iter().rev() {
                 head.extend_from_slice(&(*d as u64).to_le_bytes());
             }
             head.extend_from_slice(&t.ty.ggml_id().to_le_bytes());
             head.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = pad(offset + t.data.len());
+            offset = pad(offset + size);
         }
         head.resize(pad(head.len()), 0);
+        let tmp = path.with_file_name(format!(
+            ".{}.partial",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("out.gguf")
+        ));
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let mut me = StreamWriter {
+            w: None,
+            specs,
+            next: 0,
+            tmp,
+            path: path.to_path_buf(),
+        };
         w.write_all(&head)?;
-        for t in tensors {
-            w.write_all(t.data)?;
-            let p = pad(t.data.len()) - t.data.len();
-            w.write_all(&vec![0u8; p])?;
-        }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        me.w = Some(w);
+        Ok(me)
     }
-    res
+
+    /// The next tensor's spec, if any remains.
+    pub fn next_spec(&self) -> Option<&TensorSpec> {
+        self.specs.get(self.next)
+    }
+
+    /// Writes the next tensor's data (its size must match its spec).
+    pub fn push(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let Some(spec) = self.specs.get(self.next) else {
+            return Err(invalid("more tensors than the header announced".into()));
+        };
+        if spec.bytes() != Some(data.len()) {
+            return Err(invalid(format!(
+                "{}: {} bytes do not hold a {} tensor of shape {:?}",
+                spec.name,
+                data.len(),
+                spec.ty,
+                spec.shape
+            )));
+        }
+        let w = self
+            .w
+            .as_mut()
+            .ok_or_else(|| invalid("writer closed".into()))?;
+        w.write_all(data)?;
+        w.write_all(&vec![0u8; pad(data.len()) - data.len()])?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes, syncs and renames the file into place; every announced tensor must have been
+    /// pushed.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if self.next != self.specs.len() {
+            return Err(invalid(format!(
+                "{} of {} tensors written",
+                self.next,
+                self.specs.len()
+            )));
+        }
+        let w = self
+            .w
+            .take()
+            .ok_or_else(|| invalid("writer closed".into()))?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if self.w.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes a GGUF v3 file (alignment 32) of `tensors` already in memory (see [`StreamWriter`]).
+pub fn write(
+    path: &Path,
+    metadata: &[(&str, Value)],
+    tensors: &[TensorOut<'_>],
+) -> std::io::Result<()> {
+    let specs = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.to_string(),
+            ty: t.ty,
+            shape: t.shape.to_vec(),
+        })
+        .collect();
+    let mut w = StreamWriter::create(path, metadata, specs)?;
+    for t in tensors {
+        w.push(t.data)?;
+    }
+    w.finish()
 }

@@ -13,5 +13,6 @@ pub use pipeline::{
 };
 pub use png::{check_writable, read_png, write_png, ImageParams, ReadPng, PARAMS_KEY};
 pub use source::{
-    scheduler_shift, ModelFiles, ModelSource, TransformerFiles, VaeFiles, DEV_REPO, SCHNELL_REPO,
+    scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,
+    DEV_REPO, SCHNELL_REPO,
 };

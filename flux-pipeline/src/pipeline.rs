@@ -32,6 +32,9 @@ pub struct PipelineOptions {
     pub keep_loaded: bool,
     /// Decode in tiles (bounded memory for large images).
     pub tiled_vae: Option<TileOptions>,
+    /// Encode the transformer's block weights while loading (`--quantize`), e.g.
+    /// `Encoding::Gguf(QuantType::Q8_0)`; weights already quantized in the file stay as they are.
+    pub quantize: Option<flux_kernels::Encoding>,
 }
 
 impl Default for PipelineOptions {
@@ -42,6 +45,7 @@ impl Default for PipelineOptions {
             reference: Reference::Diffusers,
             keep_loaded: false,
             tiled_vae: None,
+            quantize: None,
         }
     }
 }
@@ -180,6 +184,13 @@ impl FluxPipeline {
         }
         let cfg = match &files.transformer {
             TransformerFiles::Diffusers(dir) => read_transformer_config(dir)?,
+            TransformerFiles::File(file) => flux_dit::Weights::open(
+                std::slice::from_ref(file),
+                flux_dit::Layout::Bfl,
+                DType::F32,
+                &Device::Cpu,
+            )?
+            .detect_config()?,
             TransformerFiles::Bfl { config, .. } => config.clone(),
         };
         cfg.validate()?;
@@ -245,8 +256,21 @@ impl FluxPipeline {
             self.text = Some(PromptEncoder::new(
                 ClipTokenizer::from_dir(&f.tokenizer)?,
                 T5Tokenizer::from_dir(&f.tokenizer_2, max_len)?,
-                ClipTextModel::from_dir(&f.text_encoder, dt, d)?,
-                T5Encoder::from_dir(&f.text_encoder_2, dt, d)?,
+                if f.text_encoder.is_file() {
+                    let files = std::slice::from_ref(&f.text_encoder);
+                    let cfg = match &f.text_encoder_config {
+                        Some(dir) => flux_text::ClipConfig::from_dir(dir)?,
+                        None => flux_text::ClipConfig::vit_l_14(),
+                    };
+                    ClipTextModel::load(&cfg, files, dt, d)?
+                } else {
+                    ClipTextModel::from_dir(&f.text_encoder, dt, d)?
+                },
+                if f.text_encoder_2.is_file() {
+                    T5Encoder::from_file(&f.text_encoder_2, dt, d)?
+                } else {
+                    T5Encoder::from_dir(&f.text_encoder_2, dt, d)?
+                },
                 d,
             ));
         }
@@ -263,11 +287,13 @@ impl FluxPipeline {
             };
             let o = FluxOptions {
                 rope,
+                quantize: self.opts.quantize,
                 ..Default::default()
             };
             let (d, dt) = (&self.opts.device, self.opts.dtype);
             self.dit = Some(match &self.files.transformer {
                 TransformerFiles::Diffusers(dir) => Flux::from_diffusers_folder(dir, dt, d, o)?,
+                TransformerFiles::File(file) => Flux::from_file(file, dt, d, o)?,
                 TransformerFiles::Bfl { file, config } => {
                     Flux::from_bfl_file(file, config, dt, d, o)?
                 }

@@ -17,6 +17,9 @@ pub const DEV_REPO: &str = "black-forest-labs/FLUX.1-dev";
 pub enum TransformerFiles {
     /// A diffusers `transformer/` folder (reads its config.json).
     Diffusers(PathBuf),
+    /// One file in BFL's key names, in any format (safetensors of any float or fp8 type,
+    /// GGUF, prefixed or all-in-one); its config is detected from the tensors.
+    File(PathBuf),
     /// A BFL single file with its config (`Config::dev()`, `Config::schnell()`, …).
     Bfl {
         /// The `.safetensors` file.
@@ -49,10 +52,15 @@ pub struct ModelFiles {
     pub tokenizer: PathBuf,
     /// T5 tokenizer folder (`tokenizer.json`).
     pub tokenizer_2: PathBuf,
-    /// CLIP text model folder.
+    /// CLIP text model: a transformers folder, or one file (CLIP-L; safetensors, fp8, GGUF or
+    /// an all-in-one file).
     pub text_encoder: PathBuf,
-    /// T5 encoder folder.
+    /// T5 encoder: a transformers folder, or one file (config from its shapes; safetensors,
+    /// fp8, llama.cpp-layout GGUF or an all-in-one file).
     pub text_encoder_2: PathBuf,
+    /// The folder whose `config.json` describes a CLIP given as one file; `None`: CLIP-L's
+    /// (openai/clip-vit-large-patch14) config.
+    pub text_encoder_config: Option<PathBuf>,
     /// The transformer.
     pub transformer: TransformerFiles,
     /// The autoencoder.
@@ -109,6 +117,89 @@ impl ModelSource {
 
     /// Locates every file (downloading from the hub when needed and allowed).
     pub fn resolve(&self) -> Result<ModelFiles> {
+        self.resolve_with(&Components::default())
+    }
+
+    /// Locates the model with some components replaced by files (`--transformer`, `--t5`,
+    /// `--clip`, `--vae`): replaced components are neither read from the source nor
+    /// downloaded; the source still gives the tokenizers (and the schedule, unless the
+    /// transformer is replaced: then the schedule follows the file's variant).
+    pub fn resolve_with(&self, c: &Components) -> Result<ModelFiles> {
+        let (offline, cache_dir) = match self {
+            ModelSource::Hub {
+                offline, cache_dir, ..
+            } => (*offline, cache_dir.clone()),
+            _ => (false, None),
+        };
+        let locate = |r: &Option<FileRef>| -> Result<Option<PathBuf>> {
+            r.as_ref()
+                .map(|r| r.locate(offline, cache_dir.as_deref()))
+                .transpose()
+        };
+        let (tr, t5, clip, vae) = (
+            locate(&c.transformer)?,
+            locate(&c.t5)?,
+            locate(&c.clip)?,
+            locate(&c.vae)?,
+        );
+        let skip = Skip {
+            transformer: tr.is_some(),
+            text_encoder: clip.is_some(),
+            text_encoder_2: t5.is_some(),
+            vae: vae.is_some(),
+        };
+        let mut files = self.resolve_skipping(&skip)?;
+        if let Some(p) = tr {
+            let w = flux_dit::Weights::open(
+                std::slice::from_ref(&p),
+                flux_dit::Layout::Bfl,
+                candle::DType::F32,
+                &candle::Device::Cpu,
+            )?;
+            // the file's shapes tell its config; where they cannot (a head size that is not
+            // FLUX's), the source's transformer config.json, if it has one, says
+            let (cfg, given) = match (w.detect_config(), &files.transformer) {
+                (Ok(cfg), _) => (cfg, None),
+                (Err(e), TransformerFiles::Diffusers(dir)) => match read_transformer_config(dir) {
+                    Ok(cfg) => (cfg.clone(), Some(cfg)),
+                    Err(_) => return Err(e.into()),
+                },
+                (Err(e), _) => return Err(e.into()),
+            };
+            files.shift = cfg.guidance_embed.then(ShiftParams::default);
+            files.transformer = match given {
+                None => TransformerFiles::File(p),
+                Some(config) => TransformerFiles::Bfl { file: p, config },
+            };
+        }
+        if let Some(p) = t5 {
+            files.text_encoder_2 = p;
+        }
+        if let Some(p) = clip {
+            // the source's text_encoder/config.json, when it has one, describes the file
+            files.text_encoder_config =
+                Some(files.text_encoder.clone()).filter(|d| d.join("config.json").is_file());
+            files.text_encoder = p;
+        }
+        if let Some(p) = vae {
+            // FLUX's autoencoder config, or the source's vae/config.json when it has one
+            let config = match &files.vae {
+                VaeFiles::Diffusers(dir) if dir.join("config.json").is_file() => {
+                    let path = dir.join("config.json");
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
+                        path,
+                        reason: e.to_string(),
+                    })?;
+                    flux_vae::Config::from_diffusers_json(&text)?
+                }
+                _ => flux_vae::Config::flux(),
+            };
+            files.vae = VaeFiles::Bfl { file: p, config };
+        }
+        Ok(files)
+    }
+
+    fn resolve_skipping(&self, skip: &Skip) -> Result<ModelFiles> {
         match self {
             ModelSource::Files(f) => Ok((**f).clone()),
             ModelSource::Folder(dir) => {
@@ -116,7 +207,7 @@ impl ModelSource {
                     let p = dir.join(rel);
                     Ok(p.is_file().then_some(p))
                 };
-                resolve_layout(&dir.display().to_string(), &fetch, &|rel| {
+                resolve_layout(&dir.display().to_string(), &fetch, skip, &|rel| {
                     format!("{} is missing from the folder", dir.join(rel).display())
                 })
             }
@@ -132,7 +223,7 @@ impl ModelSource {
                 if *offline {
                     let c = cache.model(repo.clone());
                     let fetch = |rel: &str| -> Result<Option<PathBuf>> { Ok(c.get(rel)) };
-                    resolve_layout(repo, &fetch, &|rel| {
+                    resolve_layout(repo, &fetch, skip, &|rel| {
                         format!(
                             "{repo}/{rel} is not in the Hugging Face cache ({}); run once without --offline \
                              (or `huggingface-cli download {repo} {rel}`)",
@@ -165,7 +256,7 @@ impl ModelSource {
                             }),
                         }
                     };
-                    resolve_layout(repo, &fetch, &|rel| format!("{repo} has no {rel}"))
+                    resolve_layout(repo, &fetch, skip, &|rel| format!("{repo} has no {rel}"))
                 }
             }
         }
@@ -174,11 +265,137 @@ impl ModelSource {
 
 type Fetch<'a> = dyn Fn(&str) -> Result<Option<PathBuf>> + 'a;
 
+/// Components whose weights come from elsewhere (not read from the source).
+#[derive(Debug, Default)]
+struct Skip {
+    transformer: bool,
+    text_encoder: bool,
+    text_encoder_2: bool,
+    vae: bool,
+}
+
+/// Files that replace a model's components, each in any supported format.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Components {
+    /// The transformer (`--transformer`).
+    pub transformer: Option<FileRef>,
+    /// The T5 encoder (`--t5`).
+    pub t5: Option<FileRef>,
+    /// The CLIP text model (`--clip`).
+    pub clip: Option<FileRef>,
+    /// The autoencoder (`--vae`).
+    pub vae: Option<FileRef>,
+}
+
+impl Components {
+    /// Every component from one all-in-one file (ComfyUI's `model.diffusion_model.`,
+    /// `text_encoders.clip_l.transformer.`, `text_encoders.t5xxl.transformer.`, `vae.` parts);
+    /// each loader reads its own part.
+    pub fn all_in_one(f: FileRef) -> Self {
+        Components {
+            transformer: Some(f.clone()),
+            t5: Some(f.clone()),
+            clip: Some(f.clone()),
+            vae: Some(f),
+        }
+    }
+}
+
+/// One weights file: a local path, or one file inside a hub repository (`owner/name:path`,
+/// e.g. `city96/FLUX.1-dev-gguf:flux1-dev-Q4_K_S.gguf`), of which only that file is fetched.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileRef {
+    /// A file on disk.
+    Local(PathBuf),
+    /// A file in a hub repository.
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// The file's path inside the repository.
+        file: String,
+    },
+}
+
+impl FileRef {
+    /// An existing local file, else `owner/name:path/in/repo`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let p = Path::new(s);
+        if p.is_file() {
+            return Ok(FileRef::Local(p.to_path_buf()));
+        }
+        if p.is_dir() {
+            return Err(Error::ModelSource {
+                what: format!("`{s}` is a folder; a component is one file"),
+                hint: "name the .safetensors or .gguf file itself".into(),
+            });
+        }
+        match s.split_once(':') {
+            Some((repo, file))
+                if repo.split('/').count() == 2
+                    && !repo.starts_with('/')
+                    && !repo.split('/').any(str::is_empty)
+                    && !file.is_empty()
+                    && !file.split('/').any(|c| c == ".." || c.is_empty()) =>
+            {
+                Ok(FileRef::Hub {
+                    repo: repo.to_string(),
+                    file: file.to_string(),
+                })
+            }
+            _ => Err(Error::ModelSource {
+                what: format!("`{s}` is neither an existing file nor a hub file `owner/name:path`"),
+                hint: "give a local .safetensors/.gguf path, or e.g. city96/FLUX.1-dev-gguf:flux1-dev-Q4_K_S.gguf".into(),
+            }),
+        }
+    }
+
+    /// The file on disk: local as is, hub files fetched into the Hugging Face cache (only
+    /// the cache with `offline`).
+    pub fn locate(&self, offline: bool, cache_dir: Option<&Path>) -> Result<PathBuf> {
+        let (repo, file) = match self {
+            FileRef::Local(p) => return Ok(p.clone()),
+            FileRef::Hub { repo, file } => (repo, file),
+        };
+        let cache = match cache_dir {
+            Some(d) => hf_hub::Cache::new(d.to_path_buf()),
+            None => hf_hub::Cache::from_env(),
+        };
+        if offline {
+            return cache
+                .model(repo.clone())
+                .get(file)
+                .ok_or_else(|| Error::ModelSource {
+                    what: format!(
+                        "{repo}/{file} is not in the Hugging Face cache ({})",
+                        cache.path().display()
+                    ),
+                    hint: "run once without --offline".into(),
+                });
+        }
+        let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
+        if let Ok(t) = std::env::var("HF_TOKEN") {
+            b = b.with_token(Some(t));
+        }
+        let api = b.build().map_err(|e| Error::ModelSource {
+            what: format!("cannot use the hub: {e}"),
+            hint: "check the network, or use --offline with a filled cache".into(),
+        })?;
+        api.model(repo.clone())
+            .get(file)
+            .map_err(|e| Error::ModelSource {
+                what: format!("downloading {repo}/{file}: {e}"),
+                hint: "check the repo id and file name, the network, and HF_TOKEN for gated repos"
+                    .into(),
+            })
+    }
+}
+
 /// Reads a diffusers-layout model through `fetch` (folder, cache or hub), fetching only what
 /// the pipeline needs.
 fn resolve_layout(
     name: &str,
     fetch: &Fetch,
+    skip: &Skip,
     missing: &dyn Fn(&str) -> String,
 ) -> Result<ModelFiles> {
     let need = |rel: &str| -> Result<PathBuf> {
@@ -234,16 +451,28 @@ fn resolve_layout(
     };
     let tokenizer_2 = need("tokenizer_2/tokenizer.json")?;
     let parent = |p: PathBuf| p.parent().map(Path::to_path_buf).unwrap_or_default();
-    let text_encoder = config_dir("text_encoder")?;
-    weights("text_encoder", "model")?;
-    let text_encoder_2 = config_dir("text_encoder_2")?;
-    weights("text_encoder_2", "model")?;
-    let transformer = config_dir("transformer")?;
-    weights("transformer", "diffusion_pytorch_model")?;
-    let vae = config_dir("vae")?;
-    weights("vae", "diffusion_pytorch_model")?;
+    // a component given as a file elsewhere is not fetched (its path here is a placeholder
+    // that `resolve_with` replaces)
+    let component = |dir: &str, stem: &str, skipped: bool| -> Result<PathBuf> {
+        if skipped {
+            // the config alone, where there is one (a transformer file whose shapes cannot
+            // tell its config falls back on it)
+            let cfg = fetch(&format!("{dir}/config.json")).ok().flatten();
+            return Ok(cfg
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_default());
+        }
+        let d = config_dir(dir)?;
+        weights(dir, stem)?;
+        Ok(d)
+    };
+    let text_encoder = component("text_encoder", "model", skip.text_encoder)?;
+    let text_encoder_2 = component("text_encoder_2", "model", skip.text_encoder_2)?;
+    let transformer = component("transformer", "diffusion_pytorch_model", skip.transformer)?;
+    let vae = component("vae", "diffusion_pytorch_model", skip.vae)?;
     let shift = match fetch("scheduler/scheduler_config.json")? {
         Some(p) => scheduler_shift(&p)?,
+        None if skip.transformer => None, // set from the transformer file
         None => {
             let cfg = read_transformer_config(&transformer)?;
             cfg.guidance_embed.then(ShiftParams::default)
@@ -255,6 +484,7 @@ fn resolve_layout(
         tokenizer_2: parent(tokenizer_2),
         text_encoder,
         text_encoder_2,
+        text_encoder_config: None,
         transformer: TransformerFiles::Diffusers(transformer),
         vae: VaeFiles::Diffusers(vae),
         shift,

@@ -230,3 +230,171 @@ fn offline_hub_source_reads_the_cache_and_names_missing_files() {
         err.hint()
     );
 }
+
+fn golden(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(rel)
+}
+
+/// Generates a 64×64 image of the tiny model with `extra` flags; returns its pixels.
+fn tiny_image(name: &str, extra: &[&str]) -> Vec<u8> {
+    let out = tmp(name);
+    let model = tiny();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a lighthouse at dusk",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--output",
+        out.to_str().unwrap(),
+        "--offline",
+    ];
+    args.extend_from_slice(extra);
+    let o = flux(&args);
+    assert!(
+        o.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    read_png(&out).unwrap().image.data
+}
+
+/// An all-in-one file as ComfyUI writes them: the four components under their prefixes.
+fn all_in_one(path: &Path) {
+    use candle::Device;
+    let mut all = std::collections::HashMap::new();
+    let mut add = |prefix: &str, file: PathBuf| {
+        for (k, v) in candle::safetensors::load(&file, &Device::Cpu).unwrap() {
+            all.insert(format!("{prefix}{k}"), v);
+        }
+    };
+    add(
+        "model.diffusion_model.",
+        golden("tiny-dev-bfl/flux.safetensors"),
+    );
+    add("vae.", golden("tiny-dev-bfl/ae.safetensors"));
+    add(
+        "text_encoders.clip_l.transformer.",
+        tiny().join("text_encoder/model.safetensors"),
+    );
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        add(
+            "text_encoders.t5xxl.transformer.",
+            tiny().join("text_encoder_2").join(shard),
+        );
+    }
+    candle::safetensors::save(&all, path).unwrap();
+}
+
+#[test]
+fn component_files_and_all_in_one_give_the_same_image() {
+    let base = tiny_image("base.png", &[]);
+    // each component from its own single file (BFL transformer and ae, CLIP and T5 files)
+    let t5 = tmp("t5.safetensors");
+    let mut t5_all = std::collections::HashMap::new();
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        t5_all.extend(
+            candle::safetensors::load(
+                tiny().join("text_encoder_2").join(shard),
+                &candle::Device::Cpu,
+            )
+            .unwrap(),
+        );
+    }
+    candle::safetensors::save(&t5_all, &t5).unwrap();
+    let parts = tiny_image(
+        "parts.png",
+        &[
+            "--transformer",
+            golden("tiny-dev-bfl/flux.safetensors").to_str().unwrap(),
+            "--vae",
+            golden("tiny-dev-bfl/ae.safetensors").to_str().unwrap(),
+            "--clip",
+            tiny()
+                .join("text_encoder/model.safetensors")
+                .to_str()
+                .unwrap(),
+            "--t5",
+            t5.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(parts, base, "component files");
+    let aio = tmp("aio.safetensors");
+    all_in_one(&aio);
+    let one = tiny_image("aio.png", &["--checkpoint", aio.to_str().unwrap()]);
+    assert_eq!(one, base, "all-in-one file");
+}
+
+#[test]
+fn convert_writes_gguf_that_generates_and_never_overwrites() {
+    let out = tmp("tiny-q8_0.gguf");
+    let _ = std::fs::remove_file(&out);
+    let src = golden("tiny-dev-bfl/flux.safetensors");
+    let cfg = tiny().join("transformer/config.json");
+    let cfg = cfg.to_str().unwrap();
+    // head size 8: the shapes cannot tell the RoPE axes, so the config is given
+    let o = flux(&[
+        "convert",
+        "--to",
+        "q8_0",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("head size 8"));
+    let o = flux(&[
+        "convert",
+        "--to",
+        "q8_0",
+        "--config",
+        cfg,
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // the tiny model's rows (16 wide) are not whole Q8_0 blocks: city96's rule keeps them F16
+    let h = flux_kernels::gguf::parse(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(h.metadata["general.architecture"].as_str(), Some("flux"));
+    assert_eq!(h.metadata["general.file_type"].as_u64(), Some(7));
+    assert!(h
+        .tensors
+        .iter()
+        .all(|t| t.shape.len() == 2 || t.ty == flux_kernels::QuantType::F32));
+    let img = tiny_image("q8.png", &["--transformer", out.to_str().unwrap()]);
+    assert_eq!(img.len(), 64 * 64 * 3);
+    let again = flux(&[
+        "convert",
+        "--to",
+        "q8_0",
+        "--config",
+        cfg,
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    let bad = flux(&[
+        "convert",
+        "--to",
+        "iq2_xs",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+}

@@ -54,6 +54,11 @@ impl ClipConfig {
         }
     }
 
+    /// Reads `dir/config.json` (a transformers `text_encoder/` folder).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_json(&read_config(dir.as_ref())?)
+    }
+
     /// Reads a `config.json` of a `CLIPTextModel` (or the `text_config` of a `CLIPModel`).
     pub fn from_json(text: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text)

@@ -7,8 +7,8 @@ use std::time::Instant;
 use candle::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use flux_pipeline::{
-    check_writable, peak_rss, read_png, write_png, Error, FluxPipeline, GenerateRequest,
-    ModelSource, PipelineOptions, SCHNELL_REPO,
+    check_writable, peak_rss, read_png, write_png, Components, Error, FileRef, FluxPipeline,
+    GenerateRequest, ModelSource, PipelineOptions, SCHNELL_REPO,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -26,7 +26,48 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt.
-    Generate(Generate),
+    Generate(Box<Generate>),
+    /// Convert a transformer file (any supported format) to GGUF, as city96's converter does.
+    Convert(Convert),
+}
+
+#[derive(clap::Args)]
+struct Convert {
+    /// The block type: q8_0, q6_k, q5_k, q5_0, q5_1, q4_k, q4_0, q4_1, q3_k, q2_k, f16, bf16.
+    #[arg(long, value_parser = parse_quant_type)]
+    to: flux_kernels::QuantType,
+    /// The transformer to convert (BFL names: safetensors, fp8, GGUF, prefixed or all-in-one).
+    input: PathBuf,
+    /// The GGUF file to write (never overwritten unless --overwrite).
+    output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+    /// A diffusers transformer config.json, for models whose shapes cannot tell their config
+    /// (FLUX.1 files never need it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn parse_quant_type(s: &str) -> Result<flux_kernels::QuantType, String> {
+    flux_kernels::QuantType::parse(s).ok_or_else(|| {
+        format!("unknown type `{s}`; one of q8_0, q6_k, q5_k, q5_0, q5_1, q4_k, q4_0, q4_1, q3_k, q2_k, f16, bf16, f32")
+    })
+}
+
+/// `--quantize`: a GGUF block type or `fp8` (e4m3 with a per-tensor scale).
+fn parse_encoding(s: &str) -> Result<flux_kernels::Encoding, String> {
+    use flux_kernels::{Encoding, Fp8Kind};
+    match s.to_ascii_lowercase().as_str() {
+        "fp8" | "fp8_e4m3" | "e4m3" => Ok(Encoding::Fp8(Fp8Kind::E4M3)),
+        "fp8_e5m2" | "e5m2" => Ok(Encoding::Fp8(Fp8Kind::E5M2)),
+        _ => match parse_quant_type(s)? {
+            t if t.is_quantized() => Ok(Encoding::Gguf(t)),
+            t => Err(format!(
+                "{t} is not a quantized type; try q8_0, q6_k, q5_k, q4_k, q4_0 or fp8"
+            )),
+        },
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +132,27 @@ struct Generate {
     /// Decode in tiles (large images in bounded memory).
     #[arg(long)]
     tiled_vae: bool,
+    /// The transformer from this file instead of the model's (any format: safetensors, fp8,
+    /// GGUF; a local path or `owner/name:file` on the hub, of which only that file is fetched).
+    #[arg(long)]
+    transformer: Option<String>,
+    /// The T5 encoder from this file (safetensors, fp8 or a llama.cpp-layout GGUF).
+    #[arg(long)]
+    t5: Option<String>,
+    /// The CLIP-L text model from this file.
+    #[arg(long)]
+    clip: Option<String>,
+    /// The autoencoder from this file (BFL's ae.safetensors layout).
+    #[arg(long)]
+    vae: Option<String>,
+    /// One all-in-one file holding the transformer, CLIP, T5 and the VAE (ComfyUI's layout);
+    /// --transformer/--t5/--clip/--vae still replace single parts of it.
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// Quantize the transformer's block weights while loading: q8_0, q6_k, q5_k, q4_k, q4_0
+    /// or fp8 (weights already quantized in the file are kept).
+    #[arg(long, value_parser = parse_encoding)]
+    quantize: Option<flux_kernels::Encoding>,
 }
 
 fn output_path(pattern: &str, seed: u64, index: usize, count: usize) -> PathBuf {
@@ -189,8 +251,24 @@ fn run(args: Generate) -> Result<(), Error> {
         dtype,
         device,
         tiled_vae: args.tiled_vae.then(Default::default),
+        quantize: args.quantize,
         ..Default::default()
     };
+    let file = |s: &Option<String>| s.as_deref().map(FileRef::parse).transpose();
+    let mut components = match file(&args.checkpoint)? {
+        Some(f) => Components::all_in_one(f),
+        None => Components::default(),
+    };
+    for (slot, arg) in [
+        (&mut components.transformer, &args.transformer),
+        (&mut components.t5, &args.t5),
+        (&mut components.clip, &args.clip),
+        (&mut components.vae, &args.vae),
+    ] {
+        if let Some(f) = file(arg)? {
+            *slot = Some(f);
+        }
+    }
     // Fail on unwritable outputs before any expensive work.
     let count = req.prompts.len() * req.num_images;
     let probe = output_path(
@@ -201,7 +279,7 @@ fn run(args: Generate) -> Result<(), Error> {
     );
     check_writable(&probe)?;
     let source = ModelSource::parse(&model, args.offline)?;
-    let mut pipe = FluxPipeline::from_source(&source, opts)?;
+    let mut pipe = FluxPipeline::new(source.resolve_with(&components)?, opts)?;
     let steps = req.steps.unwrap_or(pipe.default_steps());
     let started = Instant::now();
     let bar = ProgressBar::new(steps as u64);
@@ -244,10 +322,63 @@ fn run(args: Generate) -> Result<(), Error> {
     Ok(())
 }
 
+fn convert(args: Convert) -> Result<(), Error> {
+    if args.output.exists() && !args.overwrite {
+        return Err(Error::Io {
+            path: args.output.clone(),
+            reason: "exists; pass --overwrite to replace it".into(),
+        });
+    }
+    check_writable(&args.output)?;
+    let started = Instant::now();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("converting [{bar:30}] {pos}/{len} tensors")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let config = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::Io {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
+            Some(flux_dit::Config::from_diffusers_json(&text)?)
+        }
+        None => None,
+    };
+    let report = flux_dit::convert_to_gguf(
+        &args.input,
+        config.as_ref(),
+        &args.output,
+        args.to,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let types: Vec<String> = report
+        .types
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    println!(
+        "{} ({} FLUX transformer, {}; {:.2} GB of tensors) in {:.1} s",
+        args.output.display(),
+        report.config.variant(),
+        types.join(", "),
+        report.bytes as f64 / 1e9,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(g) => run(g),
+        Command::Generate(g) => run(*g),
+        Command::Convert(c) => convert(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
