@@ -153,6 +153,17 @@ struct Generate {
     /// or fp8 (weights already quantized in the file are kept).
     #[arg(long, value_parser = parse_encoding)]
     quantize: Option<flux_kernels::Encoding>,
+    /// How quantized weights are multiplied on the CPU: `decode` (into f32 per product; weights
+    /// stay at their file size) or `integer` (candle's integer kernels for Q8_0/Q4_K/Q6_K where
+    /// this CPU has them: faster, about twice the weight memory).
+    #[arg(long, value_enum, default_value = "decode")]
+    quant_matmul: QuantMatmulArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantMatmulArg {
+    Decode,
+    Integer,
 }
 
 fn output_path(pattern: &str, seed: u64, index: usize, count: usize) -> PathBuf {
@@ -247,6 +258,10 @@ fn run(args: Generate) -> Result<(), Error> {
         req.seeds = args.seed.clone();
     }
     req.num_images = args.num_images;
+    flux_kernels::set_quant_matmul(match args.quant_matmul {
+        QuantMatmulArg::Decode => flux_kernels::QuantMatmul::Decode,
+        QuantMatmulArg::Integer => flux_kernels::QuantMatmul::Integer,
+    });
     let opts = PipelineOptions {
         dtype,
         device,

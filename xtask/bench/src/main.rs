@@ -19,6 +19,8 @@ use flux_dit::{
 };
 use flux_sampler::{torch_randn, NoiseOptions};
 
+mod quant;
+
 /// Large activations are reused rather than returned to the system (see `ReuseAlloc`).
 #[global_allocator]
 static ALLOC: flux_kernels::ReuseAlloc = flux_kernels::ReuseAlloc::new();
@@ -53,7 +55,7 @@ fn config(depth: usize, single: usize, hidden: usize, heads: usize) -> Result<Co
     Ok(cfg)
 }
 
-fn random(seed: u64, shape: &[usize], std: f32) -> Result<Tensor> {
+pub(crate) fn random(seed: u64, shape: &[usize], std: f32) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = torch_randn(seed, n, NoiseOptions::F32)
         .into_iter()
@@ -142,7 +144,7 @@ fn write_inputs(dir: &Path, cfg: &Config, res: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn peak_rss() -> u64 {
+pub(crate) fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -154,12 +156,12 @@ fn peak_rss() -> u64 {
         .unwrap_or(0)
 }
 
-fn run(dir: &Path, res: usize, iters: usize, out: &Path) -> Result<()> {
+fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str) -> Result<()> {
     let cfg_text = std::fs::read_to_string(dir.join("transformer/config.json"))?;
     let cfg = Config::from_diffusers_json(&cfg_text)?;
     let start = Instant::now();
     let model = Flux::from_bfl_file(
-        dir.join("flux.safetensors"),
+        dir.join(file),
         &cfg,
         DType::F32,
         &Device::Cpu,
@@ -198,6 +200,9 @@ fn run(dir: &Path, res: usize, iters: usize, out: &Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--integer") {
+        flux_kernels::set_quant_matmul(flux_kernels::QuantMatmul::Integer);
+    }
     let (cmd, dir) = match (args.first(), args.get(1)) {
         (Some(c), Some(d)) => (c.as_str(), PathBuf::from(d)),
         _ => bail!("usage: flux-bench weights|run DIR [options]"),
@@ -233,7 +238,39 @@ fn main() -> Result<()> {
             arg(&args, "--res", 256)?,
             arg(&args, "--iters", 5)?,
             &PathBuf::from(arg::<String>(&args, "--out", "ours.safetensors".into())?),
+            &arg::<String>(&args, "--file", "flux.safetensors".into())?,
         ),
+        "quantize" => {
+            let to: String = arg(&args, "--to", "q8_0".to_string())?;
+            let ty = flux_kernels::QuantType::parse(&to)
+                .with_context(|| format!("unknown type {to}"))?;
+            println!("{}", quant::quantize_bench_weights(&dir, ty)?.display());
+            Ok(())
+        }
+        "fullsize-write" => quant::write_fullsize(&dir),
+        "fullsize-dit" => quant::run_fullsize_dit(&dir, arg(&args, "--res", 256)?),
+        "fullsize-t5" => quant::run_fullsize_t5(&dir),
+        "qmm" => {
+            // flux-bench qmm - [--types q8_0,q4_k] [--rows 1280,4608] [--iters 3]
+            let list = |name: &str, d: &str| -> Vec<String> {
+                arg::<String>(&args, name, d.into())
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(String::from)
+                    .collect()
+            };
+            let types = list("--types", "q8_0,q6_k,q5_k,q4_k,q4_0")
+                .iter()
+                .map(|t| {
+                    flux_kernels::QuantType::parse(t).with_context(|| format!("unknown type {t}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let rows = list("--rows", "1280,4608")
+                .iter()
+                .map(|r| Ok(r.parse()?))
+                .collect::<Result<Vec<usize>>>()?;
+            quant::matmul_table(&types, &rows, arg(&args, "--iters", 3)?)
+        }
         "compare" => {
             // flux-bench compare A B: max |a − b| / max |b| of the `out` tensors.
             let a = candle::safetensors::load(&dir, &Device::Cpu)?;
