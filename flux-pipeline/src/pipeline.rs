@@ -257,12 +257,11 @@ impl FluxPipeline {
                 ClipTokenizer::from_dir(&f.tokenizer)?,
                 T5Tokenizer::from_dir(&f.tokenizer_2, max_len)?,
                 if f.text_encoder.is_file() {
-                    let files = std::slice::from_ref(&f.text_encoder);
                     let cfg = match &f.text_encoder_config {
-                        Some(dir) => flux_text::ClipConfig::from_dir(dir)?,
-                        None => flux_text::ClipConfig::vit_l_14(),
+                        Some(dir) => Some(flux_text::ClipConfig::from_dir(dir)?),
+                        None => None,
                     };
-                    ClipTextModel::load(&cfg, files, dt, d)?
+                    ClipTextModel::from_file(&f.text_encoder, cfg.as_ref(), dt, d)?
                 } else {
                     ClipTextModel::from_dir(&f.text_encoder, dt, d)?
                 },

@@ -182,8 +182,18 @@ impl ModelSource {
             files.text_encoder = p;
         }
         if let Some(p) = vae {
-            // FLUX's autoencoder config, or the source's vae/config.json when it has one
+            // FLUX's autoencoder config when the file has its shapes, else the source's
+            // vae/config.json when it has one
+            let flux = flux_vae::Config::flux();
+            let probe = flux_vae::Weights::open(
+                std::slice::from_ref(&p),
+                flux_vae::Layout::Bfl,
+                &flux,
+                candle::DType::F32,
+                &candle::Device::Cpu,
+            )?;
             let config = match &files.vae {
+                _ if probe.fits(&flux) => flux,
                 VaeFiles::Diffusers(dir) if dir.join("config.json").is_file() => {
                     let path = dir.join("config.json");
                     let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {

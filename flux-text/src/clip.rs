@@ -196,20 +196,43 @@ impl ClipTextModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let ck = open_clip(files, dtype, device)?;
+        Self::load_checkpoint(cfg, &ck)
+    }
+
+    /// Loads one CLIP file (any format [`ClipTextModel::load`] reads, the CLIP part of an
+    /// all-in-one file too). Its config is `config` when the file's width matches it, else
+    /// CLIP-L's ([`ClipConfig::vit_l_14`]) for a 768-wide file; other widths need `config`.
+    pub fn from_file(
+        path: impl AsRef<Path>,
+        config: Option<&ClipConfig>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let ck = open_clip(&[path.as_ref().to_path_buf()], dtype, device)?;
+        let width = [
+            "embeddings.token_embedding.weight",
+            "text_model.embeddings.token_embedding.weight",
+        ]
+        .iter()
+        .find_map(|k| ck.shape(k).and_then(|s| s.get(1).copied()));
+        let l14 = ClipConfig::vit_l_14();
+        let cfg = match (config, width) {
+            (Some(c), Some(w)) if c.hidden_size == w => c.clone(),
+            (_, Some(w)) if w == l14.hidden_size => l14,
+            (_, w) => {
+                return Err(Error::InvalidConfig(format!(
+                    "{}: a CLIP text model {} wide is not CLIP-L; give its config",
+                    ck.desc(),
+                    w.map_or("of unknown width".to_string(), |w| w.to_string())
+                )))
+            }
+        };
+        Self::load_checkpoint(&cfg, &ck)
+    }
+
+    fn load_checkpoint(cfg: &ClipConfig, ck: &Checkpoint) -> Result<Self> {
         cfg.validate()?;
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::UnsupportedDtype {
-                what: "CLIP",
-                dtype,
-                why: "supported: f32, bf16, f16",
-            });
-        }
-        let mut ck = Checkpoint::open(files, dtype, device)?;
-        // the CLIP part of an all-in-one file (ComfyUI's layout)
-        const AIO_PREFIX: &str = "text_encoders.clip_l.transformer.";
-        if !ck.strip_common_prefix(AIO_PREFIX) {
-            ck.restrict_to_prefix(AIO_PREFIX);
-        }
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         // Released checkpoints (and CLIPModel files) prefix the text tower with `text_model.`;
         // transformers 5 writes CLIPTextModel without it. Accept both.
@@ -357,6 +380,24 @@ impl ClipTextModel {
             last_hidden_state: last,
         })
     }
+}
+
+/// The CLIP part of an all-in-one file (ComfyUI's layout).
+const AIO_PREFIX: &str = "text_encoders.clip_l.transformer.";
+
+fn open_clip(files: &[std::path::PathBuf], dtype: DType, device: &Device) -> Result<Checkpoint> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(Error::UnsupportedDtype {
+            what: "CLIP",
+            dtype,
+            why: "supported: f32, bf16, f16",
+        });
+    }
+    let mut ck = Checkpoint::open(files, dtype, device)?;
+    if !ck.strip_common_prefix(AIO_PREFIX) {
+        ck.restrict_to_prefix(AIO_PREFIX);
+    }
+    Ok(ck)
 }
 
 pub(crate) fn read_config(dir: &Path) -> Result<String> {

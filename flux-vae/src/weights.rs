@@ -237,6 +237,20 @@ impl Weights {
         })
     }
 
+    /// The stored shape of `key` (in this layout's names), if present.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.ckpt.shape(key)
+    }
+
+    /// Whether the file's first convolution has the shape `cfg` expects (a cheap check of
+    /// which config a BFL-layout file was made for, before anything is loaded).
+    pub fn fits(&self, cfg: &Config) -> bool {
+        let want = bfl_tensor_shapes(cfg)
+            .into_iter()
+            .find(|(k, _)| k == "encoder.conv_in.weight");
+        matches!((want, self.shape("encoder.conv_in.weight")), (Some((_, w)), Some(s)) if w == s)
+    }
+
     /// Maps a diffusers `vae/` folder: its `config.json` and safetensors file(s).
     pub fn open_diffusers_folder(
         dir: &Path,

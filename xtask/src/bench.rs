@@ -16,6 +16,7 @@ struct Opts {
     threads: usize,
     iters: usize,
     pipeline: bool,
+    quant: Vec<String>,
 }
 
 fn parse(args: &[&str]) -> Result<Opts> {
@@ -28,6 +29,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
         threads: 2,
         iters: 5,
         pipeline: false,
+        quant: vec![],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -46,6 +48,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
             "--threads" => o.threads = val()?.parse()?,
             "--iters" => o.iters = val()?.parse()?,
             "--pipeline" => o.pipeline = true,
+            "--quant" => o.quant = val()?.split(',').map(String::from).collect(),
             other => bail!("unknown option {other}; see `cargo xtask help`"),
         }
     }
@@ -120,6 +123,180 @@ fn build(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The bench's own virtualenv with stable-diffusion.cpp (PyPI's bindings build the vendored
+/// sd.cpp and ggml with CMake, ≈ 7 min on 2 cores, once).
+fn sdcpp_python() -> Result<Option<std::path::PathBuf>> {
+    let venv = root().join("target/bench/sdcpp-venv");
+    let python = venv.join("bin/python");
+    let probe = |p: &std::path::Path| {
+        Command::new(p)
+            .args(["-c", "import stable_diffusion_cpp"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if python.exists() && probe(&python) {
+        return Ok(Some(python));
+    }
+    eprintln!("bench: installing stable-diffusion-cpp-python==0.4.7 into target/bench/sdcpp-venv (builds sd.cpp, ≈ 7 min)");
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()?
+        .success()
+        && Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "stable-diffusion-cpp-python==0.4.7",
+            ])
+            .status()?
+            .success();
+    Ok((ok && probe(&python)).then_some(python))
+}
+
+/// `cargo xtask bench --quant q8_0,q4_k`: the full-width transformer (reduced depth) from GGUF
+/// files of the same seeded weights: ours (decode + f32 GEMM, and candle's integer kernels),
+/// ours in f32 from the dense file, and stable-diffusion.cpp on the same GGUF file (its
+/// per-step time of the second step; it also loads the full-size random T5/CLIP/VAE of
+/// `cargo xtask fullsize`, which its pipeline needs).
+fn quant_bench(o: &Opts) -> Result<()> {
+    build(&["build", "--release", "-p", "flux-bench"])?;
+    let bench = root().join("target/release/flux-bench");
+    let dir = root().join(format!(
+        "target/bench/d{}s{}h{}n{}",
+        o.depth, o.single, o.hidden, o.heads
+    ));
+    let res: Vec<String> = o.res.iter().map(|r| r.to_string()).collect();
+    let st = Command::new(&bench)
+        .arg("weights")
+        .arg(&dir)
+        .args([
+            "--depth",
+            &o.depth.to_string(),
+            "--single",
+            &o.single.to_string(),
+        ])
+        .args([
+            "--hidden",
+            &o.hidden.to_string(),
+            "--heads",
+            &o.heads.to_string(),
+            "--res",
+        ])
+        .args(&res)
+        .status()?;
+    if !st.success() {
+        bail!("writing bench weights failed");
+    }
+    let full = root().join("target/fullsize");
+    if !Command::new(&bench)
+        .arg("fullsize-write")
+        .arg(&full)
+        .status()?
+        .success()
+    {
+        bail!("writing the full-size encoder files failed");
+    }
+    let sdcpp = sdcpp_python()?;
+    if sdcpp.is_none() {
+        eprintln!("bench: stable-diffusion.cpp is unavailable; its column is skipped");
+    }
+    let threads = o.threads.to_string();
+    let iters = o.iters.to_string();
+    let env = |c: &mut Command| {
+        c.env("RAYON_NUM_THREADS", &threads)
+            .env("OMP_NUM_THREADS", &threads);
+    };
+    let mut lines = vec![];
+    println!("peer              type   res   s/forward  peak RSS");
+    for q in &o.quant {
+        let out = Command::new(&bench)
+            .arg("quantize")
+            .arg(&dir)
+            .args(["--to", q])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "quantizing the bench weights to {q}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let file = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let name = std::path::Path::new(&file)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for r in &res {
+            let ours_run = |extra: &[&str], file: &str| -> Result<Run> {
+                let mut c = Command::new(&bench);
+                c.arg("run")
+                    .arg(&dir)
+                    .args(["--res", r, "--iters", &iters, "--file", file]);
+                c.args(extra)
+                    .arg("--out")
+                    .arg(dir.join(format!("out_q_{r}.safetensors")));
+                env(&mut c);
+                run_json(&mut c)
+            };
+            let decode = ours_run(&[], &name)?;
+            let integer = ours_run(&["--integer"], &name)?;
+            let f32_run = ours_run(&[], "flux.safetensors")?;
+            let mut sd = None;
+            if let Some(py) = &sdcpp {
+                let mut c = Command::new(py);
+                c.arg(root().join("xtask/bench/sdcpp_bench.py"))
+                    .args(["--dit", &file, "--res", r, "--threads", &threads])
+                    .arg("--clip")
+                    .arg(full.join("clip_l.safetensors"))
+                    .arg("--t5")
+                    .arg(full.join("t5xxl-Q8_0.gguf"))
+                    .arg("--vae")
+                    .arg(full.join("ae.safetensors"));
+                env(&mut c);
+                match run_json(&mut c) {
+                    Ok(run) => sd = Some(run),
+                    Err(e) => eprintln!("bench: stable-diffusion.cpp failed: {e}"),
+                }
+            }
+            let row = |who: &str, run: &Run| {
+                println!(
+                    "{who:<17} {q:<6} {r:>4}  {:>9.3}  {:>6.2} GB",
+                    run.secs,
+                    run.peak_rss / 1e9
+                )
+            };
+            row("ours (decode)", &decode);
+            row("ours (integer)", &integer);
+            row("ours f32 (dense)", &f32_run);
+            if let Some(s) = &sd {
+                row("sd.cpp", s);
+            }
+            let ratio = |x: &Run| {
+                sd.as_ref()
+                    .map_or("n/a".into(), |s| format!("{:.2}", x.secs / s.secs))
+            };
+            lines.push(format!(
+                "bench: dit-cpu-{q} res={r} ours={:.3}s ours_integer={:.3}s ours_f32={:.3}s sdcpp={} ours/sdcpp={} ours_integer/sdcpp={} ours/ours_f32={:.2}",
+                decode.secs,
+                integer.secs,
+                f32_run.secs,
+                sd.as_ref().map_or("n/a".into(), |s| format!("{:.3}s", s.secs)),
+                ratio(&decode),
+                ratio(&integer),
+                decode.secs / f32_run.secs
+            ));
+        }
+    }
+    println!("({} threads; ours: median of {} forwards; sd.cpp: its second sampling step; sd.cpp's peak RSS includes its T5, CLIP and VAE)", o.threads, o.iters);
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
 fn pipeline_bench() -> Result<()> {
     build(&["build", "--release", "-p", "flux-pipeline", "--bin", "flux"])?;
     let out = std::env::temp_dir().join("flux-bench-pipeline-{seed}.png");
@@ -152,6 +329,9 @@ pub fn bench(args: &[&str]) -> Result<()> {
     let o = parse(args)?;
     if o.pipeline {
         return pipeline_bench();
+    }
+    if !o.quant.is_empty() {
+        return quant_bench(&o);
     }
     build(&["build", "--release", "-p", "flux-bench"])?;
     let ours_bin = root().join("target/release/flux-bench");

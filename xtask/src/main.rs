@@ -1,6 +1,7 @@
 //! `cargo xtask`: project automation (see `cargo xtask help`).
 
 mod bench;
+mod fullsize;
 mod golden;
 mod gpu;
 
@@ -22,6 +23,11 @@ Commands:
                                    PyTorch on the same seeded weights (full width, reduced
                                    depth; default 1 double + 2 single blocks, 2 threads)
   bench --pipeline                 the tiny end-to-end pipeline, time per stage
+  bench --quant q8_0,q4_k          the transformer from GGUF (ours, decode and integer
+                                   kernels) against stable-diffusion.cpp on the same file
+  fullsize [--threads T]           full-size random-weight GGUF/T5/CLIP/VAE files (written once
+                                   into target/fullsize): load, run, peak memory vs file size,
+                                   and the whole pipeline inside 24 GB
   help                             this text
 ";
 
@@ -38,6 +44,7 @@ fn main() -> Result<()> {
         ["golden", "gen", rest @ ..] => golden::generate(rest),
         ["golden", rest @ ..] => golden::check(rest),
         ["bench", rest @ ..] => bench::bench(rest),
+        ["fullsize", rest @ ..] => fullsize::fullsize(rest),
         ["gpu", rest @ ..] => gpu::gpu(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{HELP}{}", gpu::HELP);
