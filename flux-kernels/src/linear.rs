@@ -160,16 +160,16 @@ impl Linear {
             }
         }
         let integer = match w.encoding() {
-            Encoding::Gguf(t) => {
-                QUANT_MATMUL.load(std::sync::atomic::Ordering::Relaxed) && integer_kernels_for(t)
+            Encoding::Gguf(t)
+                if QUANT_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
+                    && integer_kernels_for(t) =>
+            {
+                Some(t)
             }
-            Encoding::Fp8(_) => false,
+            _ => None,
         };
-        let weight = if device.is_cpu() && integer {
+        let weight = if let (true, Some(ty)) = (device.is_cpu(), integer) {
             let (o, i) = w.dims();
-            let Encoding::Gguf(ty) = w.encoding() else {
-                unreachable!("integer is only chosen for GGUF encodings")
-            };
             let storage = QStorage::from_data(
                 std::borrow::Cow::Borrowed(w.bytes()),
                 device,
