@@ -13,7 +13,7 @@ use candle::DType;
 use flux_kernels::gguf::{StreamWriter, TensorSpec, Value};
 use flux_kernels::{QuantType, StoredType};
 
-use crate::weights::{bfl_tensor_shapes, Layout, Weights};
+use crate::weights::{bfl_tensor_shapes, Weights};
 use crate::{Config, Error, Result};
 
 /// llama.cpp's `general.file_type` for a file whose blocks are `ty` (`LLAMA_FTYPE_*`).
@@ -81,12 +81,7 @@ pub fn convert_to_gguf(
     ty: QuantType,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ConvertReport> {
-    let w = Weights::open(
-        &[input.to_path_buf()],
-        Layout::Bfl,
-        DType::F32,
-        &candle::Device::Cpu,
-    )?;
+    let w = Weights::open_file(input, DType::F32, &candle::Device::Cpu)?;
     let cfg = match config {
         Some(c) => c.clone(),
         None => w.detect_config()?,

@@ -498,12 +498,7 @@ impl Flux {
         device: &Device,
         opts: FluxOptions,
     ) -> Result<Self> {
-        let w = Weights::open(
-            &[path.as_ref().to_path_buf()],
-            crate::Layout::Bfl,
-            dtype,
-            device,
-        )?;
+        let w = Weights::open_file(path.as_ref(), dtype, device)?;
         let cfg = w.detect_config()?;
         Self::load(&cfg, &w, opts)
     }
@@ -518,12 +513,7 @@ impl Flux {
         device: &Device,
         opts: FluxOptions,
     ) -> Result<Self> {
-        let w = Weights::open(
-            &[path.as_ref().to_path_buf()],
-            crate::Layout::Bfl,
-            dtype,
-            device,
-        )?;
+        let w = Weights::open_file(path.as_ref(), dtype, device)?;
         Self::load(cfg, &w, opts)
     }
 

@@ -253,6 +253,11 @@ impl Weights {
         })
     }
 
+    /// One single-file checkpoint in the BFL layout (any format; see [`Weights::open`]).
+    pub fn open_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::open(&[path.to_path_buf()], Layout::Bfl, dtype, device)
+    }
+
     /// The underlying checkpoint (shapes, stored types, GGUF metadata).
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.ckpt

@@ -184,13 +184,9 @@ impl FluxPipeline {
         }
         let cfg = match &files.transformer {
             TransformerFiles::Diffusers(dir) => read_transformer_config(dir)?,
-            TransformerFiles::File(file) => flux_dit::Weights::open(
-                std::slice::from_ref(file),
-                flux_dit::Layout::Bfl,
-                DType::F32,
-                &Device::Cpu,
-            )?
-            .detect_config()?,
+            TransformerFiles::File(file) => {
+                flux_dit::Weights::open_file(file, DType::F32, &Device::Cpu)?.detect_config()?
+            }
             TransformerFiles::Bfl { config, .. } => config.clone(),
         };
         cfg.validate()?;

@@ -150,12 +150,7 @@ impl ModelSource {
         };
         let mut files = self.resolve_skipping(&skip)?;
         if let Some(p) = tr {
-            let w = flux_dit::Weights::open(
-                std::slice::from_ref(&p),
-                flux_dit::Layout::Bfl,
-                candle::DType::F32,
-                &candle::Device::Cpu,
-            )?;
+            let w = flux_dit::Weights::open_file(&p, candle::DType::F32, &candle::Device::Cpu)?;
             // the file's shapes tell its config; where they cannot (a head size that is not
             // FLUX's), the source's transformer config.json, if it has one, says
             let (cfg, given) = match (w.detect_config(), &files.transformer) {
@@ -241,15 +236,7 @@ impl ModelSource {
                         )
                     })
                 } else {
-                    let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-                        .with_progress(true);
-                    if let Ok(t) = std::env::var("HF_TOKEN") {
-                        b = b.with_token(Some(t));
-                    }
-                    let api = b.build().map_err(|e| Error::ModelSource {
-                        what: format!("cannot use the hub: {e}"),
-                        hint: "check the network, or use --offline with a filled cache".into(),
-                    })?;
+                    let api = hub_api(cache.clone())?;
                     let r = api.model(repo.clone());
                     let fetch = |rel: &str| -> Result<Option<PathBuf>> {
                         match r.get(rel) {
@@ -274,6 +261,18 @@ impl ModelSource {
 }
 
 type Fetch<'a> = dyn Fn(&str) -> Result<Option<PathBuf>> + 'a;
+
+/// The hub client over `cache`, with `HF_TOKEN` when set.
+fn hub_api(cache: hf_hub::Cache) -> Result<hf_hub::api::sync::Api> {
+    let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
+    if let Ok(t) = std::env::var("HF_TOKEN") {
+        b = b.with_token(Some(t));
+    }
+    b.build().map_err(|e| Error::ModelSource {
+        what: format!("cannot use the hub: {e}"),
+        hint: "check the network, or use --offline with a filled cache".into(),
+    })
+}
 
 /// Components whose weights come from elsewhere (not read from the source).
 #[derive(Debug, Default)]
@@ -382,15 +381,8 @@ impl FileRef {
                     hint: "run once without --offline".into(),
                 });
         }
-        let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
-        if let Ok(t) = std::env::var("HF_TOKEN") {
-            b = b.with_token(Some(t));
-        }
-        let api = b.build().map_err(|e| Error::ModelSource {
-            what: format!("cannot use the hub: {e}"),
-            hint: "check the network, or use --offline with a filled cache".into(),
-        })?;
-        api.model(repo.clone())
+        hub_api(cache)?
+            .model(repo.clone())
             .get(file)
             .map_err(|e| Error::ModelSource {
                 what: format!("downloading {repo}/{file}: {e}"),
