@@ -120,15 +120,7 @@ impl Linear {
             });
         }
         let out = weight.dim(0)?;
-        if let Some(b) = &bias {
-            if b.dims() != [out] {
-                return Err(Error::ShapeMismatch {
-                    what: "linear bias",
-                    expected: vec![out],
-                    got: b.dims().to_vec(),
-                });
-            }
-        }
+        check_bias(bias.as_ref(), out)?;
         // Transposing copies once; the (out, in) original is dropped by the caller.
         let wt = transpose(&weight)?;
         Ok(Linear {
@@ -150,15 +142,7 @@ impl Linear {
             LinearWeight::Packed(w) => w,
         };
         let (out, _) = w.dims();
-        if let Some(b) = &bias {
-            if b.dims() != [out] {
-                return Err(Error::ShapeMismatch {
-                    what: "linear bias",
-                    expected: vec![out],
-                    got: b.dims().to_vec(),
-                });
-            }
-        }
+        check_bias(bias.as_ref(), out)?;
         let integer = match w.encoding() {
             Encoding::Gguf(t)
                 if QUANT_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
@@ -232,6 +216,11 @@ impl Linear {
     /// a packed one decoded (in the bias' dtype, else f32).
     pub fn weight(&self) -> Result<Tensor> {
         let dtype = self.bias.as_ref().map_or(DType::F32, |b| b.dtype());
+        self.decoded(dtype)
+    }
+
+    /// The `(out, in)` weight: a view of a dense one, a packed one decoded to `dtype`.
+    fn decoded(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {
             Weight::DenseT(w) => Ok(w.t()?),
             Weight::Packed(p) => {
@@ -247,20 +236,8 @@ impl Linear {
     fn weight_t(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {
             Weight::DenseT(w) => Ok(w.clone()),
-            Weight::Packed(p) => {
-                let (o, i) = p.dims();
-                Ok(Tensor::from_vec(p.dequantize()?, (o, i), &Device::Cpu)?
-                    .to_dtype(dtype)?
-                    .t()?)
-            }
-            Weight::Integer { q, .. } => Ok(q.dequantize_f16()?.to_dtype(dtype)?.t()?),
-            Weight::Device(d) => Ok(d.decode()?.t()?),
+            _ => Ok(self.decoded(dtype)?.t()?),
         }
-    }
-
-    /// The bias, `(out)`.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
     }
 
     /// Applies the layer.
@@ -483,6 +460,18 @@ impl DevicePacked {
                 Ok(w.to_dtype(*dtype)?)
             }
         }
+    }
+}
+
+/// A bias must be `(out)`.
+fn check_bias(bias: Option<&Tensor>, out: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [out] => Err(Error::ShapeMismatch {
+            what: "linear bias",
+            expected: vec![out],
+            got: b.dims().to_vec(),
+        }),
+        _ => Ok(()),
     }
 }
 
