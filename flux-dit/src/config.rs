@@ -110,6 +110,8 @@ impl Config {
 
     /// Checks the invariants BFL's constructor checks, and the implicit ones.
     pub fn validate(&self) -> Result<()> {
+        const MAX_WIDTH: usize = 1 << 16;
+        const MAX_BLOCKS: usize = 1024;
         let bad = |m: String| Err(Error::InvalidConfig(m));
         let sizes = [
             ("in_channels", self.in_channels),
@@ -122,13 +124,39 @@ impl Config {
         if let Some((n, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{n} must be positive"));
         }
+        // bounds far above any FLUX (3072 wide, 24 heads, 19 + 38 blocks), so that a corrupt
+        // config fails here, not in a huge allocation
+        if let Some((n, v)) = sizes.iter().find(|(_, v)| *v > MAX_WIDTH) {
+            return bad(format!("{n} {v} is larger than {MAX_WIDTH}"));
+        }
+        for (n, v) in [
+            ("depth (num_layers)", self.depth),
+            (
+                "depth_single_blocks (num_single_layers)",
+                self.depth_single_blocks,
+            ),
+        ] {
+            if v > MAX_BLOCKS {
+                return bad(format!("{n} {v} is larger than {MAX_BLOCKS}"));
+            }
+        }
+        if self.axes_dim.len() != 3 {
+            return bad(format!(
+                "axes_dim needs exactly 3 entries (FLUX's position ids have 3 axes), got {:?}",
+                self.axes_dim
+            ));
+        }
         if self.hidden_size % self.num_heads != 0 {
             return bad(format!(
                 "hidden_size {} is not divisible by num_heads {}",
                 self.hidden_size, self.num_heads
             ));
         }
-        let sum: usize = self.axes_dim.iter().sum();
+        let sum = self
+            .axes_dim
+            .iter()
+            .try_fold(0usize, |a, &d| a.checked_add(d))
+            .unwrap_or(usize::MAX);
         if sum != self.head_dim() {
             return bad(format!(
                 "axes_dim {:?} sums to {sum}, but the head dimension is {}",
@@ -142,9 +170,11 @@ impl Config {
                 self.axes_dim
             ));
         }
-        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0)
+            || self.mlp_hidden() == 0
+        {
             return bad(format!(
-                "mlp_ratio must be positive, got {}",
+                "mlp_ratio must be in (0, 64], got {}",
                 self.mlp_ratio
             ));
         }
@@ -222,7 +252,15 @@ impl DiffusersConfig {
             out_channels: self.out_channels.unwrap_or(self.in_channels),
             vec_in_dim: self.pooled_projection_dim,
             context_in_dim: self.joint_attention_dim,
-            hidden_size: self.attention_head_dim * self.num_attention_heads,
+            hidden_size: self
+                .attention_head_dim
+                .checked_mul(self.num_attention_heads)
+                .ok_or_else(|| {
+                    Error::InvalidConfig(format!(
+                        "attention_head_dim {} × num_attention_heads {} overflows",
+                        self.attention_head_dim, self.num_attention_heads
+                    ))
+                })?,
             mlp_ratio: 4.0,
             num_heads: self.num_attention_heads,
             depth: self.num_layers,

@@ -456,31 +456,18 @@ impl Weights {
             let b = bias.then_some(bk.as_str());
             return Ok(self.ckpt.linear_as(&wk, b, inp, out, quantize)?);
         }
-        let w = self.get(&wk, &[out, inp])?;
-        if let Some(enc) = quantize {
-            let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            if !matches!(enc, flux_kernels::Encoding::Gguf(t) if inp % t.block_elems() != 0) {
-                let p = flux_kernels::PackedWeight::encode(enc, &v, out, inp)?;
-                let b = if bias {
-                    Some(self.get(&bk, &[out])?)
-                } else {
-                    None
-                };
-                let lw = flux_kernels::LinearWeight::Packed(p);
-                return Ok(flux_kernels::Linear::from_weight(
-                    lw,
-                    b,
-                    self.device(),
-                    self.dtype(),
-                )?);
-            }
-        }
+        let w = flux_kernels::LinearWeight::Dense(self.get(&wk, &[out, inp])?).encoded(quantize)?;
         let b = if bias {
             Some(self.get(&bk, &[out])?)
         } else {
             None
         };
-        Ok(flux_kernels::Linear::new(w, b)?)
+        Ok(flux_kernels::Linear::from_weight(
+            w,
+            b,
+            self.device(),
+            self.dtype(),
+        )?)
     }
 
     /// Before any tensor is read: fails with [`Error::NotAFluxTransformer`] when the file has

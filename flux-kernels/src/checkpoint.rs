@@ -312,6 +312,17 @@ impl Checkpoint {
         self.gguf_meta.get(key)
     }
 
+    /// The tensor names (without the stripped prefix; only those under it), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .entries
+            .keys()
+            .filter_map(|k| k.strip_prefix(&self.prefix).map(String::from))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Whether `key` (without the stripped prefix) is present.
     pub fn contains(&self, key: &str) -> bool {
         self.entries.contains_key(&format!("{}{key}", self.prefix))
@@ -494,17 +505,9 @@ impl Checkpoint {
         out: usize,
         quantize: Option<Encoding>,
     ) -> Result<crate::Linear> {
-        let mut w = self.get_weight(weight_key, &[out, inp])?;
-        if let (Some(enc), LinearWeight::Dense(t)) = (quantize, &w) {
-            let fits = match enc {
-                Encoding::Gguf(ty) => inp % ty.block_elems() == 0,
-                Encoding::Fp8(_) => true,
-            };
-            if fits {
-                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                w = LinearWeight::Packed(PackedWeight::encode(enc, &v, out, inp)?);
-            }
-        }
+        let w = self
+            .get_weight(weight_key, &[out, inp])?
+            .encoded(quantize)?;
         let b = bias_key.map(|k| self.get(k, Some(&[out]))).transpose()?;
         crate::Linear::from_weight(w, b, &self.device, self.dtype)
     }

@@ -25,6 +25,24 @@ pub enum LinearWeight {
     Packed(PackedWeight),
 }
 
+impl LinearWeight {
+    /// The weight encoded into `enc` (`--quantize`) when it is dense and its rows are whole
+    /// blocks of that type; otherwise (already packed, rows not whole blocks, `None`) as it is.
+    pub fn encoded(self, enc: Option<Encoding>) -> Result<Self> {
+        let (Some(enc), LinearWeight::Dense(t)) = (enc, &self) else {
+            return Ok(self);
+        };
+        let (out, inp) = t.dims2()?;
+        if matches!(enc, Encoding::Gguf(ty) if inp % ty.block_elems() != 0) {
+            return Ok(self);
+        }
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(LinearWeight::Packed(PackedWeight::encode(
+            enc, &v, out, inp,
+        )?))
+    }
+}
+
 /// How packed GGUF weights are multiplied on the CPU (see [`set_quant_matmul`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QuantMatmul {

@@ -17,9 +17,17 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
-    /// A file that cannot be read or written.
+    /// A file or folder that cannot be read.
     #[error("{}: {reason}", path.display())]
     Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A file that cannot be written (or a folder that cannot take it).
+    #[error("{}: {reason}", path.display())]
+    Write {
         /// The file.
         path: PathBuf,
         /// What went wrong.
@@ -59,7 +67,7 @@ impl Error {
             ) => {
                 Some("the transformer file does not match the model config (dev vs schnell, or another model)".into())
             }
-            Error::Io { .. } => Some("check that the folder exists and is writable".into()),
+            Error::Write { .. } => Some("check that the folder exists and is writable".into()),
             _ => None,
         }
     }

@@ -2,16 +2,20 @@
 #![deny(missing_docs)]
 
 mod error;
+mod output;
 mod pipeline;
 mod png;
 mod source;
 
 pub use error::{Error, Result};
+pub use output::{OutputNames, DEFAULT_FILE};
 pub use pipeline::{
     peak_rss, FluxPipeline, GenerateOutput, GenerateRequest, Generated, PipelineOptions, Progress,
     StageTimes,
 };
-pub use png::{check_writable, read_png, write_png, ImageParams, ReadPng, PARAMS_KEY};
+pub use png::{
+    check_writable, read_png, remove_partial_files, write_png, ImageParams, ReadPng, PARAMS_KEY,
+};
 pub use source::{
     scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,
     DEV_REPO, SCHNELL_REPO,

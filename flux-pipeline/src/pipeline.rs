@@ -32,8 +32,9 @@ pub struct PipelineOptions {
     pub keep_loaded: bool,
     /// Decode in tiles (bounded memory for large images).
     pub tiled_vae: Option<TileOptions>,
-    /// Encode the transformer's block weights while loading (`--quantize`), e.g.
-    /// `Encoding::Gguf(QuantType::Q8_0)`; weights already quantized in the file stay as they are.
+    /// Encode the transformer's block weights and T5's linear weights while loading
+    /// (`--quantize`), e.g. `Encoding::Gguf(QuantType::Q8_0)`; weights already quantized in the
+    /// file stay as they are.
     pub quantize: Option<flux_kernels::Encoding>,
 }
 
@@ -261,11 +262,7 @@ impl FluxPipeline {
                 } else {
                     ClipTextModel::from_dir(&f.text_encoder, dt, d)?
                 },
-                if f.text_encoder_2.is_file() {
-                    T5Encoder::from_file(&f.text_encoder_2, dt, d)?
-                } else {
-                    T5Encoder::from_dir(&f.text_encoder_2, dt, d)?
-                },
+                T5Encoder::from_path(&f.text_encoder_2, dt, d, self.opts.quantize)?,
                 d,
             ));
         }
@@ -405,7 +402,19 @@ impl FluxPipeline {
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
+        on_step: impl FnMut(&Progress, &Tensor),
+    ) -> Result<GenerateOutput> {
+        self.generate_each(req, on_step, |_| Ok(()))
+    }
+
+    /// [`FluxPipeline::generate`], handing each image to `on_image` as soon as it is decoded
+    /// (before the next image is denoised), so that a caller can save it at once: an error or
+    /// interrupt at image k loses none of images 0…k−1. An error from `on_image` stops the run.
+    pub fn generate_each(
+        &mut self,
+        req: &GenerateRequest,
         mut on_step: impl FnMut(&Progress, &Tensor),
+        mut on_image: impl FnMut(&Generated) -> Result<()>,
     ) -> Result<GenerateOutput> {
         let Plan {
             steps,
@@ -425,16 +434,20 @@ impl FluxPipeline {
             .map(|v| v.iter().map(String::as_str).collect());
         let emb: PromptEmbeds = self.text(max_len)?.encode(&prompts, prompts_2.as_deref())?;
         for (i, p) in req.prompts.iter().enumerate() {
+            let more = match emb.unread_bytes[i] {
+                0 => String::new(),
+                b => format!(" (and {b} bytes after them were not read)"),
+            };
             if emb.clip_truncated[i] > 0 {
                 warnings.push(format!(
-                    "prompt {} is too long for CLIP: {} tokens cut (77 max)",
+                    "prompt {} is too long for CLIP: {} tokens cut (77 max){more}",
                     i + 1,
                     emb.clip_truncated[i]
                 ));
             }
             if emb.t5_truncated[i] > 0 {
                 warnings.push(format!(
-                    "prompt {} is too long for T5: {} tokens cut ({max_len} max): {p:.40}…",
+                    "prompt {} is too long for T5: {} tokens cut ({max_len} max){more}: {p:.40}…",
                     i + 1,
                     emb.t5_truncated[i]
                 ));
@@ -444,7 +457,8 @@ impl FluxPipeline {
             self.text = None;
         }
         let encode = start.elapsed();
-        // 2. denoise every image with the transformer, then release it
+        // 2. denoise and decode each image in turn (transformer and VAE loaded together; T5
+        //    already released), then release them
         let start = Instant::now();
         let shape = latent_shape(1, req.height, req.width, SizeRounding::Strict)?;
         let (lh, lw) = (shape[2], shape[3]);
@@ -474,10 +488,20 @@ impl FluxPipeline {
         };
         let ids_img = img_ids(1, lh, lw, 0.0, &dev)?;
         let ids_txt = txt_ids(1, emb.t5.dim(1)?, &dev)?;
-        let mut finals = Vec::with_capacity(n);
-        {
-            let dit = self.dit()?;
-            for (i, &seed) in seeds.iter().enumerate() {
+        let tiled = self.opts.tiled_vae;
+        let model_name = self.files.name.clone();
+        let mut images = Vec::with_capacity(n);
+        self.dit()?;
+        let mut denoise = start.elapsed();
+        let start = Instant::now();
+        self.vae()?;
+        let mut decode = start.elapsed();
+        let run = {
+            let (Some(dit), Some(vae)) = (self.dit.as_ref(), self.vae.as_ref()) else {
+                return Err(Error::InvalidRequest("models unavailable".into()));
+            };
+            let mut each = |i: usize, seed: u64| -> Result<()> {
+                let start = Instant::now();
                 let p = i / req.num_images;
                 let x = match &req.latents {
                     Some(l) => l.narrow(0, i, 1)?.to_device(&dev)?,
@@ -502,7 +526,7 @@ impl FluxPipeline {
                         guidance: g.as_ref(),
                     })
                 };
-                let out = sample(x, &ts, &sopts, &mut denoiser, |info, latent| {
+                let lat = sample(x, &ts, &sopts, &mut denoiser, |info, latent| {
                     let progress = Progress {
                         image: i,
                         images: n,
@@ -512,21 +536,8 @@ impl FluxPipeline {
                     };
                     on_step(&progress, latent)
                 })?;
-                finals.push(out);
-            }
-        }
-        if !self.opts.keep_loaded {
-            self.dit = None;
-        }
-        let denoise = start.elapsed();
-        // 3. decode
-        let start = Instant::now();
-        let tiled = self.opts.tiled_vae;
-        let model_name = self.files.name.clone();
-        let mut images = Vec::with_capacity(n);
-        {
-            let vae = self.vae()?;
-            for (i, lat) in finals.into_iter().enumerate() {
+                denoise += start.elapsed();
+                let start = Instant::now();
                 let z = unpack(&lat, lh, lw)?;
                 let image = match tiled {
                     Some(t) => vae.decode_tiled(&z, t)?,
@@ -534,8 +545,7 @@ impl FluxPipeline {
                 }
                 .to_dtype(DType::F32)?;
                 let rgb = to_rgb8(&image, ByteRounding::Round)?.remove(0);
-                let p = i / req.num_images;
-                images.push(Generated {
+                let g = Generated {
                     image,
                     latents: lat,
                     rgb,
@@ -543,7 +553,7 @@ impl FluxPipeline {
                         prompt: req.prompts[p].clone(),
                         prompt_2: req.prompts_2.as_ref().map(|v| v[p].clone()),
                         model: model_name.clone(),
-                        seed: seeds[i],
+                        seed,
                         steps,
                         guidance,
                         width: req.width,
@@ -551,14 +561,27 @@ impl FluxPipeline {
                         dtype: format!("{dtype:?}").to_lowercase(),
                         max_sequence_length: max_len,
                         version: env!("CARGO_PKG_VERSION").to_string(),
+                        device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
+                        quantize: self.opts.quantize.map(|q| q.to_string()),
+                        tiled_vae: tiled.is_some(),
+                        files: Default::default(),
                     },
-                });
-            }
-        }
+                };
+                decode += start.elapsed();
+                on_image(&g)?;
+                images.push(g);
+                Ok(())
+            };
+            seeds
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, &seed)| each(i, seed))
+        };
         if !self.opts.keep_loaded {
+            self.dit = None;
             self.vae = None;
         }
-        let decode = start.elapsed();
+        run?;
         Ok(GenerateOutput {
             images,
             warnings,

@@ -33,64 +33,108 @@ pub struct ImageParams {
     pub max_sequence_length: usize,
     /// flux-pipeline version.
     pub version: String,
+    /// The device (`cpu`, `cuda`): pixels differ a little between devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Weights quantized while loading (`--quantize`), e.g. `q8_0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
+    /// Decoded in tiles (`--tiled-vae`; changes pixels slightly).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tiled_vae: bool,
+    /// Files that replaced parts of the model (`transformer`, `t5`, `clip`, `vae`,
+    /// `checkpoint`): absolute paths, or `owner/name:file` on the hub.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 /// The text chunk holding the JSON parameters.
 pub const PARAMS_KEY: &str = "flux:parameters";
 
-/// Writes `image` to `path` as PNG with the parameters as iTXt chunks (one per field, plus
-/// [`PARAMS_KEY`] with all of them as JSON). The file appears whole or not at all: it is written
-/// under a temporary name in the same folder and renamed.
-pub fn write_png(path: &Path, image: &Rgb8, params: &ImageParams) -> Result<()> {
-    let io = |p: &Path, e: &dyn std::fmt::Display| Error::Io {
-        path: p.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let tmp = partial_path(path);
-    let write = || -> std::result::Result<(), String> {
-        let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-        let mut enc = png::Encoder::new(
-            BufWriter::new(file),
-            image.width as u32,
-            image.height as u32,
-        );
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let json = serde_json::to_string(params).map_err(|e| e.to_string())?;
-        let mut chunks = vec![
-            (PARAMS_KEY.to_string(), json),
-            ("prompt".into(), params.prompt.clone()),
-            ("model".into(), params.model.clone()),
-            ("seed".into(), params.seed.to_string()),
-            ("steps".into(), params.steps.to_string()),
-            ("size".into(), format!("{}x{}", params.width, params.height)),
-            ("version".into(), params.version.clone()),
-        ];
-        if let Some(g) = params.guidance {
-            chunks.push(("guidance".into(), g.to_string()));
-        }
-        if let Some(p2) = &params.prompt_2 {
-            chunks.push(("prompt_2".into(), p2.clone()));
-        }
-        for (k, v) in chunks {
-            enc.add_itxt_chunk(k, v).map_err(|e| e.to_string())?;
-        }
-        let mut w = enc.write_header().map_err(|e| e.to_string())?;
-        w.write_image_data(&image.data).map_err(|e| e.to_string())?;
-        w.finish().map_err(|e| e.to_string())?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(path, &e));
+/// Temporary files being written now, removed by [`remove_partial_files`] (the CLI calls it on
+/// Ctrl-C).
+static PARTIAL: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn partial_list() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PARTIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the temporary files of PNGs being written at this moment (for an interrupt
+/// handler: after it, no `.name.partial-PID` file is left behind). A SIGKILL cannot run it,
+/// so a kill during the few milliseconds of a write can leave one such hidden file.
+pub fn remove_partial_files() {
+    for p in partial_list().drain(..) {
+        let _ = std::fs::remove_file(p);
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path, &e)
+}
+
+/// Encodes `image` with `params` as iTXt chunks (one per field, plus [`PARAMS_KEY`] with all
+/// of them as JSON) into `tmp`, registered for [`remove_partial_files`] until
+/// [`remove_partial`].
+pub(crate) fn encode_png(
+    tmp: &Path,
+    image: &Rgb8,
+    params: &ImageParams,
+) -> std::result::Result<(), String> {
+    partial_list().push(tmp.to_path_buf());
+    let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
+    let mut enc = png::Encoder::new(
+        BufWriter::new(file),
+        image.width as u32,
+        image.height as u32,
+    );
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let json = serde_json::to_string(params).map_err(|e| e.to_string())?;
+    let mut chunks = vec![
+        (PARAMS_KEY.to_string(), json),
+        ("prompt".into(), params.prompt.clone()),
+        ("model".into(), params.model.clone()),
+        ("seed".into(), params.seed.to_string()),
+        ("steps".into(), params.steps.to_string()),
+        ("size".into(), format!("{}x{}", params.width, params.height)),
+        ("version".into(), params.version.clone()),
+    ];
+    if let Some(g) = params.guidance {
+        chunks.push(("guidance".into(), g.to_string()));
+    }
+    if let Some(p2) = &params.prompt_2 {
+        chunks.push(("prompt_2".into(), p2.clone()));
+    }
+    for (k, v) in chunks {
+        enc.add_itxt_chunk(k, v).map_err(|e| e.to_string())?;
+    }
+    let mut w = enc.write_header().map_err(|e| e.to_string())?;
+    w.write_image_data(&image.data).map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Removes a temporary file (if still there) and forgets it.
+pub(crate) fn remove_partial(tmp: &Path) {
+    let _ = std::fs::remove_file(tmp);
+    partial_list().retain(|p| p != tmp);
+}
+
+/// Writes `image` to `path` as PNG with the parameters as iTXt chunks (one per field, plus
+/// [`PARAMS_KEY`] with all of them as JSON), replacing `path` if it exists ([`OutputNames`]
+/// never replaces). The file appears whole or not at all: it is written under a temporary name
+/// in the same folder and renamed.
+///
+/// [`OutputNames`]: crate::OutputNames
+pub fn write_png(path: &Path, image: &Rgb8, params: &ImageParams) -> Result<()> {
+    let tmp = partial_path(path);
+    let result = encode_png(&tmp, image, params)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    remove_partial(&tmp);
+    result.map_err(|reason| Error::Write {
+        path: path.to_path_buf(),
+        reason,
     })
 }
 
-fn partial_path(path: &Path) -> PathBuf {
+/// The temporary name `path` is written under: `.name.partial-PID` in the same folder.
+pub(crate) fn partial_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -102,7 +146,7 @@ fn partial_path(path: &Path) -> PathBuf {
 /// accepts a file).
 pub fn check_writable(path: &Path) -> Result<()> {
     let probe = partial_path(path);
-    std::fs::File::create(&probe).map_err(|e| Error::Io {
+    std::fs::File::create(&probe).map_err(|e| Error::Write {
         path: path.to_path_buf(),
         reason: format!("cannot write here: {e}"),
     })?;
@@ -119,37 +163,64 @@ pub struct ReadPng {
     pub params: Option<ImageParams>,
 }
 
-/// Reads a PNG written by [`write_png`] (or any 8-bit RGB PNG).
+/// The largest image side [`read_png`] accepts (the pipeline's own limit).
+pub const MAX_PNG_SIDE: u32 = 8192;
+/// The largest text chunk [`read_png`] decompresses (bytes).
+const MAX_TEXT: usize = 1 << 20;
+
+/// Reads a PNG written by [`write_png`] (or any 8-bit RGB PNG). The header is checked before
+/// anything is allocated from it (sides up to [`MAX_PNG_SIDE`], 8-bit RGB), compressed text is
+/// decompressed with a cap, and unreadable or malformed parameters are an error, not `None`.
 pub fn read_png(path: &Path) -> Result<ReadPng> {
     let io = |e: &dyn std::fmt::Display| Error::Io {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
     let file = std::fs::File::open(path).map_err(|e| io(&e))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    let limits = png::Limits { bytes: 64 << 20 };
+    let mut dec = png::Decoder::new_with_limits(std::io::BufReader::new(file), limits);
     dec.set_transformations(png::Transformations::EXPAND);
     let mut reader = dec.read_info().map_err(|e| io(&e))?;
-    let mut buf = vec![
-        0;
-        reader
-            .output_buffer_size()
-            .ok_or_else(|| io(&"image too large"))?
-    ];
-    let info = reader.next_frame(&mut buf).map_err(|e| io(&e))?;
-    if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
+    let (w, h) = (reader.info().width, reader.info().height);
+    if w > MAX_PNG_SIDE || h > MAX_PNG_SIDE {
         return Err(io(&format!(
-            "expected 8-bit RGB, found {:?} {:?}",
-            info.color_type, info.bit_depth
+            "{w}x{h} pixels: larger than {MAX_PNG_SIDE} on a side"
         )));
     }
+    let (color, depth) = reader.output_color_type();
+    if color != png::ColorType::Rgb || depth != png::BitDepth::Eight {
+        return Err(io(&format!(
+            "expected 8-bit RGB, found {color:?} {depth:?}"
+        )));
+    }
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| io(&"image too large"))?;
+    let mut buf = vec![0; size];
+    let info = reader.next_frame(&mut buf).map_err(|e| io(&e))?;
     buf.truncate(info.buffer_size());
-    let params = reader
+    let params = match reader
         .info()
         .utf8_text
         .iter()
         .find(|c| c.keyword == PARAMS_KEY)
-        .and_then(|c| c.get_text().ok())
-        .and_then(|t| serde_json::from_str(&t).ok());
+    {
+        None => None,
+        Some(chunk) => {
+            let mut chunk = chunk.clone();
+            chunk
+                .decompress_text_with_limit(MAX_TEXT)
+                .map_err(|e| io(&format!("the {PARAMS_KEY} chunk: {e}")))?;
+            let text = chunk
+                .get_text()
+                .map_err(|e| io(&format!("the {PARAMS_KEY} chunk: {e}")))?;
+            Some(serde_json::from_str(&text).map_err(|e| {
+                io(&format!(
+                    "the {PARAMS_KEY} chunk is not valid parameters JSON: {e}"
+                ))
+            })?)
+        }
+    };
     Ok(ReadPng {
         image: Rgb8 {
             width: info.width as usize,

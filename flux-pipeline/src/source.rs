@@ -94,7 +94,23 @@ impl ModelSource {
     pub fn parse(s: &str, offline: bool) -> Result<Self> {
         let p = Path::new(s);
         if p.is_dir() {
-            return Ok(ModelSource::Folder(p.to_path_buf()));
+            return Ok(ModelSource::Folder(absolute(p)));
+        }
+        if p.is_file() {
+            return Err(Error::ModelSource {
+                what: format!("`{s}` is a file; --model takes a diffusers folder or a hub id"),
+                hint: format!("for one transformer file use --transformer {s} (the rest comes from --model); for an all-in-one file, --checkpoint {s}"),
+            });
+        }
+        if let Ok(meta) = p.symlink_metadata() {
+            // there, but neither file nor folder: a dangling link, a loop, a device…
+            let why = std::fs::metadata(p)
+                .err()
+                .map_or_else(|| format!("{:?}", meta.file_type()), |e| e.to_string());
+            return Err(Error::Io {
+                path: p.to_path_buf(),
+                reason: format!("cannot be read as a model folder: {why}"),
+            });
         }
         let repo = match s {
             "schnell" | "flux-schnell" => SCHNELL_REPO.to_string(),
@@ -262,11 +278,17 @@ impl ModelSource {
 
 type Fetch<'a> = dyn Fn(&str) -> Result<Option<PathBuf>> + 'a;
 
-/// The hub client over `cache`, with `HF_TOKEN` when set.
+/// The hub client over `cache`, with `HF_TOKEN` and `HF_ENDPOINT` (a mirror, or a test hub)
+/// when set. An interrupted download is resumed from where it stopped, up to 3 times.
 fn hub_api(cache: hf_hub::Cache) -> Result<hf_hub::api::sync::Api> {
-    let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
+    let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+        .with_progress(true)
+        .with_retries(3);
     if let Ok(t) = std::env::var("HF_TOKEN") {
         b = b.with_token(Some(t));
+    }
+    if let Ok(e) = std::env::var("HF_ENDPOINT") {
+        b = b.with_endpoint(e.trim_end_matches('/').to_string());
     }
     b.build().map_err(|e| Error::ModelSource {
         what: format!("cannot use the hub: {e}"),
@@ -325,12 +347,29 @@ pub enum FileRef {
     },
 }
 
+impl std::fmt::Display for FileRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileRef::Local(p) => write!(f, "{}", p.display()),
+            FileRef::Hub { repo, file } => write!(f, "{repo}:{file}"),
+        }
+    }
+}
+
+/// `p` as an absolute path (symlinks resolved when possible).
+fn absolute(p: &Path) -> PathBuf {
+    p.canonicalize()
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
+}
+
 impl FileRef {
-    /// An existing local file, else `owner/name:path/in/repo`.
+    /// An existing local file (made absolute, so that a record of it finds the same file from
+    /// another folder), else `owner/name:path/in/repo`.
     pub fn parse(s: &str) -> Result<Self> {
         let p = Path::new(s);
         if p.is_file() {
-            return Ok(FileRef::Local(p.to_path_buf()));
+            return Ok(FileRef::Local(absolute(p)));
         }
         if p.is_dir() {
             return Err(Error::ModelSource {

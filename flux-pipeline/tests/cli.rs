@@ -143,7 +143,7 @@ fn errors_are_one_line_with_a_hint() {
             "--output",
             "/nonexistent-dir/x.png",
         ],
-        "cannot write here",
+        "no such folder",
     );
     fails_with(
         &[
@@ -266,7 +266,15 @@ fn tiny_image(name: &str, extra: &[&str]) -> Vec<u8> {
         "{extra:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    read_png(&out).unwrap().image.data
+    read_png(&written(&o)[0]).unwrap().image.data
+}
+
+/// The image paths a run printed on stdout (`PATH (seed N)`).
+fn written(o: &std::process::Output) -> Vec<PathBuf> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit_once(" (seed ").map(|(p, _)| PathBuf::from(p)))
+        .collect()
 }
 
 /// An all-in-one file as ComfyUI writes them: the four components under their prefixes.

@@ -220,3 +220,99 @@ fn memory_policy_drops_and_reloads() {
     let c = keep.generate(&r, |_, _| {}).unwrap();
     assert_eq!(a.images[0].rgb, c.images[0].rgb);
 }
+
+/// Each image reaches `on_image` as soon as it is decoded, before the next one is denoised
+/// (so the CLI saves it at once), and an error there stops the run with that error.
+#[test]
+fn images_are_handed_over_as_soon_as_decoded() {
+    let mut p = pipe();
+    let r = GenerateRequest {
+        num_images: 3,
+        seeds: vec![10],
+        steps: Some(2),
+        ..req()
+    };
+    let events = std::cell::RefCell::new(vec![]);
+    let out = p
+        .generate_each(
+            &r,
+            |pr, _| {
+                events
+                    .borrow_mut()
+                    .push(format!("step {} {}", pr.image, pr.step))
+            },
+            |g| {
+                events.borrow_mut().push(format!("image {}", g.params.seed));
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(out.images.len(), 3);
+    assert_eq!(
+        events.into_inner(),
+        [
+            "step 0 0", "step 0 1", "image 10", "step 1 0", "step 1 1", "image 11", "step 2 0",
+            "step 2 1", "image 12"
+        ]
+    );
+    let mut seen = 0;
+    let e = p
+        .generate_each(
+            &r,
+            |_, _| {},
+            |_| {
+                seen += 1;
+                Err(Error::InvalidRequest("disk full".into()))
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("disk full") && seen == 1, "{e}");
+}
+
+/// Same seed → the same bytes with 1, 2 or 3 threads, in f32 and bf16, tiled VAE or not.
+#[test]
+fn same_seed_same_bytes_across_threads_dtypes_and_tiling() {
+    let tiles = flux_vae::TileOptions {
+        tile: 4,
+        overlap: 1,
+    };
+    for dtype in [candle::DType::F32, candle::DType::BF16] {
+        for tiled in [None, Some(tiles)] {
+            let mut first: Option<Vec<u8>> = None;
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let rgb = pool.install(|| {
+                    let opts = PipelineOptions {
+                        dtype,
+                        tiled_vae: tiled,
+                        ..Default::default()
+                    };
+                    let mut p =
+                        FluxPipeline::from_source(&ModelSource::Folder(tiny()), opts).unwrap();
+                    let r = GenerateRequest {
+                        seeds: vec![77],
+                        steps: Some(2),
+                        width: 96,
+                        height: 64,
+                        ..req()
+                    };
+                    p.generate(&r, |_, _| {}).unwrap().images[0]
+                        .rgb
+                        .data
+                        .clone()
+                });
+                match &first {
+                    None => first = Some(rgb),
+                    Some(f) => assert!(
+                        f == &rgb,
+                        "{dtype:?} tiled={} differs with {threads} threads",
+                        tiled.is_some()
+                    ),
+                }
+            }
+        }
+    }
+}

@@ -76,6 +76,25 @@ impl ClipConfig {
 
     /// Checks the invariants.
     pub fn validate(&self) -> Result<()> {
+        // bounds far above CLIP-L (768 wide, 3072 ff, 12 layers, 49408 tokens, 77 positions)
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 16,
+            ),
+        ] {
+            if v > max {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} {v} is larger than {max}"
+                )));
+            }
+        }
         if self.hidden_size == 0
             || self.num_attention_heads == 0
             || self.hidden_size % self.num_attention_heads != 0

@@ -18,6 +18,9 @@ pub struct PromptEmbeds {
     pub clip_truncated: Vec<usize>,
     /// T5 content tokens cut per prompt.
     pub t5_truncated: Vec<usize>,
+    /// Bytes of each prompt never tokenised (very long prompts: their tokens could not be
+    /// kept; the counts above then cover only the part read). 0 normally.
+    pub unread_bytes: Vec<usize>,
 }
 
 /// Both tokenizers and both encoders. The encoders can be released after use
@@ -96,6 +99,11 @@ impl PromptEncoder {
             pooled,
             clip_truncated: clip_ids.iter().map(|t| t.truncated).collect(),
             t5_truncated: t5_ids.iter().map(|t| t.truncated).collect(),
+            unread_bytes: clip_ids
+                .iter()
+                .zip(&t5_ids)
+                .map(|(c, t)| c.unread_bytes.max(t.unread_bytes))
+                .collect(),
         })
     }
 

@@ -78,6 +78,26 @@ impl T5Config {
 
     /// Checks the invariants.
     pub fn validate(&self) -> Result<()> {
+        // bounds far above T5-XXL (4096 wide, 64 per head, 10240 ff, 24 layers, 32128 tokens)
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("d_model", self.d_model, 1 << 16),
+            ("d_kv", self.d_kv, 1 << 12),
+            ("d_ff", self.d_ff, 1 << 18),
+            ("num_layers", self.num_layers, 1024),
+            ("num_heads", self.num_heads, 1024),
+            (
+                "relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+                1 << 12,
+            ),
+        ] {
+            if v > max {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} {v} is larger than {max}"
+                )));
+            }
+        }
         if self.feed_forward_proj != "gated-gelu" {
             return Err(Error::InvalidConfig(format!(
                 "feed_forward_proj {} is not supported (T5 v1.1 uses gated-gelu)",
@@ -182,6 +202,18 @@ fn open_checkpoint(
         ck.restrict_to_prefix(AIO_PREFIX);
     }
     Ok(ck)
+}
+
+/// f16 is refused: T5's feed-forward overflows it.
+fn check_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F16 {
+        return Err(Error::UnsupportedDtype {
+            what: "T5",
+            dtype,
+            why: "T5's feed-forward activations overflow f16 (→ inf/NaN); use bf16 or f32",
+        });
+    }
+    Ok(())
 }
 
 /// Whether the checkpoint uses llama.cpp's `t5encoder` names (city96's GGUF files).
@@ -305,33 +337,44 @@ impl T5Encoder {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        if dtype == DType::F16 {
-            return Err(Error::UnsupportedDtype {
-                what: "T5",
-                dtype,
-                why: "T5's feed-forward activations overflow f16 (→ inf/NaN); use bf16 or f32",
-            });
-        }
+        check_dtype(dtype)?;
         let ck = open_checkpoint(files, dtype, device)?;
-        Self::load_checkpoint(cfg, &ck)
+        Self::load_checkpoint(cfg, &ck, None)
     }
 
     /// Loads a single T5 encoder file (any format [`T5Encoder::load`] reads), with the config
     /// read from its tensors' shapes ([`T5Config::detect`]).
     pub fn from_file(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        if dtype == DType::F16 {
-            return Err(Error::UnsupportedDtype {
-                what: "T5",
-                dtype,
-                why: "T5's feed-forward activations overflow f16 (→ inf/NaN); use bf16 or f32",
-            });
-        }
-        let ck = open_checkpoint(&[path.as_ref().to_path_buf()], dtype, device)?;
-        let cfg = T5Config::detect(&ck)?;
-        Self::load_checkpoint(&cfg, &ck)
+        Self::from_path(path.as_ref(), dtype, device, None)
     }
 
-    fn load_checkpoint(cfg: &T5Config, ck: &Checkpoint) -> Result<Self> {
+    /// Loads the encoder from a `text_encoder_2/` folder ([`T5Encoder::from_dir`]) or one file
+    /// ([`T5Encoder::from_file`]), encoding its dense linear weights into `quantize` while
+    /// loading (`--quantize`; weights already packed in the file are kept, the embedding and
+    /// norms stay as stored).
+    pub fn from_path(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<flux_kernels::Encoding>,
+    ) -> Result<Self> {
+        check_dtype(dtype)?;
+        let (cfg, ck) = if path.is_dir() {
+            let cfg = T5Config::from_json(&read_config(path)?)?;
+            let files = flux_kernels::sharded_files(path, "model")?;
+            (cfg, open_checkpoint(&files, dtype, device)?)
+        } else {
+            let ck = open_checkpoint(&[path.to_path_buf()], dtype, device)?;
+            (T5Config::detect(&ck)?, ck)
+        };
+        Self::load_checkpoint(&cfg, &ck, quantize)
+    }
+
+    fn load_checkpoint(
+        cfg: &T5Config,
+        ck: &Checkpoint,
+        quantize: Option<flux_kernels::Encoding>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let llama = is_llama_layout(ck);
         let key = |k: &str| -> String {
@@ -343,8 +386,9 @@ impl T5Encoder {
         };
         let (d, inner, f) = (cfg.d_model, cfg.d_kv * cfg.num_heads, cfg.d_ff);
         let get = |k: &str, s: &[usize]| -> Result<Tensor> { Ok(ck.get(&key(k), Some(s))?) };
-        let lin =
-            |k: &str, i: usize, o: usize| -> Result<Linear> { Ok(ck.linear(&key(k), None, i, o)?) };
+        let lin = |k: &str, i: usize, o: usize| -> Result<Linear> {
+            Ok(ck.linear_as(&key(k), None, i, o, quantize)?)
+        };
         let emb_shape = [cfg.vocab_size, d];
         let shared = match (
             ck.contains(&key("shared.weight")),
@@ -399,10 +443,7 @@ impl T5Encoder {
     /// Loads a transformers `text_encoder_2/` folder (config.json + model safetensors, sharded
     /// or not).
     pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = dir.as_ref();
-        let cfg = T5Config::from_json(&read_config(dir)?)?;
-        let files = flux_kernels::sharded_files(dir, "model")?;
-        Self::load(&cfg, &files, dtype, device)
+        Self::from_path(dir.as_ref(), dtype, device, None)
     }
 
     /// The config.

@@ -29,8 +29,12 @@ pub struct Tokenized {
     pub ids: Vec<u32>,
     /// Content tokens kept (without the special tokens).
     pub kept: usize,
-    /// Content tokens cut by truncation (0 when the prompt fit).
+    /// Content tokens cut by truncation (0 when the prompt fit). When `unread_bytes > 0` this
+    /// counts only the tokens of the part that was read.
     pub truncated: usize,
+    /// Bytes at the end of a very long prompt that were never tokenised: their tokens could
+    /// not be kept anyway (see [`ClipTokenizer::encode`]). 0 for prompts of ordinary length.
+    pub unread_bytes: usize,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -67,6 +71,53 @@ fn content_ids(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(enc.get_ids().to_vec())
 }
 
+/// Prompts up to this many bytes are tokenised whole (exact truncation counts).
+const MIN_READ: usize = 64 << 10;
+/// Bytes of a longer prompt read per token that can be kept, at first.
+const BYTES_PER_TOKEN: usize = 16;
+
+/// Content tokens of `text`, and the bytes left unread. A prompt longer than [`MIN_READ`] is
+/// tokenised only up to a prefix that already gives more than `room` tokens (doubled until it
+/// does), so a 100 MB prompt costs what 64 KiB do. Both tokenizers split words at whitespace
+/// before anything else, so a prefix cut at whitespace gives exactly the whole text's first
+/// tokens; only a single "word" longer than the prefix is cut inside.
+fn bounded_content_ids(tok: &Tokenizer, text: &str, room: usize) -> Result<(Vec<u32>, usize)> {
+    let mut limit = (room + 1).saturating_mul(BYTES_PER_TOKEN).max(MIN_READ);
+    loop {
+        if text.len() <= limit {
+            return Ok((content_ids(tok, text)?, 0));
+        }
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = text[..end]
+            .rfind(char::is_whitespace)
+            .filter(|&c| c > 0)
+            .unwrap_or(end);
+        let ids = content_ids(tok, &text[..cut])?;
+        if ids.len() > room {
+            return Ok((ids, text.len() - cut));
+        }
+        limit = limit.saturating_mul(2);
+    }
+}
+
+fn encode_bounded(
+    tok: &Tokenizer,
+    text: &str,
+    max_len: usize,
+    bos: Option<u32>,
+    eos: u32,
+    pad: u32,
+) -> Result<Tokenized> {
+    let room = max_len - 1 - bos.is_some() as usize;
+    let (ids, unread) = bounded_content_ids(tok, text, room)?;
+    let mut t = assemble(ids, max_len, bos, eos, pad);
+    t.unread_bytes = unread;
+    Ok(t)
+}
+
 fn assemble(content: Vec<u32>, max_len: usize, bos: Option<u32>, eos: u32, pad: u32) -> Tokenized {
     let room = max_len - 1 - bos.is_some() as usize;
     let kept = content.len().min(room);
@@ -79,6 +130,7 @@ fn assemble(content: Vec<u32>, max_len: usize, bos: Option<u32>, eos: u32, pad: 
         ids,
         kept,
         truncated: content.len() - kept,
+        unread_bytes: 0,
     }
 }
 
@@ -213,15 +265,18 @@ impl ClipTokenizer {
         self.max_len
     }
 
-    /// `[BOS] + tokens + [EOS]`, truncated to fit and padded with EOS.
+    /// `[BOS] + tokens + [EOS]`, truncated to fit and padded with EOS. A prompt far longer
+    /// than the tokens that can be kept is tokenised only as far as needed
+    /// ([`Tokenized::unread_bytes`]); the ids are the same as for the whole text.
     pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
-        Ok(assemble(
-            content_ids(&self.tok, prompt)?,
+        encode_bounded(
+            &self.tok,
+            prompt,
             self.max_len,
             Some(CLIP_BOS),
             CLIP_EOS,
             CLIP_EOS,
-        ))
+        )
     }
 }
 
@@ -323,15 +378,10 @@ impl T5Tokenizer {
         self.max_len
     }
 
-    /// `tokens + [</s>]`, truncated to fit and padded with `<pad>`.
+    /// `tokens + [</s>]`, truncated to fit and padded with `<pad>`; very long prompts are read
+    /// only as far as needed, as in [`ClipTokenizer::encode`].
     pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
-        Ok(assemble(
-            content_ids(&self.tok, prompt)?,
-            self.max_len,
-            None,
-            T5_EOS,
-            T5_PAD,
-        ))
+        encode_bounded(&self.tok, prompt, self.max_len, None, T5_EOS, T5_PAD)
     }
 }
 
@@ -341,6 +391,8 @@ mod tests {
 
     #[test]
     fn assemble_truncates_and_reports() {
+        let t = assemble(vec![1, 2], 4, None, 9, 0);
+        assert_eq!(t.unread_bytes, 0);
         let t = assemble((10..20).collect(), 6, Some(100), 101, 0);
         assert_eq!(t.ids, vec![100, 10, 11, 12, 13, 101]);
         assert_eq!((t.kept, t.truncated), (4, 6));

@@ -262,3 +262,41 @@ fn prompt_encoder_batches_reports_and_unloads() {
     ));
     assert_eq!(enc.tokenize(&["a cat"], None).unwrap().0[0].ids.len(), 77);
 }
+
+/// A prompt of megabytes is tokenised only as far as the encoders can use (bounded time and
+/// memory), with the same ids as the whole text and the unread part reported.
+#[test]
+fn huge_prompts_are_read_only_as_far_as_needed() {
+    let clip = ClipTokenizer::from_dir(path("data/clip")).unwrap();
+    let t5 = T5Tokenizer::from_dir(path("data/t5"), 512).unwrap();
+    let short = "a red fox jumps ".repeat(200);
+    let huge = "a red fox jumps ".repeat(1 << 19); // 8 MiB
+    for (name, a, b) in [
+        (
+            "clip",
+            clip.encode(&short).unwrap(),
+            clip.encode(&huge).unwrap(),
+        ),
+        ("t5", t5.encode(&short).unwrap(), t5.encode(&huge).unwrap()),
+    ] {
+        assert_eq!(a.ids, b.ids, "{name}");
+        assert_eq!(a.unread_bytes, 0, "{name}");
+        assert!(
+            b.unread_bytes > huge.len() - (1 << 17),
+            "{name}: {}",
+            b.unread_bytes
+        );
+        assert!(b.truncated > 0, "{name}");
+    }
+    // whitespace first: the doubling reads on until there are tokens to keep
+    let spaced = format!("{}cat", " ".repeat(200_000));
+    assert_eq!(
+        t5.encode(&spaced).unwrap().ids,
+        t5.encode("cat").unwrap().ids
+    );
+    // one enormous "word" (no whitespace at all) is cut inside, still bounded
+    let word = "x".repeat(4 << 20);
+    let t = clip.encode(&word).unwrap();
+    assert_eq!(t.kept, 75);
+    assert!(t.unread_bytes > 0);
+}

@@ -55,6 +55,24 @@ impl Config {
         if self.ch == 0 || self.in_channels == 0 || self.out_ch == 0 || self.z_channels == 0 {
             return bad("channel counts must be positive".into());
         }
+        // bounds far above FLUX's (128 × [1, 2, 4, 4], 2 blocks, 16 latent channels)
+        for (name, v, max) in [
+            ("ch", self.ch, 1 << 12),
+            ("in_channels", self.in_channels, 1 << 10),
+            ("out_ch", self.out_ch, 1 << 10),
+            ("z_channels", self.z_channels, 1 << 10),
+            ("num_res_blocks", self.num_res_blocks, 64),
+            ("levels (ch_mult)", self.ch_mult.len(), 8),
+            (
+                "largest ch_mult",
+                self.ch_mult.iter().copied().max().unwrap_or(0),
+                64,
+            ),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is larger than {max}"));
+            }
+        }
         if self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
             return bad(format!(
                 "ch_mult must be non-empty and positive, got {:?}",

@@ -3,6 +3,7 @@
 //! own), with a check that the three outputs agree.
 
 use anyhow::{bail, Context, Result};
+use std::path::Path;
 use std::process::Command;
 
 use crate::root;
@@ -17,6 +18,7 @@ struct Opts {
     iters: usize,
     pipeline: bool,
     quant: Vec<String>,
+    full_depth: bool,
 }
 
 fn parse(args: &[&str]) -> Result<Opts> {
@@ -30,6 +32,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
         iters: 5,
         pipeline: false,
         quant: vec![],
+        full_depth: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -49,6 +52,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
             "--iters" => o.iters = val()?.parse()?,
             "--pipeline" => o.pipeline = true,
             "--quant" => o.quant = val()?.split(',').map(String::from).collect(),
+            "--full-depth" => o.full_depth = true,
             other => bail!("unknown option {other}; see `cargo xtask help`"),
         }
     }
@@ -169,6 +173,23 @@ fn quant_bench(o: &Opts) -> Result<()> {
         "target/bench/d{}s{}h{}n{}",
         o.depth, o.single, o.hidden, o.heads
     ));
+    let full = root().join("target/fullsize");
+    if !Command::new(&bench)
+        .arg("fullsize-write")
+        .arg(&full)
+        .status()?
+        .success()
+    {
+        bail!("writing the full-size encoder files failed");
+    }
+    let sdcpp = sdcpp_python()?;
+    if sdcpp.is_none() {
+        eprintln!("bench: stable-diffusion.cpp is unavailable; its column is skipped");
+    }
+    let threads = o.threads.to_string();
+    if o.full_depth {
+        return full_depth_bench(o, &bench, &full, sdcpp.as_deref(), &threads);
+    }
     let res: Vec<String> = o.res.iter().map(|r| r.to_string()).collect();
     let st = Command::new(&bench)
         .arg("weights")
@@ -191,25 +212,7 @@ fn quant_bench(o: &Opts) -> Result<()> {
     if !st.success() {
         bail!("writing bench weights failed");
     }
-    let full = root().join("target/fullsize");
-    if !Command::new(&bench)
-        .arg("fullsize-write")
-        .arg(&full)
-        .status()?
-        .success()
-    {
-        bail!("writing the full-size encoder files failed");
-    }
-    let sdcpp = sdcpp_python()?;
-    if sdcpp.is_none() {
-        eprintln!("bench: stable-diffusion.cpp is unavailable; its column is skipped");
-    }
-    let threads = o.threads.to_string();
     let iters = o.iters.to_string();
-    let env = |c: &mut Command| {
-        c.env("RAYON_NUM_THREADS", &threads)
-            .env("OMP_NUM_THREADS", &threads);
-    };
     let mut lines = vec![];
     println!("peer              type   res   s/forward  peak RSS");
     for q in &o.quant {
@@ -238,29 +241,15 @@ fn quant_bench(o: &Opts) -> Result<()> {
                 c.args(extra)
                     .arg("--out")
                     .arg(dir.join(format!("out_q_{r}.safetensors")));
-                env(&mut c);
+                threads_env(&mut c, &threads);
                 run_json(&mut c)
             };
             let decode = ours_run(&[], &name)?;
             let integer = ours_run(&["--integer"], &name)?;
             let f32_run = ours_run(&[], "flux.safetensors")?;
-            let mut sd = None;
-            if let Some(py) = &sdcpp {
-                let mut c = Command::new(py);
-                c.arg(root().join("xtask/bench/sdcpp_bench.py"))
-                    .args(["--dit", &file, "--res", r, "--threads", &threads])
-                    .arg("--clip")
-                    .arg(full.join("clip_l.safetensors"))
-                    .arg("--t5")
-                    .arg(full.join("t5xxl-Q8_0.gguf"))
-                    .arg("--vae")
-                    .arg(full.join("ae.safetensors"));
-                env(&mut c);
-                match run_json(&mut c) {
-                    Ok(run) => sd = Some(run),
-                    Err(e) => eprintln!("bench: stable-diffusion.cpp failed: {e}"),
-                }
-            }
+            let sd = sdcpp
+                .as_ref()
+                .and_then(|py| sdcpp_run(py, &full, Path::new(&file), r, &threads));
             let row = |who: &str, run: &Run| {
                 println!(
                     "{who:<17} {q:<6} {r:>4}  {:>9.3}  {:>6.2} GB",
@@ -291,6 +280,129 @@ fn quant_bench(o: &Opts) -> Result<()> {
         }
     }
     println!("({} threads; ours: median of {} forwards; sd.cpp: its second sampling step; sd.cpp's peak RSS includes its T5, CLIP and VAE)", o.threads, o.iters);
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+fn threads_env(c: &mut Command, threads: &str) {
+    c.env("RAYON_NUM_THREADS", threads)
+        .env("OMP_NUM_THREADS", threads);
+}
+
+/// stable-diffusion.cpp's second sampling step on `dit` at `res`², with the full-size random
+/// T5/CLIP/VAE of `cargo xtask fullsize` (its pipeline needs them); `None` (and why) if it fails.
+fn sdcpp_run(py: &Path, full: &Path, dit: &Path, res: &str, threads: &str) -> Option<Run> {
+    let mut c = Command::new(py);
+    c.arg(root().join("xtask/bench/sdcpp_bench.py"))
+        .arg("--dit")
+        .arg(dit)
+        .args(["--res", res, "--threads", threads])
+        .arg("--clip")
+        .arg(full.join("clip_l.safetensors"))
+        .arg("--t5")
+        .arg(full.join("t5xxl-Q8_0.gguf"))
+        .arg("--vae")
+        .arg(full.join("ae.safetensors"));
+    threads_env(&mut c, threads);
+    run_json(&mut c)
+        .map_err(|e| eprintln!("bench: stable-diffusion.cpp failed: {e}"))
+        .ok()
+}
+
+/// Memory the kernel says is available now (bytes), to skip a run that cannot fit.
+fn mem_available() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::INFINITY, |kb| kb * 1024.0)
+}
+
+/// `--full-depth`: the full-size random-block schnell GGUFs of `cargo xtask fullsize` (19 + 38
+/// blocks), one 256² forward each, ours against stable-diffusion.cpp on the same file.
+fn full_depth_bench(
+    o: &Opts,
+    bench: &Path,
+    full: &Path,
+    sdcpp: Option<&Path>,
+    threads: &str,
+) -> Result<()> {
+    let mut lines = vec![];
+    println!("peer              type   res   s/forward  peak RSS   (full depth)");
+    for q in &o.quant {
+        let file = full.join(format!("flux1-schnell-{}.gguf", q.to_uppercase()));
+        if !file.exists() {
+            bail!(
+                "{} is missing: `cargo xtask fullsize` writes Q8_0 and Q4_K",
+                file.display()
+            );
+        }
+        let ours = |integer: bool| -> Result<Run> {
+            let mut c = Command::new(bench);
+            c.arg("fullsize-dit").arg(&file).args(["--res", "256"]);
+            if integer {
+                c.arg("--integer");
+            }
+            threads_env(&mut c, threads);
+            let out = c.output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: serde_json::Value = text
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str(l).ok())
+                .with_context(|| format!("fullsize-dit {}: no result", file.display()))?;
+            Ok(Run {
+                secs: v["forward_secs"].as_f64().context("forward_secs")?,
+                peak_rss: v["peak_rss"].as_f64().unwrap_or(0.0),
+            })
+        };
+        let decode = ours(false)?;
+        // the integer kernels keep candle's repacked copy beside the blocks (≈ 2× the file)
+        let size = std::fs::metadata(&file)?.len() as f64;
+        let integer = if 2.2 * size < mem_available() {
+            Some(ours(true)?)
+        } else {
+            eprintln!(
+                "bench: ours (integer) {q} skipped: ≈ {:.1} GB needed",
+                2.2 * size / 1e9
+            );
+            None
+        };
+        let sd = sdcpp.and_then(|py| sdcpp_run(py, full, &file, "256", threads));
+        let row = |who: &str, run: &Run| {
+            println!(
+                "{who:<17} {q:<6}  256  {:>9.3}  {:>6.2} GB",
+                run.secs,
+                run.peak_rss / 1e9
+            )
+        };
+        row("ours (decode)", &decode);
+        if let Some(i) = &integer {
+            row("ours (integer)", i);
+        }
+        if let Some(s) = &sd {
+            row("sd.cpp", s);
+        }
+        let fmt = |x: Option<&Run>| x.map_or("n/a".into(), |x| format!("{:.3}s", x.secs));
+        let ratio = |x: Option<&Run>| match (x, &sd) {
+            (Some(x), Some(s)) => format!("{:.2}", x.secs / s.secs),
+            _ => "n/a".into(),
+        };
+        lines.push(format!(
+            "bench: dit-cpu-{q}-full res=256 ours={} ours_integer={} sdcpp={} ours/sdcpp={} ours_integer/sdcpp={}",
+            fmt(Some(&decode)),
+            fmt(integer.as_ref()),
+            fmt(sd.as_ref()),
+            ratio(Some(&decode)),
+            ratio(integer.as_ref()),
+        ));
+    }
+    println!("({threads} threads; ours: one forward; sd.cpp: its second sampling step)");
     for l in lines {
         println!("{l}");
     }

@@ -25,11 +25,38 @@ Commands:
   bench --pipeline                 the tiny end-to-end pipeline, time per stage
   bench --quant q8_0,q4_k          the transformer from GGUF (ours, decode and integer
                                    kernels) against stable-diffusion.cpp on the same file
+  bench --quant q8_0,q4_k --full-depth
+                                   the same at full depth, 256², on the full-size files of
+                                   `xtask fullsize`
   fullsize [--threads T]           full-size random-weight GGUF/T5/CLIP/VAE files (written once
                                    into target/fullsize): load, run, peak memory vs file size,
                                    and the whole pipeline inside 24 GB
+  fuzz --minutes N [--target T] [--seed S]
+                                   the seeded mutation fuzzer over every parser of user files
+                                   (release build; `cargo test` runs a bounded pass); panicking
+                                   inputs are saved under target/fuzz-crashes
   help                             this text
 ";
+
+/// `cargo xtask fuzz`: builds `flux-fuzz` in release and runs it with these arguments.
+fn fuzz(rest: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = std::process::Command::new(&cargo)
+        .current_dir(root())
+        .args(["build", "--profile", "fuzz", "-p", "flux-fuzz"])
+        .status()?;
+    if !st.success() {
+        bail!("building flux-fuzz failed");
+    }
+    let st = std::process::Command::new(root().join("target/fuzz/flux-fuzz"))
+        .arg("run")
+        .args(rest)
+        .status()?;
+    if !st.success() {
+        bail!("flux-fuzz: {st} (an abort means an allocation or crash outside a panic: rerun the target named last)");
+    }
+    Ok(())
+}
 
 /// The workspace root (the parent of this crate's folder).
 pub fn root() -> PathBuf {
@@ -46,6 +73,7 @@ fn main() -> Result<()> {
         ["bench", rest @ ..] => bench::bench(rest),
         ["fullsize", rest @ ..] => fullsize::fullsize(rest),
         ["gpu", rest @ ..] => gpu::gpu(rest),
+        ["fuzz", rest @ ..] => fuzz(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{HELP}{}", gpu::HELP);
             Ok(())

@@ -7,8 +7,9 @@ use std::time::Instant;
 use candle::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use flux_pipeline::{
-    check_writable, peak_rss, read_png, write_png, Components, Error, FileRef, FluxPipeline,
-    GenerateRequest, ModelSource, PipelineOptions, SCHNELL_REPO,
+    check_writable, peak_rss, read_png, remove_partial_files, Components, Error, FileRef,
+    FluxPipeline, GenerateRequest, ModelSource, OutputNames, PipelineOptions, StageTimes,
+    SCHNELL_REPO,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -96,9 +97,10 @@ struct Generate {
     /// Re-run the generation stored in a PNG written by flux (other flags override it).
     #[arg(long)]
     from_image: Option<PathBuf>,
-    /// Model: `schnell`, `dev`, a hub id (owner/name) or a local diffusers folder.
-    #[arg(long, short, default_value = SCHNELL_REPO)]
-    model: String,
+    /// Model: `schnell`, `dev`, a hub id (owner/name) or a local diffusers folder [default:
+    /// black-forest-labs/FLUX.1-schnell, or the one recorded in --from-image].
+    #[arg(long, short)]
+    model: Option<String>,
     /// Width in pixels (multiple of 16).
     #[arg(long)]
     width: Option<usize>,
@@ -117,9 +119,13 @@ struct Generate {
     /// Images per prompt.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    /// Output file or pattern ({seed}, {index}).
+    /// Output file or pattern ({seed}, {index} in the file name), or a folder. An existing file
+    /// is never replaced: the new one gets a numbered name (`name-1.png`), unless --overwrite.
     #[arg(long, short, default_value = "flux-{seed}.png")]
     output: String,
+    /// Replace existing output files instead of numbering new names.
+    #[arg(long)]
+    overwrite: bool,
     /// Compute dtype (f32 on CPU; bf16 suits GPUs).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -149,8 +155,8 @@ struct Generate {
     /// --transformer/--t5/--clip/--vae still replace single parts of it.
     #[arg(long)]
     checkpoint: Option<String>,
-    /// Quantize the transformer's block weights while loading: q8_0, q6_k, q5_k, q4_k, q4_0
-    /// or fp8 (weights already quantized in the file are kept).
+    /// Quantize the transformer's block weights and T5's linear weights while loading: q8_0,
+    /// q6_k, q5_k, q4_k, q4_0 or fp8 (weights already quantized in the file are kept).
     #[arg(long, value_parser = parse_encoding)]
     quantize: Option<flux_kernels::Encoding>,
     /// How quantized weights are multiplied on the CPU: `decode` (into f32 per product; weights
@@ -166,26 +172,71 @@ enum QuantMatmulArg {
     Integer,
 }
 
-fn output_path(pattern: &str, seed: u64, index: usize, count: usize) -> PathBuf {
-    let mut s = pattern
-        .replace("{seed}", &seed.to_string())
-        .replace("{index}", &index.to_string());
-    if count > 1 && !pattern.contains("{seed}") && !pattern.contains("{index}") {
-        let p = Path::new(&s);
-        let stem = p
-            .file_stem()
-            .map(|x| x.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let ext = p
-            .extension()
-            .map(|x| x.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "png".into());
-        s = p
-            .with_file_name(format!("{stem}-{index}.{ext}"))
-            .to_string_lossy()
-            .into_owned();
+/// Largest prompt file read (bytes).
+const MAX_PROMPT_FILE: u64 = 16 << 20;
+/// Prompts encoded and generated together; a prompt file is worked through in such batches
+/// so its embeddings stay bounded.
+const PROMPT_BATCH: usize = 16;
+
+/// A line of results on stdout. When the reader has gone (`flux generate … | head -1`) the
+/// program ends quietly, having written every image it reported.
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out
+        .write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            remove_partial_files();
+            std::process::exit(0);
+        }
     }
-    PathBuf::from(s)
+}
+
+/// A message on stderr; a closed stderr is ignored (never a panic).
+fn note(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(line).and_then(|()| err.write_all(b"\n"));
+}
+
+/// The prompts of a prompt file: one per line, empty lines skipped. The file is read with a
+/// size cap; NUL bytes and invalid UTF-8 are errors naming the line.
+fn read_prompt_file(path: &Path) -> Result<Vec<String>, Error> {
+    use std::io::Read;
+    let io = |reason: String| Error::Io {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| io(e.to_string()))?;
+    let mut bytes = vec![];
+    f.take(MAX_PROMPT_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io(e.to_string()))?;
+    if bytes.len() as u64 > MAX_PROMPT_FILE {
+        return Err(io(format!(
+            "larger than {} MiB; split it",
+            MAX_PROMPT_FILE >> 20
+        )));
+    }
+    let line_of = |at: usize| bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    if let Some(at) = bytes.iter().position(|&b| b == 0) {
+        return Err(io(format!("line {} contains a NUL byte", line_of(at))));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        io(format!(
+            "line {} is not valid UTF-8",
+            line_of(e.valid_up_to())
+        ))
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
 }
 
 fn run(args: Generate) -> Result<(), Error> {
@@ -201,46 +252,82 @@ fn run(args: Generate) -> Result<(), Error> {
                 .map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}")))?
         }
     };
-    let dtype = match args.dtype {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        None if device.is_cuda() => DType::BF16,
-        None => DType::F32,
-    };
     // Request: from a previous image, then the flags.
     let mut req = GenerateRequest::default();
-    let mut model = args.model.clone();
+    let mut from = None;
     if let Some(png) = &args.from_image {
         let params = read_png(png)?.params.ok_or_else(|| Error::Io {
             path: png.clone(),
             reason: "no flux generation parameters in this PNG".into(),
         })?;
-        req.prompts = vec![params.prompt];
-        req.prompts_2 = params.prompt_2.map(|p| vec![p]);
+        req.prompts = vec![params.prompt.clone()];
+        req.prompts_2 = params.prompt_2.clone().map(|p| vec![p]);
         req.width = params.width;
         req.height = params.height;
         req.steps = Some(params.steps);
         req.guidance = params.guidance;
         req.seeds = vec![params.seed];
         req.max_sequence_length = Some(params.max_sequence_length);
-        if args.model == SCHNELL_REPO {
-            model = params.model;
+        from = Some(params);
+    }
+    let mut warnings = vec![];
+    let dtype = match (args.dtype, from.as_ref().map(|p| p.dtype.as_str())) {
+        (Some(DtypeArg::F32), _) | (None, Some("f32")) => DType::F32,
+        (Some(DtypeArg::Bf16), _) | (None, Some("bf16")) => DType::BF16,
+        (None, other) => {
+            if let Some(d) = other {
+                warnings.push(format!(
+                    "the image's dtype `{d}` is unknown here; using the default"
+                ));
+            }
+            if device.is_cuda() {
+                DType::BF16
+            } else {
+                DType::F32
+            }
+        }
+    };
+    if let Some(p) = &from {
+        let here = if device.is_cuda() { "cuda" } else { "cpu" };
+        if let Some(d) = p.device.as_deref().filter(|d| *d != here) {
+            warnings.push(format!(
+                "the image was made on {d}; on {here} the pixels can differ slightly"
+            ));
+        }
+        if p.version != env!("CARGO_PKG_VERSION") {
+            warnings.push(format!(
+                "the image was made by flux {}; this is {}",
+                p.version,
+                env!("CARGO_PKG_VERSION")
+            ));
         }
     }
+    // the model and its parts: flags, else the image's record; a model named only by the image
+    // is never downloaded (only the local cache is read)
+    let recorded = |key: &str| from.as_ref().and_then(|p| p.files.get(key).cloned());
+    let (model, from_record) = match (&args.model, &from) {
+        (Some(m), _) => (m.clone(), false),
+        (None, Some(p)) => (p.model.clone(), true),
+        (None, None) => (SCHNELL_REPO.to_string(), false),
+    };
+    let offline = args.offline || from_record;
+    let quantize =
+        match (
+            args.quantize,
+            from.as_ref().and_then(|p| p.quantize.as_deref()),
+        ) {
+            (Some(q), _) => Some(q),
+            (None, Some(q)) => Some(parse_encoding(q).map_err(|e| {
+                Error::InvalidRequest(format!("the image's quantization `{q}`: {e}"))
+            })?),
+            (None, None) => None,
+        };
+    let tiled_vae = args.tiled_vae || from.as_ref().is_some_and(|p| p.tiled_vae);
     if let Some(p) = args.prompt {
         req.prompts = vec![p];
     }
     if let Some(f) = &args.prompt_file {
-        let text = std::fs::read_to_string(f).map_err(|e| Error::Io {
-            path: f.clone(),
-            reason: e.to_string(),
-        })?;
-        req.prompts = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
+        req.prompts = read_prompt_file(f)?;
     }
     if let Some(p2) = args.prompt_2 {
         req.prompts_2 = Some(vec![p2; req.prompts.len()]);
@@ -265,36 +352,60 @@ fn run(args: Generate) -> Result<(), Error> {
     let opts = PipelineOptions {
         dtype,
         device,
-        tiled_vae: args.tiled_vae.then(Default::default),
-        quantize: args.quantize,
+        tiled_vae: tiled_vae.then(Default::default),
+        quantize,
         ..Default::default()
     };
-    let file = |s: &Option<String>| s.as_deref().map(FileRef::parse).transpose();
-    let mut components = match file(&args.checkpoint)? {
+    let mut files = std::collections::BTreeMap::new();
+    let mut file = |key: &str, arg: &Option<String>| -> Result<Option<FileRef>, Error> {
+        let Some(s) = arg.clone().or_else(|| recorded(key)) else {
+            return Ok(None);
+        };
+        let f = FileRef::parse(&s)?;
+        files.insert(key.to_string(), f.to_string());
+        Ok(Some(f))
+    };
+    let mut components = match file("checkpoint", &args.checkpoint)? {
         Some(f) => Components::all_in_one(f),
         None => Components::default(),
     };
-    for (slot, arg) in [
-        (&mut components.transformer, &args.transformer),
-        (&mut components.t5, &args.t5),
-        (&mut components.clip, &args.clip),
-        (&mut components.vae, &args.vae),
+    for (key, arg) in [
+        ("transformer", &args.transformer),
+        ("t5", &args.t5),
+        ("clip", &args.clip),
+        ("vae", &args.vae),
     ] {
-        if let Some(f) = file(arg)? {
+        if let Some(f) = file(key, arg)? {
+            let slot = match key {
+                "transformer" => &mut components.transformer,
+                "t5" => &mut components.t5,
+                "clip" => &mut components.clip,
+                _ => &mut components.vae,
+            };
             *slot = Some(f);
         }
     }
-    // Fail on unwritable outputs before any expensive work.
+    // Every check before any model loads: seeds, output names, the folder.
     let count = req.prompts.len() * req.num_images;
-    let probe = output_path(
-        &args.output,
-        req.seeds.first().copied().unwrap_or(0),
-        0,
-        count,
-    );
-    check_writable(&probe)?;
-    let source = ModelSource::parse(&model, args.offline)?;
-    let mut pipe = FluxPipeline::new(source.resolve_with(&components)?, opts)?;
+    if !matches!(req.seeds.len(), 0 | 1) && req.seeds.len() != count {
+        return Err(Error::InvalidRequest(format!(
+            "{} seeds for {count} images: give one per image, or one base seed",
+            req.seeds.len()
+        )));
+    }
+    let mut names = OutputNames::new(&args.output, count, args.overwrite)?;
+    let located = ModelSource::parse(&model, offline).and_then(|s| s.resolve_with(&components));
+    let located = located.map_err(|e| match e {
+        Error::ModelSource { what, .. } if from_record => Error::ModelSource {
+            what: format!("the image was made with `{model}`: {what}"),
+            hint: format!("a re-run reads only local models; pass --model {model} (and the component flags) to fetch it"),
+        },
+        e => e,
+    })?;
+    let mut pipe = FluxPipeline::new(located, opts)?;
+    for w in &warnings {
+        note(format_args!("warning: {w}"));
+    }
     let steps = req.steps.unwrap_or(pipe.default_steps());
     let started = Instant::now();
     let bar = ProgressBar::new(steps as u64);
@@ -304,42 +415,72 @@ fn run(args: Generate) -> Result<(), Error> {
             .progress_chars("=> "),
     );
     let mut step_start = Instant::now();
-    let out = pipe.generate(&req, |p, _| {
-        if p.step == 0 {
-            bar.reset();
-            bar.set_prefix(format!("image {}/{}", p.image + 1, p.images));
-            step_start = Instant::now();
+    let mut times = StageTimes::default();
+    let (prompts, prompts_2) = (req.prompts.clone(), req.prompts_2.clone());
+    let batches = prompts.len().div_ceil(PROMPT_BATCH);
+    let done = std::cell::Cell::new(0usize); // images written so far
+    for (b, chunk) in prompts.chunks(PROMPT_BATCH).enumerate() {
+        let first = b * PROMPT_BATCH;
+        let n = chunk.len() * req.num_images;
+        let mut r = req.clone();
+        r.prompts = chunk.to_vec();
+        r.prompts_2 = prompts_2
+            .as_ref()
+            .map(|v| v[first..first + chunk.len()].to_vec());
+        r.seeds = match req.seeds.len() {
+            0 => vec![],
+            1 => vec![req.seeds[0].wrapping_add(done.get() as u64)],
+            _ => req.seeds[done.get()..done.get() + n].to_vec(),
+        };
+        let out = pipe.generate_each(
+            &r,
+            |p, _| {
+                if p.step == 0 {
+                    bar.reset();
+                    bar.set_prefix(format!("image {}/{count}", done.get() + p.image + 1));
+                    step_start = Instant::now();
+                }
+                bar.set_position(p.step as u64 + 1);
+                let per = step_start.elapsed().as_secs_f64() / (p.step + 1) as f64;
+                bar.set_message(format!("{per:.2} s/step"));
+            },
+            |g| {
+                let mut params = g.params.clone();
+                params.files = files.clone();
+                let path = names.write(params.seed, done.get(), &g.rgb, &params)?;
+                done.set(done.get() + 1);
+                bar.suspend(|| say(format_args!("{} (seed {})", path.display(), g.params.seed)));
+                Ok(())
+            },
+        )?;
+        let prefix = match batches {
+            1 => String::new(),
+            _ => format!("prompts {}–{}: ", first + 1, first + chunk.len()),
+        };
+        for w in &out.warnings {
+            bar.suspend(|| note(format_args!("warning: {prefix}{w}")));
         }
-        bar.set_position(p.step as u64 + 1);
-        let per = step_start.elapsed().as_secs_f64() / (p.step + 1) as f64;
-        bar.set_message(format!("{per:.2} s/step"));
-    })?;
+        times.encode += out.times.encode;
+        times.denoise += out.times.denoise;
+        times.decode += out.times.decode;
+    }
     bar.finish_and_clear();
-    for w in &out.warnings {
-        eprintln!("warning: {w}");
-    }
-    for (i, g) in out.images.iter().enumerate() {
-        let path = output_path(&args.output, g.params.seed, i, out.images.len());
-        write_png(&path, &g.rgb, &g.params)?;
-        println!("{} (seed {})", path.display(), g.params.seed);
-    }
-    let t = out.times;
     let rss = peak_rss()
         .map(|b| format!(", peak memory {:.0} MiB", b as f64 / 1048576.0))
         .unwrap_or_default();
-    eprintln!(
+    note(format_args!(
         "encode {:.1} s, denoise {:.1} s, decode {:.1} s, total {:.1} s{rss}",
-        t.encode.as_secs_f64(),
-        t.denoise.as_secs_f64(),
-        t.decode.as_secs_f64(),
+        times.encode.as_secs_f64(),
+        times.denoise.as_secs_f64(),
+        times.decode.as_secs_f64(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     Ok(())
 }
 
 fn convert(args: Convert) -> Result<(), Error> {
     if args.output.exists() && !args.overwrite {
-        return Err(Error::Io {
+        return Err(Error::Write {
             path: args.output.clone(),
             reason: "exists; pass --overwrite to replace it".into(),
         });
@@ -378,18 +519,23 @@ fn convert(args: Convert) -> Result<(), Error> {
         .iter()
         .map(|(t, n)| format!("{n} {t}"))
         .collect();
-    println!(
+    say(format_args!(
         "{} ({} FLUX transformer, {}; {:.2} GB of tensors) in {:.1} s",
         args.output.display(),
         report.config.variant(),
         types.join(", "),
         report.bytes as f64 / 1e9,
         started.elapsed().as_secs_f64()
-    );
+    ));
     Ok(())
 }
 
 fn main() -> ExitCode {
+    // Ctrl-C: no temporary PNG is left behind (images already written stay)
+    let _ = ctrlc::set_handler(|| {
+        remove_partial_files();
+        std::process::exit(130);
+    });
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(g) => run(*g),
@@ -398,9 +544,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            note(format_args!("error: {e}"));
             if let Some(h) = e.hint() {
-                eprintln!("hint: {h}");
+                note(format_args!("hint: {h}"));
             }
             ExitCode::FAILURE
         }
