@@ -500,10 +500,7 @@ impl Weights {
 /// The `config.json` text and the safetensors files of a diffusers model folder.
 pub fn diffusers_folder_files(dir: &Path) -> Result<(String, Vec<PathBuf>)> {
     let path = dir.join("config.json");
-    let config = std::fs::read_to_string(&path).map_err(|e| flux_kernels::LoadError::File {
-        path,
-        reason: e.to_string(),
-    })?;
+    let config = flux_kernels::read_text(&path, flux_kernels::MAX_CONFIG_BYTES)?;
     let files = flux_kernels::sharded_files(dir, "diffusion_pytorch_model")?;
     Ok((config, files))
 }

@@ -640,6 +640,67 @@ fn orig_shape(
     }
 }
 
+/// The largest config file read (`config.json`, `scheduler_config.json`, `model_index.json`).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads the UTF-8 text file `path` of at most `max` bytes (nothing larger is read into
+/// memory): a typed error naming the file when it is larger, unreadable or not UTF-8.
+pub fn read_text(path: &std::path::Path, max: u64) -> std::result::Result<String, LoadError> {
+    use std::io::Read;
+    let bad = |reason: String| LoadError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut bytes = vec![];
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > max {
+        return Err(bad(format!(
+            "larger than {max} bytes; not a file of this kind"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| bad(format!("not valid UTF-8: {e}")))
+}
+
+/// The shard file names a `*.safetensors.index.json` lists in its `weight_map`, sorted and
+/// without repeats. The index is read with a size cap, and every name must be a plain file
+/// name: nothing an index says can point outside its folder.
+pub fn shard_names(index: &std::path::Path) -> Result<Vec<String>> {
+    let bad = |reason: String| LoadError::File {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let text = read_text(index, 64 << 20)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = json["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards = BTreeSet::new();
+    for (tensor, file) in map {
+        let f = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`{tensor}` maps to {file}, not a file name")))?;
+        let plain = !f.is_empty()
+            && f != "."
+            && f != ".."
+            && !f.contains(['/', '\\'])
+            && !std::path::Path::new(f).has_root();
+        if !plain {
+            return Err(bad(format!(
+                "`{tensor}` maps to `{f}`: shards must be plain file names in the index's folder"
+            ))
+            .into());
+        }
+        shards.insert(f.to_string());
+    }
+    if shards.is_empty() {
+        return Err(bad("`weight_map` names no files".into()).into());
+    }
+    Ok(shards.into_iter().collect())
+}
+
 /// The safetensors files of a Hugging Face model folder: `{stem}.safetensors`, or the shards
 /// named in `{stem}.safetensors.index.json` (diffusers: `diffusion_pytorch_model`;
 /// transformers: `model`).
@@ -647,21 +708,10 @@ pub fn sharded_files(dir: &std::path::Path, stem: &str) -> Result<Vec<PathBuf>> 
     let single = dir.join(format!("{stem}.safetensors"));
     let index = dir.join(format!("{stem}.safetensors.index.json"));
     if index.is_file() {
-        let bad = |reason: String| LoadError::File {
-            path: index.clone(),
-            reason,
-        };
-        let text = std::fs::read_to_string(&index).map_err(|e| bad(e.to_string()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map = json["weight_map"]
-            .as_object()
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
-        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        if shards.is_empty() {
-            return Err(bad("`weight_map` names no files".into()).into());
-        }
-        Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+        Ok(shard_names(&index)?
+            .into_iter()
+            .map(|s| dir.join(s))
+            .collect())
     } else if single.is_file() {
         Ok(vec![single])
     } else {

@@ -17,7 +17,9 @@ mod rope;
 
 pub use alloc::ReuseAlloc;
 pub use attention::{attention, attention_composite, attention_tokens, softmax_last_dim, AttnOpts};
-pub use checkpoint::{sharded_files, Checkpoint, StoredType};
+pub use checkpoint::{
+    read_text, shard_names, sharded_files, Checkpoint, StoredType, MAX_CONFIG_BYTES,
+};
 #[cfg(feature = "cuda")]
 pub use cuda::set_flash_config;
 pub use error::{preview, Error, LoadError, Result};

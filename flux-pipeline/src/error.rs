@@ -36,6 +36,13 @@ pub enum Error {
     /// A device that this build cannot use.
     #[error("{0}")]
     Device(String),
+    /// A stage's output holds NaN or infinite values.
+    #[error("the {stage} produced NaN or infinite values")]
+    NonFinite {
+        /// `T5 text encoder`, `CLIP text encoder` or `transformer` (the autoencoder reports
+        /// its own, [`flux_vae::Error`]).
+        stage: &'static str,
+    },
     /// From the sampler.
     #[error(transparent)]
     Sampler(#[from] flux_sampler::Error),
@@ -68,6 +75,9 @@ impl Error {
                 Some("the transformer file does not match the model config (dev vs schnell, or another model)".into())
             }
             Error::Write { .. } => Some("check that the folder exists and is writable".into()),
+            Error::NonFinite { stage } => Some(format!(
+                "in bf16 try --dtype f32; if it persists, the {stage}'s weights may be corrupt"
+            )),
             _ => None,
         }
     }

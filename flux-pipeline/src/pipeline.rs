@@ -433,6 +433,8 @@ impl FluxPipeline {
             .as_ref()
             .map(|v| v.iter().map(String::as_str).collect());
         let emb: PromptEmbeds = self.text(max_len)?.encode(&prompts, prompts_2.as_deref())?;
+        check_finite(&emb.t5, "T5 text encoder")?;
+        check_finite(&emb.pooled, "CLIP text encoder")?;
         for (i, p) in req.prompts.iter().enumerate() {
             let more = match emb.unread_bytes[i] {
                 0 => String::new(),
@@ -536,6 +538,7 @@ impl FluxPipeline {
                     };
                     on_step(&progress, latent)
                 })?;
+                check_finite(&lat, "transformer")?;
                 denoise += start.elapsed();
                 let start = Instant::now();
                 let z = unpack(&lat, lh, lw)?;
@@ -544,7 +547,12 @@ impl FluxPipeline {
                     None => vae.decode(&z)?,
                 }
                 .to_dtype(DType::F32)?;
-                let rgb = to_rgb8(&image, ByteRounding::Round)?.remove(0);
+                let rgb = to_rgb8(&image, ByteRounding::Round)?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        Error::InvalidRequest("the autoencoder returned no image".into())
+                    })?;
                 let g = Generated {
                     image,
                     latents: lat,
@@ -591,6 +599,16 @@ impl FluxPipeline {
                 decode,
             },
         })
+    }
+}
+
+/// [`Error::NonFinite`] naming `stage` when `t` holds a NaN or an infinity.
+fn check_finite(t: &Tensor, stage: &'static str) -> Result<()> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if v.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { stage })
     }
 }
 

@@ -207,11 +207,7 @@ impl ModelSource {
                 _ if probe.fits(&flux) => flux,
                 VaeFiles::Diffusers(dir) if dir.join("config.json").is_file() => {
                     let path = dir.join("config.json");
-                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
-                        path,
-                        reason: e.to_string(),
-                    })?;
-                    flux_vae::Config::from_diffusers_json(&text)?
+                    flux_vae::Config::from_diffusers_json(&read_config(&path)?)?
                 }
                 _ => flux_vae::Config::flux(),
             };
@@ -431,6 +427,38 @@ impl FileRef {
     }
 }
 
+/// A small JSON file (a config), read with [`flux_kernels::MAX_CONFIG_BYTES`] as the cap.
+pub(crate) fn read_config(path: &Path) -> Result<String> {
+    flux_kernels::read_text(path, flux_kernels::MAX_CONFIG_BYTES).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        reason: match e {
+            flux_kernels::LoadError::File { reason, .. } => reason,
+            e => e.to_string(),
+        },
+    })
+}
+
+/// Checks a `model_index.json`: readable, JSON, and a FLUX pipeline's (`_class_name`
+/// `FluxPipeline` or another `Flux…` pipeline, when it says).
+fn check_model_index(path: &Path) -> Result<()> {
+    let bad = |reason: String| Error::ModelSource {
+        what: format!("{}: {reason}", path.display()),
+        hint: "a diffusers model folder's model_index.json names its pipeline and parts".into(),
+    };
+    let text = read_config(path)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    match obj.get("_class_name").and_then(|c| c.as_str()) {
+        Some(c) if !c.starts_with("Flux") => {
+            Err(bad(format!("this is a {c}, not a FLUX pipeline")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a diffusers-layout model through `fetch` (folder, cache or hub), fetching only what
 /// the pipeline needs.
 fn resolve_layout(
@@ -445,30 +473,15 @@ fn resolve_layout(
             hint: "a FLUX diffusers folder has model_index.json, scheduler/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, transformer/ and vae/".into(),
         })
     };
-    need("model_index.json")?;
+    check_model_index(&need("model_index.json")?)?;
     // weights: the index (then its shards) or the single file
     let weights = |dir: &str, stem: &str| -> Result<PathBuf> {
         let index = format!("{dir}/{stem}.safetensors.index.json");
         if let Some(p) = fetch(&index)? {
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::Io {
-                path: p.clone(),
-                reason: e.to_string(),
+            let shards = flux_kernels::shard_names(&p).map_err(|e| Error::ModelSource {
+                what: e.to_string(),
+                hint: "the index file is corrupt; download it again".into(),
             })?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::ModelSource {
-                    what: format!("{}: {e}", p.display()),
-                    hint: "the index file is corrupt; download it again".into(),
-                })?;
-            let mut shards: Vec<String> = json["weight_map"]
-                .as_object()
-                .map(|m| {
-                    m.values()
-                        .filter_map(|v| v.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            shards.sort();
-            shards.dedup();
             for s in shards {
                 need(&format!("{dir}/{s}"))?;
             }
@@ -534,10 +547,7 @@ fn resolve_layout(
 
 /// The time shift a `scheduler_config.json` asks for.
 pub fn scheduler_shift(path: &Path) -> Result<Option<ShiftParams>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let text = read_config(path)?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::ModelSource {
         what: format!("{}: {e}", path.display()),
         hint: "the scheduler config is corrupt".into(),
@@ -566,9 +576,5 @@ pub fn scheduler_shift(path: &Path) -> Result<Option<ShiftParams>> {
 
 pub(crate) fn read_transformer_config(dir: &Path) -> Result<flux_dit::Config> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok(flux_dit::Config::from_diffusers_json(&text)?)
+    Ok(flux_dit::Config::from_diffusers_json(&read_config(&path)?)?)
 }

@@ -352,3 +352,40 @@ fn pathdiff(to: &Path, from: &Path) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+/// Ctrl-C in the middle of a batch: the finished images stay (each saved when decoded), no
+/// temporary file is left, and the exit status says interrupted (130).
+#[cfg(unix)]
+#[test]
+fn interrupt_keeps_finished_images_and_no_temporary_file() {
+    let d = dir("sigint");
+    let model = tiny();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flux"))
+        .current_dir(&d)
+        .args(["generate", "--model", model.to_str().unwrap(), "--offline"])
+        .args([
+            "--width", "64", "--height", "64", "--steps", "20", "--prompt", "a",
+        ])
+        .args(["--num-images", "200", "--seed", "1", "-o", "i-{index}.png"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !d.join("i-1.png").exists() {
+        assert!(start.elapsed().as_secs() < 120, "no image after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(c.wait().unwrap().code(), Some(130));
+    let left = names(&d);
+    assert!(!left.iter().any(|n| n.contains(".partial")), "{left:?}");
+    assert!(left.len() >= 2 && left.len() < 200, "{left:?}");
+    for n in left {
+        read_png(&d.join(&n)).unwrap_or_else(|e| panic!("{n} is not whole: {e}"));
+    }
+}

@@ -316,3 +316,122 @@ fn same_seed_same_bytes_across_threads_dtypes_and_tiling() {
         }
     }
 }
+
+/// A copy of the tiny model (files copied, so they can be altered).
+fn tiny_copy(name: &str) -> PathBuf {
+    fn copy(src: &std::path::Path, dst: &std::path::Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.path().is_dir() {
+                copy(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+        }
+    }
+    let d = std::env::temp_dir().join(format!("flux-req-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    copy(&tiny(), &d);
+    d
+}
+
+/// Fills tensor `key` of a safetensors file with NaN.
+fn poison(file: &std::path::Path, key: &str) {
+    let mut t = candle::safetensors::load(file, &candle::Device::Cpu).unwrap();
+    let w = t.get(key).unwrap_or_else(|| panic!("{key}"));
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    t.insert(key.to_string(), nan);
+    candle::safetensors::save(&t, file).unwrap();
+}
+
+/// NaN is attributed to the stage that produced it.
+#[test]
+fn non_finite_values_name_their_stage() {
+    for (stage, file, key) in [
+        (
+            "T5 text encoder",
+            "text_encoder_2/model-00002-of-00002.safetensors",
+            "encoder.final_layer_norm.weight",
+        ),
+        (
+            "transformer",
+            "transformer/diffusion_pytorch_model.safetensors",
+            "proj_out.bias",
+        ),
+        (
+            "autoencoder",
+            "vae/diffusion_pytorch_model.safetensors",
+            "decoder.conv_out.bias",
+        ),
+    ] {
+        let d = tiny_copy("nan");
+        let f = d.join(file);
+        let names = candle::safetensors::load(&f, &candle::Device::Cpu).unwrap();
+        let key = if names.contains_key(key) {
+            key.to_string()
+        } else {
+            // the shard that holds it
+            panic!(
+                "{key} not in {file}: {:?}",
+                names.keys().take(5).collect::<Vec<_>>()
+            )
+        };
+        poison(&f, &key);
+        let mut p =
+            FluxPipeline::from_source(&ModelSource::Folder(d), PipelineOptions::default()).unwrap();
+        let e = p.generate(&req(), |_, _| {}).unwrap_err();
+        if stage == "autoencoder" {
+            // the autoencoder checks its own output
+            assert!(matches!(&e, Error::Vae(_)) && e.to_string().contains("NaN"), "{e}");
+            continue;
+        }
+        assert!(
+            matches!(&e, Error::NonFinite { stage: s } if *s == stage),
+            "{stage}: {e}"
+        );
+        assert!(e.to_string().contains(stage) && e.hint().unwrap().contains("f32"));
+    }
+}
+
+/// model_index.json is parsed and checked; shard names cannot leave the model folder; a file
+/// given as a model or an unreadable path is named as what it is.
+#[test]
+fn model_folders_are_checked() {
+    let d = tiny_copy("index");
+    std::fs::write(d.join("model_index.json"), "{ not json").unwrap();
+    let e = ModelSource::Folder(d.clone()).resolve().unwrap_err();
+    assert!(e.to_string().contains("not valid JSON"), "{e}");
+    std::fs::write(
+        d.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline"}"#,
+    )
+    .unwrap();
+    let e = ModelSource::Folder(d.clone()).resolve().unwrap_err();
+    assert!(e.to_string().contains("not a FLUX pipeline"), "{e}");
+    std::fs::copy(tiny().join("model_index.json"), d.join("model_index.json")).unwrap();
+    let index = d.join("text_encoder_2/model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .unwrap()
+        .replace("model-00002-of-00002", "../../escape");
+    std::fs::write(&index, text).unwrap();
+    let e = ModelSource::Folder(d.clone()).resolve().unwrap_err();
+    assert!(e.to_string().contains("plain file names"), "{e}");
+    let e = flux_kernels::sharded_files(&d.join("text_encoder_2"), "model").unwrap_err();
+    assert!(e.to_string().contains("plain file names"), "{e}");
+    // a file is not a hub id
+    let file = tiny().join("model_index.json");
+    let e = ModelSource::parse(file.to_str().unwrap(), false).unwrap_err();
+    assert!(e.to_string().contains("is a file"), "{e}");
+    assert!(e.hint().unwrap().contains("--transformer"));
+    // a symlink loop is not "missing" and not a hub id
+    #[cfg(unix)]
+    {
+        let l = d.join("loop");
+        std::os::unix::fs::symlink(&l, &l).unwrap();
+        let e = ModelSource::parse(l.to_str().unwrap(), false).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(e.hint().is_none(), "a read error is not about writability");
+    }
+}

@@ -421,11 +421,8 @@ fn open_clip(files: &[std::path::PathBuf], dtype: DType, device: &Device) -> Res
 
 pub(crate) fn read_config(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
-    std::fs::read_to_string(&path).map_err(|e| {
-        flux_kernels::LoadError::File {
-            path,
-            reason: e.to_string(),
-        }
-        .into()
-    })
+    Ok(flux_kernels::read_text(
+        &path,
+        flux_kernels::MAX_CONFIG_BYTES,
+    )?)
 }

@@ -37,14 +37,16 @@ pub struct Tokenized {
     pub unread_bytes: usize,
 }
 
+/// Tokenizer files are read up to this size (T5's tokenizer.json is 2.4 MB, CLIP's vocab 1 MB).
+const MAX_TOKENIZER_FILE: u64 = 64 << 20;
+
 fn read(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::TokenizerFile {
+    flux_kernels::read_text(path, MAX_TOKENIZER_FILE).map_err(|e| Error::TokenizerFile {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    String::from_utf8(bytes).map_err(|e| Error::TokenizerFile {
-        path: path.to_path_buf(),
-        reason: format!("not valid UTF-8: {e}"),
+        reason: match e {
+            flux_kernels::LoadError::File { reason, .. } => reason,
+            e => e.to_string(),
+        },
     })
 }
 

@@ -258,10 +258,7 @@ impl Weights {
         device: &Device,
     ) -> Result<(Config, Self)> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| flux_kernels::LoadError::File {
-            path,
-            reason: e.to_string(),
-        })?;
+        let text = flux_kernels::read_text(&path, flux_kernels::MAX_CONFIG_BYTES)?;
         let cfg = Config::from_diffusers_json(&text)?;
         let files = flux_kernels::sharded_files(dir, "diffusion_pytorch_model")?;
         let w = Self::open(&files, Layout::Diffusers, &cfg, dtype, device)?;

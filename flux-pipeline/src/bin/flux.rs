@@ -323,11 +323,14 @@ fn run(args: Generate) -> Result<(), Error> {
             (None, None) => None,
         };
     let tiled_vae = args.tiled_vae || from.as_ref().is_some_and(|p| p.tiled_vae);
+    // a new prompt replaces the image's, its T5 prompt included
     if let Some(p) = args.prompt {
         req.prompts = vec![p];
+        req.prompts_2 = None;
     }
     if let Some(f) = &args.prompt_file {
         req.prompts = read_prompt_file(f)?;
+        req.prompts_2 = None;
     }
     if let Some(p2) = args.prompt_2 {
         req.prompts_2 = Some(vec![p2; req.prompts.len()]);
@@ -426,11 +429,16 @@ fn run(args: Generate) -> Result<(), Error> {
         r.prompts = chunk.to_vec();
         r.prompts_2 = prompts_2
             .as_ref()
-            .map(|v| v[first..first + chunk.len()].to_vec());
-        r.seeds = match req.seeds.len() {
-            0 => vec![],
-            1 => vec![req.seeds[0].wrapping_add(done.get() as u64)],
-            _ => req.seeds[done.get()..done.get() + n].to_vec(),
+            .map(|v| v.get(first..first + chunk.len()).map(<[String]>::to_vec))
+            .map(|v| v.ok_or_else(|| Error::InvalidRequest("fewer T5 prompts than prompts".into())))
+            .transpose()?;
+        r.seeds = match req.seeds.as_slice() {
+            [] => vec![],
+            [base] => vec![base.wrapping_add(done.get() as u64)],
+            all => all
+                .get(done.get()..done.get() + n)
+                .ok_or_else(|| Error::InvalidRequest("fewer seeds than images".into()))?
+                .to_vec(),
         };
         let out = pipe.generate_each(
             &r,
@@ -495,9 +503,11 @@ fn convert(args: Convert) -> Result<(), Error> {
     );
     let config = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::Io {
-                path: p.clone(),
-                reason: e.to_string(),
+            let text = flux_kernels::read_text(p, flux_kernels::MAX_CONFIG_BYTES).map_err(|e| {
+                Error::Io {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                }
             })?;
             Some(flux_dit::Config::from_diffusers_json(&text)?)
         }
