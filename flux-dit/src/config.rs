@@ -126,19 +126,16 @@ impl Config {
         }
         // bounds far above any FLUX (3072 wide, 24 heads, 19 + 38 blocks), so that a corrupt
         // config fails here, not in a huge allocation
-        if let Some((n, v)) = sizes.iter().find(|(_, v)| *v > MAX_WIDTH) {
-            return bad(format!("{n} {v} is larger than {MAX_WIDTH}"));
-        }
-        for (n, v) in [
-            ("depth (num_layers)", self.depth),
-            (
-                "depth_single_blocks (num_single_layers)",
-                self.depth_single_blocks,
-            ),
-        ] {
-            if v > MAX_BLOCKS {
-                return bad(format!("{n} {v} is larger than {MAX_BLOCKS}"));
-            }
+        let mut limits: Vec<(&str, usize, usize)> =
+            sizes.iter().map(|&(n, v)| (n, v, MAX_WIDTH)).collect();
+        limits.push(("depth (num_layers)", self.depth, MAX_BLOCKS));
+        limits.push((
+            "depth_single_blocks (num_single_layers)",
+            self.depth_single_blocks,
+            MAX_BLOCKS,
+        ));
+        if let Some(m) = flux_kernels::over_limit(&limits) {
+            return bad(m);
         }
         if self.axes_dim.len() != 3 {
             return bad(format!(

@@ -116,3 +116,13 @@ pub fn preview(names: &[String]) -> String {
 
 /// `Result` with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The first `(name, value, limit)` whose value exceeds its limit, as a message naming the
+/// field and the limit (config validation: sizes are bounded before anything is allocated
+/// from them).
+pub fn over_limit(fields: &[(&str, usize, usize)]) -> Option<String> {
+    fields
+        .iter()
+        .find(|(_, v, max)| v > max)
+        .map(|(name, v, max)| format!("{name} {v} is larger than {max}"))
+}

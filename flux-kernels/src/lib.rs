@@ -22,7 +22,7 @@ pub use checkpoint::{
 };
 #[cfg(feature = "cuda")]
 pub use cuda::set_flash_config;
-pub use error::{preview, Error, LoadError, Result};
+pub use error::{over_limit, preview, Error, LoadError, Result};
 pub use linear::{set_quant_matmul, Linear, LinearWeight, QuantMatmul};
 pub use ops::{
     cat_gelu_tanh, gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate,

@@ -191,6 +191,25 @@ impl FluxPipeline {
             TransformerFiles::Bfl { config, .. } => config.clone(),
         };
         cfg.validate()?;
+        // every other config too, now rather than when its stage comes
+        match &files.vae {
+            VaeFiles::Diffusers(dir) => {
+                let text = crate::source::read_config(&dir.join("config.json"))?;
+                flux_vae::Config::from_diffusers_json(&text)?.validate()?;
+            }
+            VaeFiles::Bfl { config, .. } => config.validate()?,
+        }
+        if files.text_encoder_2.is_dir() {
+            let text = crate::source::read_config(&files.text_encoder_2.join("config.json"))?;
+            flux_text::T5Config::from_json(&text)?.validate()?;
+        }
+        let clip_dir = match &files.text_encoder_config {
+            Some(d) => Some(d),
+            None => Some(&files.text_encoder).filter(|d| d.is_dir()),
+        };
+        if let Some(d) = clip_dir {
+            flux_text::ClipConfig::from_dir(d)?.validate()?;
+        }
         if cfg.in_channels != 64 {
             return Err(Error::InvalidRequest(format!(
                 "this pipeline generates from noise and needs a 64-channel transformer; this one takes {} (a Fill/Canny/Depth model?)",
@@ -314,6 +333,13 @@ impl FluxPipeline {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         if req.prompts.is_empty() {
             return bad("no prompt given".into());
+        }
+        let mut all = req.prompts.iter().chain(req.prompts_2.iter().flatten());
+        if let Some(i) = all.position(|p| p.contains('\0')) {
+            return bad(format!(
+                "prompt {} contains a NUL character (the tokenizers would keep it as text)",
+                i % req.prompts.len() + 1
+            ));
         }
         if let Some(p2) = &req.prompts_2 {
             if p2.len() != req.prompts.len() {

@@ -34,6 +34,13 @@ fn bad_requests() {
         ),
         (
             GenerateRequest {
+                prompts: vec!["a cat".into(), "a\0dog".into()],
+                ..req()
+            },
+            "prompt 2 contains a NUL",
+        ),
+        (
+            GenerateRequest {
                 width: 100,
                 ..req()
             },
@@ -384,7 +391,10 @@ fn non_finite_values_name_their_stage() {
         let e = p.generate(&req(), |_, _| {}).unwrap_err();
         if stage == "autoencoder" {
             // the autoencoder checks its own output
-            assert!(matches!(&e, Error::Vae(_)) && e.to_string().contains("NaN"), "{e}");
+            assert!(
+                matches!(&e, Error::Vae(_)) && e.to_string().contains("NaN"),
+                "{e}"
+            );
             continue;
         }
         assert!(
@@ -420,6 +430,34 @@ fn model_folders_are_checked() {
     assert!(e.to_string().contains("plain file names"), "{e}");
     let e = flux_kernels::sharded_files(&d.join("text_encoder_2"), "model").unwrap_err();
     assert!(e.to_string().contains("plain file names"), "{e}");
+    // a bad config anywhere fails when the pipeline is made, not when its stage comes
+    let d = tiny_copy("configs");
+    for (file, from, to) in [
+        (
+            "vae/config.json",
+            "\"layers_per_block\": 2",
+            "\"layers_per_block\": 100000",
+        ),
+        (
+            "text_encoder_2/config.json",
+            "\"num_heads\": 2",
+            "\"num_heads\": 0",
+        ),
+        ("text_encoder/config.json", "\"quick_gelu\"", "\"relu\""),
+    ] {
+        let path = d.join(file);
+        let orig = std::fs::read_to_string(&path).unwrap();
+        assert!(orig.contains(from), "{file}: {orig}");
+        std::fs::write(&path, orig.replace(from, to)).unwrap();
+        let e =
+            FluxPipeline::from_source(&ModelSource::Folder(d.clone()), PipelineOptions::default())
+                .unwrap_err();
+        assert!(
+            e.to_string().contains("config") || e.to_string().contains("larger"),
+            "{file}: {e}"
+        );
+        std::fs::write(&path, orig).unwrap();
+    }
     // a file is not a hub id
     let file = tiny().join("model_index.json");
     let e = ModelSource::parse(file.to_str().unwrap(), false).unwrap_err();

@@ -77,7 +77,7 @@ impl ClipConfig {
     /// Checks the invariants.
     pub fn validate(&self) -> Result<()> {
         // bounds far above CLIP-L (768 wide, 3072 ff, 12 layers, 49408 tokens, 77 positions)
-        for (name, v, max) in [
+        if let Some(m) = flux_kernels::over_limit(&[
             ("vocab_size", self.vocab_size, 1 << 20),
             ("hidden_size", self.hidden_size, 1 << 16),
             ("intermediate_size", self.intermediate_size, 1 << 18),
@@ -88,12 +88,8 @@ impl ClipConfig {
                 self.max_position_embeddings,
                 1 << 16,
             ),
-        ] {
-            if v > max {
-                return Err(Error::InvalidConfig(format!(
-                    "{name} {v} is larger than {max}"
-                )));
-            }
+        ]) {
+            return Err(Error::InvalidConfig(m));
         }
         if self.hidden_size == 0
             || self.num_attention_heads == 0

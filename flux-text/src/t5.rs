@@ -79,7 +79,7 @@ impl T5Config {
     /// Checks the invariants.
     pub fn validate(&self) -> Result<()> {
         // bounds far above T5-XXL (4096 wide, 64 per head, 10240 ff, 24 layers, 32128 tokens)
-        for (name, v, max) in [
+        if let Some(m) = flux_kernels::over_limit(&[
             ("vocab_size", self.vocab_size, 1 << 20),
             ("d_model", self.d_model, 1 << 16),
             ("d_kv", self.d_kv, 1 << 12),
@@ -91,12 +91,8 @@ impl T5Config {
                 self.relative_attention_num_buckets,
                 1 << 12,
             ),
-        ] {
-            if v > max {
-                return Err(Error::InvalidConfig(format!(
-                    "{name} {v} is larger than {max}"
-                )));
-            }
+        ]) {
+            return Err(Error::InvalidConfig(m));
         }
         if self.feed_forward_proj != "gated-gelu" {
             return Err(Error::InvalidConfig(format!(

@@ -56,7 +56,7 @@ impl Config {
             return bad("channel counts must be positive".into());
         }
         // bounds far above FLUX's (128 × [1, 2, 4, 4], 2 blocks, 16 latent channels)
-        for (name, v, max) in [
+        if let Some(m) = flux_kernels::over_limit(&[
             ("ch", self.ch, 1 << 12),
             ("in_channels", self.in_channels, 1 << 10),
             ("out_ch", self.out_ch, 1 << 10),
@@ -68,10 +68,8 @@ impl Config {
                 self.ch_mult.iter().copied().max().unwrap_or(0),
                 64,
             ),
-        ] {
-            if v > max {
-                return bad(format!("{name} {v} is larger than {max}"));
-            }
+        ]) {
+            return bad(m);
         }
         if self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
             return bad(format!(
