@@ -6,6 +6,7 @@ mod output;
 mod pipeline;
 mod png;
 mod source;
+mod task;
 
 pub use error::{Error, Result};
 pub use output::{OutputNames, DEFAULT_FILE};
@@ -20,3 +21,4 @@ pub use source::{
     scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,
     DEV_REPO, SCHNELL_REPO,
 };
+pub use task::InitImage;

@@ -3,10 +3,10 @@
 use std::time::{Duration, Instant};
 
 use candle::{DType, Device, Tensor};
-use flux_dit::{img_ids, pack, txt_ids, unpack, DitInput, Flux, FluxOptions};
+use flux_dit::{img_ids, txt_ids, unpack, DitInput, Flux, FluxOptions};
 use flux_sampler::{
-    diffusers_sigmas, latent_shape, sample, schedule, seeded_noise, NoiseDtype, NoiseOptions,
-    Reference, SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
+    diffusers_sigmas, latent_shape, sample, schedule, NoiseDtype, NoiseOptions, Reference,
+    SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
 };
 use flux_text::{
     ClipTextModel, ClipTokenizer, PromptEmbeds, PromptEncoder, T5Encoder, T5Tokenizer,
@@ -15,6 +15,7 @@ use flux_vae::{to_rgb8, AutoEncoder, ByteRounding, Rgb8, TileOptions};
 
 use crate::png::ImageParams;
 use crate::source::{read_transformer_config, ModelFiles, ModelSource, TransformerFiles, VaeFiles};
+use crate::task::{InitImage, Starts};
 use crate::{Error, Result};
 
 /// How the pipeline runs.
@@ -75,6 +76,8 @@ pub struct GenerateRequest {
     pub latents: Option<Tensor>,
     /// T5 length: default 256 (schnell) or 512 (dev).
     pub max_sequence_length: Option<usize>,
+    /// img2img: start from this picture instead of pure noise.
+    pub image: Option<InitImage>,
 }
 
 impl Default for GenerateRequest {
@@ -90,6 +93,7 @@ impl Default for GenerateRequest {
             num_images: 1,
             latents: None,
             max_sequence_length: None,
+            image: None,
         }
     }
 }
@@ -404,6 +408,12 @@ impl FluxPipeline {
                 ))
             }
         };
+        if let Some(init) = &req.image {
+            if req.latents.is_some() {
+                return bad("give either an init image or start latents, not both".into());
+            }
+            crate::task::check(init, req.width, req.height, steps, self.opts.reference)?;
+        }
         if let Some(l) = &req.latents {
             let want = [n, (req.height / 16) * (req.width / 16), 64];
             if l.dims() != want {
@@ -528,14 +538,28 @@ impl FluxPipeline {
             let (Some(dit), Some(vae)) = (self.dit.as_ref(), self.vae.as_ref()) else {
                 return Err(Error::InvalidRequest("models unavailable".into()));
             };
+            let reference = self.opts.reference;
+            let starts = Starts::prepare(
+                req.image.as_ref(),
+                vae,
+                &shape,
+                seeds[0],
+                steps,
+                noise_opts,
+                reference,
+                &dev,
+            )?;
             let mut each = |i: usize, seed: u64| -> Result<()> {
                 let start = Instant::now();
                 let p = i / req.num_images;
-                let x = match &req.latents {
-                    Some(l) => l.narrow(0, i, 1)?.to_device(&dev)?,
-                    None => pack(&seeded_noise(seed, &shape, noise_opts, &dev)?)?,
-                }
-                .to_dtype(dtype)?;
+                let (x, first) = match &req.latents {
+                    Some(l) => (l.narrow(0, i, 1)?.to_device(&dev)?, 0),
+                    None => {
+                        let s = starts.start(i, seed, &ts)?;
+                        (s.x, s.first)
+                    }
+                };
+                let x = x.to_dtype(dtype)?;
                 let txt = emb.t5.narrow(0, p, 1)?;
                 let y = emb.pooled.narrow(0, p, 1)?;
                 let mut denoiser = |x: &Tensor, info: &StepInfo| -> flux_dit::Result<Tensor> {
@@ -554,12 +578,12 @@ impl FluxPipeline {
                         guidance: g.as_ref(),
                     })
                 };
-                let lat = sample(x, &ts, &sopts, &mut denoiser, |info, latent| {
+                let lat = sample(x, &ts[first..], &sopts, &mut denoiser, |info, latent| {
                     let progress = Progress {
                         image: i,
                         images: n,
                         step: info.index,
-                        steps,
+                        steps: steps - first,
                         t: info.t_curr,
                     };
                     on_step(&progress, latent)
@@ -598,6 +622,7 @@ impl FluxPipeline {
                         device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
                         quantize: self.opts.quantize.map(|q| q.to_string()),
                         tiled_vae: tiled.is_some(),
+                        strength: req.image.as_ref().map(|i| i.strength),
                         files: Default::default(),
                     },
                 };

@@ -39,11 +39,16 @@ pub struct ImageParams {
     /// Weights quantized while loading (`--quantize`), e.g. `q8_0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
+    /// img2img strength, when the image started from a picture (its path is in `files`, key
+    /// `image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
     /// Decoded in tiles (`--tiled-vae`; changes pixels slightly).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tiled_vae: bool,
     /// Files that replaced parts of the model (`transformer`, `t5`, `clip`, `vae`,
-    /// `checkpoint`): absolute paths, or `owner/name:file` on the hub.
+    /// `checkpoint`), and the init picture of img2img (`image`): absolute paths, or
+    /// `owner/name:file` on the hub.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub files: std::collections::BTreeMap<String, String>,
 }
@@ -188,9 +193,16 @@ pub fn read_png(path: &Path) -> Result<ReadPng> {
         )));
     }
     let (color, depth) = reader.output_color_type();
-    if color != png::ColorType::Rgb || depth != png::BitDepth::Eight {
+    let channels = match color {
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Indexed => 0,
+    };
+    if depth != png::BitDepth::Eight || channels == 0 {
         return Err(io(&format!(
-            "expected 8-bit RGB, found {color:?} {depth:?}"
+            "expected an 8-bit RGB, RGBA or grey PNG, found {color:?} {depth:?}"
         )));
     }
     let size = reader
@@ -199,6 +211,22 @@ pub fn read_png(path: &Path) -> Result<ReadPng> {
     let mut buf = vec![0; size];
     let info = reader.next_frame(&mut buf).map_err(|e| io(&e))?;
     buf.truncate(info.buffer_size());
+    // to RGB as PIL's convert("RGB"): alpha dropped (not composited), grey repeated
+    let row = info.line_size;
+    let (w, h) = (info.width as usize, info.height as usize);
+    if channels != 3 || row != w * 3 {
+        let mut rgb = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            let line = &buf[y * row..y * row + w * channels];
+            for px in line.chunks_exact(channels) {
+                match channels {
+                    1 | 2 => rgb.extend_from_slice(&[px[0]; 3]),
+                    _ => rgb.extend_from_slice(&px[..3]),
+                }
+            }
+        }
+        buf = rgb;
+    }
     let params = match reader
         .info()
         .utf8_text

@@ -11,8 +11,8 @@ mod timestep;
 pub use error::{Error, Result};
 pub use euler::{euler_step, img2img_start_index, noise_latents, true_cfg, Reference};
 pub use noise::{
-    latent_shape, seeded_noise, torch_randn, NoiseDtype, NoiseOptions, SizeRounding,
-    TorchCpuKernel, TorchGenerator,
+    latent_shape, seeded_noise, seeded_noise_with, torch_randn, NoiseDtype, NoiseOptions,
+    SizeRounding, TorchCpuKernel, TorchGenerator,
 };
 pub use sample::{sample, Denoiser, SampleOptions, StepInfo};
 pub use schedule::{diffusers_sigmas, schedule, validate_schedule, ShiftParams};

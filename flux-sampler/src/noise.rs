@@ -405,11 +405,22 @@ pub fn seeded_noise(
     opts: NoiseOptions,
     device: &Device,
 ) -> Result<Tensor> {
+    seeded_noise_with(&mut TorchGenerator::new(seed), shape, opts, device)
+}
+
+/// [`seeded_noise`] from an existing generator: successive calls are successive draws, as
+/// diffusers' img2img takes the VAE posterior sample and then the noise from one generator.
+pub fn seeded_noise_with(
+    gen: &mut TorchGenerator,
+    shape: &[usize],
+    opts: NoiseOptions,
+    device: &Device,
+) -> Result<Tensor> {
     let numel: usize = shape.iter().product();
     if numel == 0 {
         return Err(Error::EmptyShape(shape.to_vec()));
     }
-    let values = torch_randn(seed, numel, opts);
+    let values = torch_randn_with(gen, numel, opts);
     let t = match opts.dtype {
         NoiseDtype::Bf16 => {
             let v: Vec<bf16> = values.into_iter().map(bf16::from_f32).collect();

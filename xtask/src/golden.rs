@@ -25,6 +25,7 @@ const GENERATORS: &[(&str, &str, &str)] = &[
     ("vae", "gen_vae.py", "flux-vae"),
     ("text", "gen_text.py", "flux-text"),
     ("pipeline", "gen_pipeline.py", "flux-pipeline"),
+    ("tasks", "gen_tasks.py", "flux-pipeline"),
 ];
 
 const REGEN: &str = "cargo xtask golden gen";

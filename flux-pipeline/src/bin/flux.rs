@@ -94,6 +94,13 @@ struct Generate {
     /// A file with one prompt per line (empty lines skipped).
     #[arg(long, conflicts_with = "prompt")]
     prompt_file: Option<PathBuf>,
+    /// img2img: start from this picture (PNG; its size is the output size unless --width and
+    /// --height say otherwise, and then it must already have that size).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// img2img: how much of the picture to change, in (0, 1] [default: 0.6, as diffusers].
+    #[arg(long, requires = "image")]
+    strength: Option<f64>,
     /// Re-run the generation stored in a PNG written by flux (other flags override it).
     #[arg(long)]
     from_image: Option<PathBuf>,
@@ -348,6 +355,25 @@ fn run(args: Generate) -> Result<(), Error> {
         req.seeds = args.seed.clone();
     }
     req.num_images = args.num_images;
+    // img2img: the flag's picture, else the one the re-run image records
+    let init = args
+        .image
+        .clone()
+        .or_else(|| recorded("image").map(PathBuf::from));
+    if let Some(path) = &init {
+        let picture = read_png(path)?.image;
+        if args.width.is_none() && args.height.is_none() && from.is_none() {
+            (req.width, req.height) = (picture.width, picture.height);
+        }
+        let strength = args
+            .strength
+            .or(from.as_ref().and_then(|p| p.strength))
+            .unwrap_or(0.6);
+        req.image = Some(flux_pipeline::InitImage {
+            image: picture,
+            strength,
+        });
+    }
     flux_kernels::set_quant_matmul(match args.quant_matmul {
         QuantMatmulArg::Decode => flux_kernels::QuantMatmul::Decode,
         QuantMatmulArg::Integer => flux_kernels::QuantMatmul::Integer,
@@ -387,6 +413,10 @@ fn run(args: Generate) -> Result<(), Error> {
             };
             *slot = Some(f);
         }
+    }
+    if let Some(path) = &init {
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        files.insert("image".to_string(), abs.display().to_string());
     }
     // Every check before any model loads: seeds, output names, the folder.
     let count = req.prompts.len() * req.num_images;

@@ -1,0 +1,196 @@
+//! Image-conditioned tasks against diffusers' pipelines on the committed tiny model
+//! (`cargo xtask golden gen tasks`): final latents and the decoded image (pre-clamp f32).
+
+use std::path::PathBuf;
+
+use flux_golden::{Golden, Tolerance};
+use flux_pipeline::*;
+
+fn dir(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(p)
+}
+
+/// As the text-to-image pipeline goldens.
+const TOL: Tolerance = Tolerance::new(1e-4, 0.0);
+
+fn img2img_request(g: &Golden, case: &str) -> GenerateRequest {
+    let m = g.case_meta(case);
+    let image = read_png(&dir(m["image"].as_str().unwrap())).unwrap().image;
+    GenerateRequest {
+        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
+        width: m["width"].as_u64().unwrap() as usize,
+        height: m["height"].as_u64().unwrap() as usize,
+        steps: Some(m["steps"].as_u64().unwrap() as usize),
+        guidance: m["guidance"].as_f64().map(|g| g as f32),
+        seeds: vec![m["seed"].as_u64().unwrap()],
+        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
+        image: Some(InitImage {
+            image,
+            strength: m["strength"].as_f64().unwrap(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// diffusers' FluxImg2ImgPipeline: posterior sample and noise from one generator, the schedule
+/// sliced at `get_timesteps`, `scale_noise` start; strength 0.6 and 1.0.
+#[test]
+fn img2img_matches_diffusers() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let mut p = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    for case in ["img2img_s60", "img2img_s100"] {
+        let req = img2img_request(&g, case);
+        let mut steps = 0;
+        let out = p.generate(&req, |pr, _| steps = pr.steps).unwrap();
+        // diffusers: t_start = int(6 − 6·0.6) = 2, so 4 of the 6 steps run
+        let want_steps = if case == "img2img_s60" { 4 } else { 6 };
+        assert_eq!(steps, want_steps, "{case}: steps run");
+        let img = &out.images[0];
+        g.check(
+            &format!("{case}/latents_out"),
+            &img.latents,
+            &g.tensor(&format!("{case}/latents_out")),
+            TOL,
+        );
+        g.check(
+            &format!("{case}/image"),
+            &img.image,
+            &g.tensor(&format!("{case}/image")),
+            TOL,
+        );
+        assert_eq!(img.params.strength, req.image.as_ref().map(|i| i.strength));
+    }
+}
+
+/// Bad img2img requests are typed errors before any model runs.
+#[test]
+fn img2img_bad_requests() {
+    let mut p = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    let image = read_png(&dir("img2img_init.png")).unwrap().image;
+    let base = GenerateRequest {
+        prompts: vec!["a cat".into()],
+        width: image.width,
+        height: image.height,
+        steps: Some(4),
+        ..Default::default()
+    };
+    for (req, needle) in [
+        (
+            GenerateRequest {
+                width: 64,
+                image: Some(InitImage {
+                    image: image.clone(),
+                    strength: 0.5,
+                }),
+                ..base.clone()
+            },
+            "init image is 96×64",
+        ),
+        (
+            GenerateRequest {
+                image: Some(InitImage {
+                    image: image.clone(),
+                    strength: 0.0,
+                }),
+                ..base.clone()
+            },
+            "strength must be in (0, 1]",
+        ),
+        (
+            GenerateRequest {
+                image: Some(InitImage {
+                    image: image.clone(),
+                    strength: 1.5,
+                }),
+                ..base.clone()
+            },
+            "strength must be in (0, 1]",
+        ),
+    ] {
+        let e = p.generate(&req, |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains(needle), "{needle}: {e}");
+    }
+}
+
+/// `flux generate --image`: the picture's size by default, the same pixels as the library, and
+/// a re-run from the PNG restores the init image and the strength.
+#[test]
+fn img2img_from_the_cli_and_rerun() {
+    let out = std::env::temp_dir().join(format!("flux-tasks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let flux = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+            .current_dir(&out)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let model = dir("tiny-dev");
+    let init = dir("img2img_init.png");
+    let o = flux(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--offline",
+        "--prompt",
+        "a red fox",
+        "--image",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.7",
+        "--steps",
+        "5",
+        "--seed",
+        "3",
+        "-o",
+        "first.png",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = read_png(&out.join("first.png")).unwrap();
+    let p = first.params.clone().unwrap();
+    assert_eq!((p.width, p.height, p.strength), (96, 64, Some(0.7)));
+    assert_eq!(
+        p.files.get("image").map(PathBuf::from),
+        Some(init.canonicalize().unwrap())
+    );
+    // the library with the same request
+    let mut pipe = FluxPipeline::from_source(
+        &ModelSource::Folder(model.clone()),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    let req = GenerateRequest {
+        prompts: vec!["a red fox".into()],
+        width: 96,
+        height: 64,
+        steps: Some(5),
+        seeds: vec![3],
+        image: Some(InitImage {
+            image: read_png(&init).unwrap().image,
+            strength: 0.7,
+        }),
+        ..Default::default()
+    };
+    let lib = pipe.generate(&req, |_, _| {}).unwrap();
+    assert_eq!(lib.images[0].rgb, first.image);
+    // re-run from the PNG
+    let o = flux(&["generate", "--from-image", "first.png", "-o", "again.png"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = read_png(&out.join("again.png")).unwrap();
+    assert_eq!(again.image, first.image);
+    assert_eq!(again.params, first.params);
+    // --strength needs --image
+    let o = flux(&["generate", "--prompt", "a", "--strength", "0.5"]);
+    assert!(!o.status.success());
+}

@@ -1,0 +1,69 @@
+"""Goldens for flux-pipeline's image-conditioned tasks: diffusers' pipelines on the committed
+tiny-dev model folder (`flux-pipeline/tests/golden/tiny-dev`, written by gen_pipeline.py; this
+script only reads it, so the text-to-image goldens stay as they are).
+
+- img2img: `FluxImg2ImgPipeline`, f32 on the CPU, init image `img2img_init.png` (a fixed 96×64
+  RGB pattern, written here), 64×96 output (no resize), 6 steps, guidance 3.5, T5 length 512,
+  generator `torch.Generator("cpu").manual_seed(42)` (the VAE posterior sample takes its first
+  draw, the noise its second). Cases `img2img_s60` (strength 0.6) and `img2img_s100`
+  (strength 1.0: pure noise, every step).
+
+Usage: python gen_tasks.py --out flux-pipeline/tests/golden
+"""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+from gen_pipeline import PROMPT, components
+
+
+def init_image(path):
+    h, w = 64, 96
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(x * 255) // (w - 1), (y * 255) // (h - 1), ((x + y) * 7) % 256], axis=-1)
+    img = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    img.save(path)
+    return img
+
+
+def run(pipe, image, strength, steps, seed):
+    h, w = image.height, image.width
+    with torch.no_grad():
+        out = pipe(prompt=[PROMPT], image=image, height=h, width=w, strength=strength,
+                   num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=512,
+                   generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                   return_dict=False)[0]
+        lat = pipe._unpack_latents(out, h, w, pipe.vae_scale_factor)
+        lat = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        decoded = pipe.vae.decode(lat, return_dict=False)[0]
+    return out, decoded
+
+
+def main():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel
+
+    args = common.parse_args(__doc__)
+    common.setup(0)
+    folder = os.path.join(args.out, "tiny-dev")
+    # the committed transformer and scheduler; text encoders, tokenizers and VAE built as
+    # gen_pipeline.py builds them (the same files the folder links to)
+    pipe = FluxImg2ImgPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler")),
+        transformer=FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer")).eval(),
+        **components())
+    image = init_image(os.path.join(args.out, "img2img_init.png"))
+    t, cases = {}, {}
+    for name, strength in [("img2img_s60", 0.6), ("img2img_s100", 1.0)]:
+        t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, image, strength, 6, 42)
+        cases[name] = {"prompt": PROMPT, "height": image.height, "width": image.width, "steps": 6,
+                       "guidance": 3.5, "max_sequence_length": 512, "seed": 42, "strength": strength,
+                       "image": "img2img_init.png"}
+    common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
+
+
+if __name__ == "__main__":
+    main()
