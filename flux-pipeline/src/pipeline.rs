@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use candle::{DType, Device, Tensor};
 use flux_dit::{img_ids, txt_ids, unpack, DitInput, Flux, FluxOptions};
 use flux_sampler::{
-    diffusers_sigmas, latent_shape, sample, schedule, NoiseDtype, NoiseOptions, Reference,
-    SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
+    diffusers_sigmas, latent_shape, sample, schedule, true_cfg, NoiseDtype, NoiseOptions,
+    Reference, SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
 };
 use flux_text::{
     ClipTextModel, ClipTokenizer, PromptEmbeds, PromptEncoder, T5Encoder, T5Tokenizer,
@@ -78,6 +78,12 @@ pub struct GenerateRequest {
     pub max_sequence_length: Option<usize>,
     /// img2img: start from this picture instead of pure noise.
     pub image: Option<InitImage>,
+    /// True classifier-free guidance (diffusers' `negative_prompt`): what to steer away from,
+    /// for every prompt. Used only with `true_cfg` > 1.
+    pub negative_prompt: Option<String>,
+    /// diffusers' `true_cfg_scale`: > 1 with a negative prompt runs the transformer twice per
+    /// step and uses `neg + scale·(pos − neg)`. Default 1 (off).
+    pub true_cfg: f32,
 }
 
 impl Default for GenerateRequest {
@@ -94,6 +100,8 @@ impl Default for GenerateRequest {
             latents: None,
             max_sequence_length: None,
             image: None,
+            negative_prompt: None,
+            true_cfg: 1.0,
         }
     }
 }
@@ -168,6 +176,8 @@ impl std::fmt::Debug for FluxPipeline {
 
 /// A checked request with the model's defaults filled in.
 struct Plan {
+    /// True CFG's scale, when on.
+    cfg: Option<f32>,
     steps: usize,
     guidance: Option<f32>,
     max_len: usize,
@@ -424,7 +434,37 @@ impl FluxPipeline {
                 ));
             }
         }
+        if !req.true_cfg.is_finite() || req.true_cfg < 0.0 {
+            return bad(format!(
+                "true_cfg must be a non-negative number, got {}",
+                req.true_cfg
+            ));
+        }
+        let cfg = match (&req.negative_prompt, req.true_cfg > 1.0) {
+            (Some(_), true) => Some(req.true_cfg),
+            (Some(_), false) => {
+                warnings.push(format!(
+                    "negative prompt ignored: true CFG is off (scale {}; use a scale above 1)",
+                    req.true_cfg
+                ));
+                None
+            }
+            (None, true) => {
+                warnings.push(format!(
+                    "true CFG scale {} ignored: it needs a negative prompt",
+                    req.true_cfg
+                ));
+                None
+            }
+            (None, false) => None,
+        };
+        if let Some(neg) = req.negative_prompt.as_ref().filter(|_| cfg.is_some()) {
+            if neg.contains('\0') {
+                return bad("the negative prompt contains a NUL character".into());
+            }
+        }
         Ok(Plan {
+            cfg,
             steps,
             guidance,
             max_len,
@@ -453,6 +493,7 @@ impl FluxPipeline {
         mut on_image: impl FnMut(&Generated) -> Result<()>,
     ) -> Result<GenerateOutput> {
         let Plan {
+            cfg,
             steps,
             guidance,
             max_len,
@@ -463,14 +504,33 @@ impl FluxPipeline {
         let n = seeds.len();
         // 1. text: encode every prompt, then release the encoders
         let start = Instant::now();
-        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-        let prompts_2: Option<Vec<&str>> = req
+        // the negative prompt (true CFG) is encoded once, after the prompts
+        let negative = req.negative_prompt.as_deref().filter(|_| cfg.is_some());
+        let mut prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let mut prompts_2: Option<Vec<&str>> = req
             .prompts_2
             .as_ref()
             .map(|v| v.iter().map(String::as_str).collect());
+        if let Some(neg) = negative {
+            prompts.push(neg);
+            if let Some(p2) = &mut prompts_2 {
+                p2.push(neg);
+            }
+        }
         let emb: PromptEmbeds = self.text(max_len)?.encode(&prompts, prompts_2.as_deref())?;
         check_finite(&emb.t5, "T5 text encoder")?;
         check_finite(&emb.pooled, "CLIP text encoder")?;
+        let negative_emb = match cfg {
+            Some(scale) => {
+                let row = req.prompts.len();
+                Some((
+                    scale,
+                    emb.t5.narrow(0, row, 1)?,
+                    emb.pooled.narrow(0, row, 1)?,
+                ))
+            }
+            None => None,
+        };
         for (i, p) in req.prompts.iter().enumerate() {
             let more = match emb.unread_bytes[i] {
                 0 => String::new(),
@@ -562,21 +622,32 @@ impl FluxPipeline {
                 let x = x.to_dtype(dtype)?;
                 let txt = emb.t5.narrow(0, p, 1)?;
                 let y = emb.pooled.narrow(0, p, 1)?;
-                let mut denoiser = |x: &Tensor, info: &StepInfo| -> flux_dit::Result<Tensor> {
+                let mut denoiser = |x: &Tensor, info: &StepInfo| -> Result<Tensor> {
                     let t = Tensor::new(&[info.model_t], &dev)?;
                     let g = info
                         .model_guidance
                         .map(|g| Tensor::new(&[g], &dev))
                         .transpose()?;
-                    dit.forward(&DitInput {
-                        img: x,
-                        img_ids: &ids_img,
-                        txt: &txt,
-                        txt_ids: &ids_txt,
-                        timesteps: &t,
-                        y: &y,
-                        guidance: g.as_ref(),
-                    })
+                    let predict = |txt: &Tensor, y: &Tensor| {
+                        dit.forward(&DitInput {
+                            img: x,
+                            img_ids: &ids_img,
+                            txt,
+                            txt_ids: &ids_txt,
+                            timesteps: &t,
+                            y,
+                            guidance: g.as_ref(),
+                        })
+                    };
+                    let pos = predict(&txt, &y)?;
+                    match &negative_emb {
+                        None => Ok(pos),
+                        // diffusers: the two passes one after the other, the distilled
+                        // guidance fed to both
+                        Some((scale, neg_txt, neg_y)) => {
+                            Ok(true_cfg(&pos, &predict(neg_txt, neg_y)?, *scale)?)
+                        }
+                    }
                 };
                 let lat = sample(x, &ts[first..], &sopts, &mut denoiser, |info, latent| {
                     let progress = Progress {
@@ -622,6 +693,8 @@ impl FluxPipeline {
                         device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
                         quantize: self.opts.quantize.map(|q| q.to_string()),
                         tiled_vae: tiled.is_some(),
+                        negative_prompt: negative.map(String::from),
+                        true_cfg: cfg,
                         strength: req.image.as_ref().map(|i| i.strength),
                         files: Default::default(),
                     },

@@ -39,6 +39,12 @@ pub struct ImageParams {
     /// Weights quantized while loading (`--quantize`), e.g. `q8_0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
+    /// True CFG's negative prompt, when it was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// True CFG's scale, when it was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cfg: Option<f32>,
     /// img2img strength, when the image started from a picture (its path is in `files`, key
     /// `image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

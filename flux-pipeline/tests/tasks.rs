@@ -194,3 +194,68 @@ fn img2img_from_the_cli_and_rerun() {
     let o = flux(&["generate", "--prompt", "a", "--strength", "0.5"]);
     assert!(!o.status.success());
 }
+
+/// True CFG against diffusers' FluxPipeline (`negative_prompt`, `true_cfg_scale` 4): two
+/// transformer passes per step, `neg + scale·(pos − neg)`.
+#[test]
+fn true_cfg_matches_diffusers() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let m = g.case_meta("true_cfg");
+    let mut p = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    let req = GenerateRequest {
+        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
+        negative_prompt: Some(m["negative_prompt"].as_str().unwrap().to_string()),
+        true_cfg: m["true_cfg"].as_f64().unwrap() as f32,
+        width: m["width"].as_u64().unwrap() as usize,
+        height: m["height"].as_u64().unwrap() as usize,
+        steps: Some(m["steps"].as_u64().unwrap() as usize),
+        guidance: m["guidance"].as_f64().map(|g| g as f32),
+        seeds: vec![m["seed"].as_u64().unwrap()],
+        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
+        ..Default::default()
+    };
+    let out = p.generate(&req, |_, _| {}).unwrap();
+    let img = &out.images[0];
+    g.check(
+        "true_cfg/latents_out",
+        &img.latents,
+        &g.tensor("true_cfg/latents_out"),
+        TOL,
+    );
+    g.check(
+        "true_cfg/image",
+        &img.image,
+        &g.tensor("true_cfg/image"),
+        TOL,
+    );
+    assert_eq!(img.params.true_cfg, Some(4.0));
+    // off (scale 1, or no negative): the ordinary image, with a warning
+    let off = p
+        .generate(
+            &GenerateRequest {
+                true_cfg: 1.0,
+                ..req.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap();
+    assert!(off
+        .warnings
+        .iter()
+        .any(|w| w.contains("negative prompt ignored")));
+    assert_ne!(off.images[0].rgb, img.rgb);
+    let e = p
+        .generate(
+            &GenerateRequest {
+                true_cfg: f32::NAN,
+                ..req.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("true_cfg"), "{e}");
+}

@@ -7,6 +7,8 @@ script only reads it, so the text-to-image goldens stay as they are).
   generator `torch.Generator("cpu").manual_seed(42)` (the VAE posterior sample takes its first
   draw, the noise its second). Cases `img2img_s60` (strength 0.6) and `img2img_s100`
   (strength 1.0: pure noise, every step).
+- true CFG: `FluxPipeline` with `negative_prompt`, `true_cfg_scale=4.0`, 4 steps, 64×96,
+  guidance 3.5 (the distilled guidance still goes to both passes), seed 42. Case `true_cfg`.
 
 Usage: python gen_tasks.py --out flux-pipeline/tests/golden
 """
@@ -19,6 +21,8 @@ from PIL import Image
 
 import common
 from gen_pipeline import PROMPT, components
+
+NEGATIVE = "blurry, low quality, watermark"
 
 
 def init_image(path):
@@ -62,6 +66,19 @@ def main():
         cases[name] = {"prompt": PROMPT, "height": image.height, "width": image.width, "steps": 6,
                        "guidance": 3.5, "max_sequence_length": 512, "seed": 42, "strength": strength,
                        "image": "img2img_init.png"}
+    # true CFG with a negative prompt, text-to-image
+    from diffusers import FluxPipeline
+    t2i = FluxPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())
+    with torch.no_grad():
+        h, w = 64, 96
+        out = t2i(prompt=[PROMPT], negative_prompt=[NEGATIVE], true_cfg_scale=4.0, height=h, width=w,
+                  num_inference_steps=4, guidance_scale=3.5, max_sequence_length=512,
+                  generator=torch.Generator("cpu").manual_seed(42), output_type="latent", return_dict=False)[0]
+        lat = t2i._unpack_latents(out, h, w, t2i.vae_scale_factor)
+        lat = (lat / t2i.vae.config.scaling_factor) + t2i.vae.config.shift_factor
+        t["true_cfg/latents_out"], t["true_cfg/image"] = out, t2i.vae.decode(lat, return_dict=False)[0]
+    cases["true_cfg"] = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "true_cfg": 4.0, "height": h, "width": w,
+                         "steps": 4, "guidance": 3.5, "max_sequence_length": 512, "seed": 42}
     common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
 
 

@@ -94,6 +94,13 @@ struct Generate {
     /// A file with one prompt per line (empty lines skipped).
     #[arg(long, conflicts_with = "prompt")]
     prompt_file: Option<PathBuf>,
+    /// True CFG: what to steer away from (diffusers' negative_prompt); needs --true-cfg above 1.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// True CFG scale (diffusers' true_cfg_scale, e.g. 4): above 1 with --negative-prompt, two
+    /// transformer passes per step [default: 1, off].
+    #[arg(long)]
+    true_cfg: Option<f32>,
     /// img2img: start from this picture (PNG; its size is the output size unless --width and
     /// --height say otherwise, and then it must already have that size).
     #[arg(long)]
@@ -355,6 +362,14 @@ fn run(args: Generate) -> Result<(), Error> {
         req.seeds = args.seed.clone();
     }
     req.num_images = args.num_images;
+    req.negative_prompt = args
+        .negative_prompt
+        .clone()
+        .or_else(|| from.as_ref().and_then(|p| p.negative_prompt.clone()));
+    req.true_cfg = args
+        .true_cfg
+        .or(from.as_ref().and_then(|p| p.true_cfg))
+        .unwrap_or(1.0);
     // img2img: the flag's picture, else the one the re-run image records
     let init = args
         .image
