@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use candle::{DType, Device, Tensor};
 use flux_dit::{img_ids, txt_ids, unpack, DitInput, Flux, FluxOptions};
 use flux_sampler::{
-    diffusers_sigmas, latent_shape, sample, schedule, true_cfg, NoiseDtype, NoiseOptions,
+    diffusers_sigmas, latent_shape, sample_with, schedule, true_cfg, NoiseDtype, NoiseOptions,
     Reference, SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
 };
 use flux_text::{
@@ -15,7 +15,7 @@ use flux_vae::{to_rgb8, AutoEncoder, ByteRounding, Rgb8, TileOptions};
 
 use crate::png::ImageParams;
 use crate::source::{read_transformer_config, ModelFiles, ModelSource, TransformerFiles, VaeFiles};
-use crate::task::{InitImage, Starts};
+use crate::task::{InitImage, Start, Starts};
 use crate::{Error, Result};
 
 /// How the pipeline runs.
@@ -612,14 +612,11 @@ impl FluxPipeline {
             let mut each = |i: usize, seed: u64| -> Result<()> {
                 let start = Instant::now();
                 let p = i / req.num_images;
-                let (x, first) = match &req.latents {
-                    Some(l) => (l.narrow(0, i, 1)?.to_device(&dev)?, 0),
-                    None => {
-                        let s = starts.start(i, seed, &ts)?;
-                        (s.x, s.first)
-                    }
+                let begin = match &req.latents {
+                    Some(l) => Start::given(l.narrow(0, i, 1)?.to_device(&dev)?),
+                    None => starts.start(i, seed, &ts)?,
                 };
-                let x = x.to_dtype(dtype)?;
+                let (x, first) = (begin.x.to_dtype(dtype)?, begin.first);
                 let txt = emb.t5.narrow(0, p, 1)?;
                 let y = emb.pooled.narrow(0, p, 1)?;
                 let mut denoiser = |x: &Tensor, info: &StepInfo| -> Result<Tensor> {
@@ -649,16 +646,24 @@ impl FluxPipeline {
                         }
                     }
                 };
-                let lat = sample(x, &ts[first..], &sopts, &mut denoiser, |info, latent| {
-                    let progress = Progress {
-                        image: i,
-                        images: n,
-                        step: info.index,
-                        steps: steps - first,
-                        t: info.t_curr,
-                    };
-                    on_step(&progress, latent)
-                })?;
+                let after = |info: &StepInfo, x: Tensor| begin.after_step(info, x);
+                let lat = sample_with(
+                    x,
+                    &ts[first..],
+                    &sopts,
+                    &mut denoiser,
+                    after,
+                    |info, latent| {
+                        let progress = Progress {
+                            image: i,
+                            images: n,
+                            step: info.index,
+                            steps: steps - first,
+                            t: info.t_curr,
+                        };
+                        on_step(&progress, latent)
+                    },
+                )?;
                 check_finite(&lat, "transformer")?;
                 denoise += start.elapsed();
                 let start = Instant::now();

@@ -1,13 +1,15 @@
-//! Where each image's sampling starts. Text-to-image starts from seeded noise at the top of the
-//! schedule; img2img starts from the encoded picture noised to the schedule value its strength
-//! picks. The pipeline's loop (transformer steps, decode) is the same for every task; a task
-//! only supplies this start.
+//! Where each image's sampling starts, and what happens after each step. Text-to-image starts
+//! from seeded noise at the top of the schedule; img2img starts from the encoded picture noised
+//! to the schedule value its strength picks; inpainting is img2img whose kept region (mask 0) is
+//! put back, re-noised to the current schedule value, after every step (diffusers'
+//! `FluxInpaintPipeline`). The pipeline's loop (transformer steps, decode) is the same for every
+//! task; a task only supplies its start and its after-step blend.
 
 use candle::{Device, Tensor};
 use flux_dit::pack;
 use flux_sampler::{
     img2img_start_index, noise_latents, seeded_noise, seeded_noise_with, NoiseOptions, Reference,
-    TorchGenerator,
+    StepInfo, TorchGenerator,
 };
 use flux_vae::{from_rgb8, AutoEncoder, Rgb8};
 
@@ -21,12 +23,53 @@ pub struct InitImage {
     /// How far it is noised before sampling, in (0, 1]: 1 starts from pure noise and runs every
     /// step; lower keeps more of the picture and runs fewer steps (diffusers' default is 0.6).
     pub strength: f64,
+    /// Inpainting: white (≥ 50 % grey) = repaint, black = keep; the picture's size. Binarized
+    /// as diffusers does; each latent pixel takes the mask pixel at the top-left of its 8×8
+    /// block (PyTorch's `nearest`).
+    pub mask: Option<Rgb8>,
 }
 
-/// The first schedule index and the packed start latent of one image.
+/// The first schedule index and the packed start latent of one image, and for inpainting what
+/// the blend after each step needs.
 pub(crate) struct Start {
     pub x: Tensor,
     pub first: usize,
+    blend: Option<Blend>,
+}
+
+/// Inpainting's blend: the kept region comes back from the clean latent re-noised (with the
+/// image's own noise) to where the sample now is.
+struct Blend {
+    x0: Tensor,
+    noise: Tensor,
+    mask: Tensor,
+    reference: Reference,
+}
+
+impl Start {
+    /// Given start latents (packed), at the top of the schedule.
+    pub(crate) fn given(x: Tensor) -> Self {
+        Start {
+            x,
+            first: 0,
+            blend: None,
+        }
+    }
+
+    /// After step `info` (of the sliced schedule): the kept region re-noised to `t_prev` (clean
+    /// at the last step), the repainted region as sampled.
+    pub(crate) fn after_step(&self, info: &StepInfo, x: Tensor) -> flux_sampler::Result<Tensor> {
+        let Some(b) = &self.blend else {
+            return Ok(x);
+        };
+        let proper = if info.index + 1 < info.num_steps {
+            noise_latents(&b.x0, &b.noise, info.t_prev as f64, b.reference)?
+        } else {
+            b.x0.to_dtype(x.dtype())?
+        };
+        // mask ∈ {0, 1}: a selection, exact in every dtype
+        Ok(b.mask.where_cond(&x, &proper.to_dtype(x.dtype())?)?)
+    }
 }
 
 /// A request's starts, prepared once (the init image encoded once for all its images).
@@ -47,6 +90,8 @@ struct ImageStart {
     /// diffusers: the first seed's generator after the posterior draw (image 0's noise is its
     /// next draw; other images' noise is their own generator's first draw).
     after_posterior: Option<TorchGenerator>,
+    /// Inpainting: the packed picture latent and the packed mask (u8, 1 = repaint).
+    inpaint: Option<(Tensor, Tensor)>,
 }
 
 /// Checks an init image against the request before anything loads.
@@ -62,6 +107,19 @@ pub(crate) fn check(
         return Err(Error::InvalidRequest(format!(
             "the init image is {w}×{h} but the request is {width}×{height}; resize the image or ask for its size"
         )));
+    }
+    if let Some(m) = &init.mask {
+        if (m.width, m.height) != (w, h) {
+            return Err(Error::InvalidRequest(format!(
+                "the mask is {}×{} but the image is {w}×{h}",
+                m.width, m.height
+            )));
+        }
+        if m.data.len() != w * h * 3 {
+            return Err(Error::InvalidRequest(
+                "the mask's pixels do not match its size".into(),
+            ));
+        }
     }
     if !(init.strength > 0.0 && init.strength <= 1.0) {
         return Err(Error::InvalidRequest(format!(
@@ -102,10 +160,15 @@ impl Starts {
                     }
                     Reference::Bfl => (vae.encode(&picture)?, None),
                 };
+                let inpaint = match &init.mask {
+                    Some(m) => Some((pack(&x0)?, latent_mask(m, shape, device)?)),
+                    None => None,
+                };
                 Some(Box::new(ImageStart {
                     x0,
                     first,
                     after_posterior,
+                    inpaint,
                 }))
             }
         };
@@ -125,6 +188,7 @@ impl Starts {
             return Ok(Start {
                 x: pack(&seeded_noise(seed, shape, opts, dev)?)?,
                 first: 0,
+                blend: None,
             });
         };
         let n = match (index, &img.after_posterior) {
@@ -132,9 +196,45 @@ impl Starts {
             _ => seeded_noise(seed, shape, opts, dev)?,
         };
         let t = ts[img.first] as f64;
+        let blend = match &img.inpaint {
+            Some((x0, mask)) => Some(Blend {
+                x0: x0.clone(),
+                noise: pack(&n)?,
+                mask: mask.clone(),
+                reference: self.reference,
+            }),
+            None => None,
+        };
         Ok(Start {
             x: pack(&noise_latents(&img.x0, &n, t, self.reference)?)?,
             first: img.first,
+            blend,
         })
     }
+}
+
+/// The packed latent mask `(1, L, 64)` (u8, 1 = repaint) of a pixel mask for latent `shape`
+/// `(1, 16, h, w)`: grey as PIL's `convert("L")` (ITU-R 601, rounded), binarized at 0.5 as
+/// diffusers' mask processor does, then PyTorch's `nearest` downscale (the top-left pixel of
+/// each 8×8 block), repeated over the 16 channels.
+fn latent_mask(mask: &Rgb8, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let (c, h, w) = (shape[1], shape[2], shape[3]);
+    let scale = mask.width / w;
+    let mut v = vec![0u8; c * h * w];
+    for r in 0..h {
+        for col in 0..w {
+            let i = ((r * scale) * mask.width + col * scale) * 3;
+            let (red, g, b) = (
+                mask.data[i] as u32,
+                mask.data[i + 1] as u32,
+                mask.data[i + 2] as u32,
+            );
+            let l = (red * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            let on = (l as f32 / 255.0 >= 0.5) as u8;
+            for ch in 0..c {
+                v[(ch * h + r) * w + col] = on;
+            }
+        }
+    }
+    Ok(pack(&Tensor::from_vec(v, (1, c, h, w), device)?)?)
 }

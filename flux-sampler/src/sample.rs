@@ -73,10 +73,28 @@ pub fn sample<D, C>(
     timesteps: &[f32],
     opts: &SampleOptions,
     denoiser: &mut D,
+    on_step: C,
+) -> Result<Tensor>
+where
+    D: Denoiser + ?Sized,
+    C: FnMut(&StepInfo, &Tensor),
+{
+    sample_with(x, timesteps, opts, denoiser, |_, x| Ok(x), on_step)
+}
+
+/// [`sample`] with `after_step` applied to each stepped latent before the next step (and
+/// before `on_step` sees it): inpainting's re-noise-and-blend of the kept region.
+pub fn sample_with<D, A, C>(
+    x: Tensor,
+    timesteps: &[f32],
+    opts: &SampleOptions,
+    denoiser: &mut D,
+    mut after_step: A,
     mut on_step: C,
 ) -> Result<Tensor>
 where
     D: Denoiser + ?Sized,
+    A: FnMut(&StepInfo, Tensor) -> Result<Tensor>,
     C: FnMut(&StepInfo, &Tensor),
 {
     validate_schedule(timesteps)?;
@@ -105,7 +123,10 @@ where
                 step: index,
                 source,
             })?;
-        x = euler_step(&x, &v, info.t_curr, info.t_prev, opts.reference)?;
+        x = after_step(
+            &info,
+            euler_step(&x, &v, info.t_curr, info.t_prev, opts.reference)?,
+        )?;
         on_step(&info, &x);
     }
     Ok(x)

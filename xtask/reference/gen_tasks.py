@@ -7,6 +7,9 @@ script only reads it, so the text-to-image goldens stay as they are).
   generator `torch.Generator("cpu").manual_seed(42)` (the VAE posterior sample takes its first
   draw, the noise its second). Cases `img2img_s60` (strength 0.6) and `img2img_s100`
   (strength 1.0: pure noise, every step).
+- inpainting: `FluxInpaintPipeline` (base model), the same init image, mask `inpaint_mask.png`
+  (grey PNG: a white rectangle = repaint, with a 100/200 grey border to exercise the 0.5
+  binarization), strength 0.8, 6 steps, seed 42. Case `inpaint`.
 - true CFG: `FluxPipeline` with `negative_prompt`, `true_cfg_scale=4.0`, 4 steps, 64×96,
   guidance 3.5 (the distilled guidance still goes to both passes), seed 42. Case `true_cfg`.
 
@@ -66,6 +69,26 @@ def main():
         cases[name] = {"prompt": PROMPT, "height": image.height, "width": image.width, "steps": 6,
                        "guidance": 3.5, "max_sequence_length": 512, "seed": 42, "strength": strength,
                        "image": "img2img_init.png"}
+    # inpainting with the base model
+    from diffusers import FluxInpaintPipeline
+    inp = FluxInpaintPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())
+    m = np.zeros((64, 96), np.uint8)
+    m[8:40, 24:72] = 200
+    m[16:32, 32:64] = 255
+    m[8:40, 24:28] = 100
+    mask = Image.fromarray(m, "L")
+    mask.save(os.path.join(args.out, "inpaint_mask.png"))
+    with torch.no_grad():
+        h, w = image.height, image.width
+        out = inp(prompt=[PROMPT], image=image, mask_image=mask, height=h, width=w, strength=0.8,
+                  num_inference_steps=6, guidance_scale=3.5, max_sequence_length=512,
+                  generator=torch.Generator("cpu").manual_seed(42), output_type="latent", return_dict=False)[0]
+        lat = inp._unpack_latents(out, h, w, inp.vae_scale_factor)
+        lat = (lat / inp.vae.config.scaling_factor) + inp.vae.config.shift_factor
+        t["inpaint/latents_out"], t["inpaint/image"] = out, inp.vae.decode(lat, return_dict=False)[0]
+    cases["inpaint"] = {"prompt": PROMPT, "height": h, "width": w, "steps": 6, "guidance": 3.5,
+                        "max_sequence_length": 512, "seed": 42, "strength": 0.8, "image": "img2img_init.png",
+                        "mask": "inpaint_mask.png"}
     # true CFG with a negative prompt, text-to-image
     from diffusers import FluxPipeline
     t2i = FluxPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())

@@ -105,6 +105,9 @@ struct Generate {
     /// --height say otherwise, and then it must already have that size).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Inpainting: a PNG of the picture's size, white = repaint, black = keep (with --image).
+    #[arg(long, requires = "image")]
+    mask: Option<PathBuf>,
     /// img2img: how much of the picture to change, in (0, 1] [default: 0.6, as diffusers].
     #[arg(long, requires = "image")]
     strength: Option<f64>,
@@ -384,9 +387,18 @@ fn run(args: Generate) -> Result<(), Error> {
             .strength
             .or(from.as_ref().and_then(|p| p.strength))
             .unwrap_or(0.6);
+        let mask_path = args
+            .mask
+            .clone()
+            .or_else(|| recorded("mask").map(PathBuf::from));
+        let mask = match &mask_path {
+            Some(m) => Some(read_png(m)?.image),
+            None => None,
+        };
         req.image = Some(flux_pipeline::InitImage {
             image: picture,
             strength,
+            mask,
         });
     }
     flux_kernels::set_quant_matmul(match args.quant_matmul {
@@ -429,9 +441,15 @@ fn run(args: Generate) -> Result<(), Error> {
             *slot = Some(f);
         }
     }
-    if let Some(path) = &init {
-        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-        files.insert("image".to_string(), abs.display().to_string());
+    let mask = args
+        .mask
+        .clone()
+        .or_else(|| recorded("mask").map(PathBuf::from));
+    for (key, path) in [("image", &init), ("mask", &mask.filter(|_| init.is_some()))] {
+        if let Some(path) = path {
+            let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            files.insert(key.to_string(), abs.display().to_string());
+        }
     }
     // Every check before any model loads: seeds, output names, the folder.
     let count = req.prompts.len() * req.num_images;
