@@ -78,6 +78,11 @@ pub struct GenerateRequest {
     pub max_sequence_length: Option<usize>,
     /// img2img: start from this picture instead of pure noise.
     pub image: Option<InitImage>,
+    /// FLUX.1-Kontext editing: the picture to edit (8-bit RGB, sides multiples of 16, any
+    /// size; not resized). Its latent joins the transformer's image tokens with position ids
+    /// `(1, r, c)` and is cut from the output. Needs a Kontext transformer (its shapes are
+    /// dev's, so this cannot be checked).
+    pub edit_image: Option<Rgb8>,
     /// True classifier-free guidance (diffusers' `negative_prompt`): what to steer away from,
     /// for every prompt. Used only with `true_cfg` > 1.
     pub negative_prompt: Option<String>,
@@ -102,6 +107,7 @@ impl Default for GenerateRequest {
             image: None,
             negative_prompt: None,
             true_cfg: 1.0,
+            edit_image: None,
         }
     }
 }
@@ -424,6 +430,23 @@ impl FluxPipeline {
             }
             crate::task::check(init, req.width, req.height, steps, self.opts.reference)?;
         }
+        if let Some(e) = &req.edit_image {
+            if req.image.is_some() {
+                return bad(
+                    "give either an image to edit (Kontext) or an init image (img2img), not both"
+                        .into(),
+                );
+            }
+            let (w, h) = (e.width, e.height);
+            if w == 0 || h == 0 || w % 16 != 0 || h % 16 != 0 || w > MAX_SIDE || h > MAX_SIDE {
+                return bad(format!(
+                    "the image to edit is {w}×{h}: its sides must be positive multiples of 16 up to {MAX_SIDE} (resize it)"
+                ));
+            }
+            if e.data.len() != w * h * 3 {
+                return bad("the image to edit has the wrong number of bytes for its size".into());
+            }
+        }
         if let Some(l) = &req.latents {
             let want = [n, (req.height / 16) * (req.width / 16), 64];
             if l.dims() != want {
@@ -609,6 +632,20 @@ impl FluxPipeline {
                 reference,
                 &dev,
             )?;
+            // Kontext: the picture to edit as extra image tokens (posterior mean, as diffusers'
+            // argmax and BFL), ids (1, r, c) on its own grid; the ids of both, once
+            let cond = match &req.edit_image {
+                Some(e) => {
+                    let z = vae.encode(&flux_vae::from_rgb8(e, &dev)?)?;
+                    let (ch, cw) = (z.dim(2)?, z.dim(3)?);
+                    let ids = img_ids(1, ch, cw, 1.0, &dev)?;
+                    Some((
+                        flux_dit::pack(&z)?.to_dtype(dtype)?,
+                        Tensor::cat(&[&ids_img, &ids], 1)?,
+                    ))
+                }
+                None => None,
+            };
             let mut each = |i: usize, seed: u64| -> Result<()> {
                 let start = Instant::now();
                 let p = i / req.num_images;
@@ -625,16 +662,26 @@ impl FluxPipeline {
                         .model_guidance
                         .map(|g| Tensor::new(&[g], &dev))
                         .transpose()?;
-                    let predict = |txt: &Tensor, y: &Tensor| {
-                        dit.forward(&DitInput {
-                            img: x,
-                            img_ids: &ids_img,
+                    let joined = match &cond {
+                        Some((c, ids)) => Some((Tensor::cat(&[x, c], 1)?, ids)),
+                        None => None,
+                    };
+                    let (img, ids) = match &joined {
+                        Some((j, ids)) => (j, *ids),
+                        None => (x, &ids_img),
+                    };
+                    let predict = |txt: &Tensor, y: &Tensor| -> Result<Tensor> {
+                        let v = dit.forward(&DitInput {
+                            img,
+                            img_ids: ids,
                             txt,
                             txt_ids: &ids_txt,
                             timesteps: &t,
                             y,
                             guidance: g.as_ref(),
-                        })
+                        })?;
+                        // Kontext: the prediction for the generated tokens only
+                        Ok(v.narrow(1, 0, x.dim(1)?)?)
                     };
                     let pos = predict(&txt, &y)?;
                     match &negative_emb {

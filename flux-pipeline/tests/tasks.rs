@@ -103,6 +103,58 @@ fn inpainting_matches_diffusers() {
     assert!(e.to_string().contains("the mask is 32×32"), "{e}");
 }
 
+/// diffusers' FluxKontextPipeline: the picture to edit as extra image tokens with ids (1, r, c),
+/// cut from the prediction.
+#[test]
+fn kontext_matches_diffusers() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let m = g.case_meta("kontext");
+    let mut p = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    let edit = read_png(&dir(m["edit_image"].as_str().unwrap()))
+        .unwrap()
+        .image;
+    let req = GenerateRequest {
+        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
+        width: m["width"].as_u64().unwrap() as usize,
+        height: m["height"].as_u64().unwrap() as usize,
+        steps: Some(m["steps"].as_u64().unwrap() as usize),
+        guidance: m["guidance"].as_f64().map(|g| g as f32),
+        seeds: vec![m["seed"].as_u64().unwrap()],
+        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
+        edit_image: Some(edit.clone()),
+        ..Default::default()
+    };
+    let out = p.generate(&req, |_, _| {}).unwrap();
+    let img = &out.images[0];
+    g.check(
+        "kontext/latents_out",
+        &img.latents,
+        &g.tensor("kontext/latents_out"),
+        TOL,
+    );
+    g.check("kontext/image", &img.image, &g.tensor("kontext/image"), TOL);
+    // a picture that is not on the 16-pixel grid is refused
+    let odd = flux_vae::Rgb8 {
+        width: 40,
+        height: 24,
+        data: vec![0; 40 * 24 * 3],
+    };
+    let e = p
+        .generate(
+            &GenerateRequest {
+                edit_image: Some(odd),
+                ..req.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("multiples of 16"), "{e}");
+}
+
 /// Bad img2img requests are typed errors before any model runs.
 #[test]
 fn img2img_bad_requests() {
@@ -271,6 +323,42 @@ fn img2img_from_the_cli_and_rerun() {
         read_png(&out.join("inpaint-again.png")).unwrap().image,
         inpainted.image
     );
+    // flux edit (Kontext) from the CLI, and its re-run through `flux generate --from-image`
+    let o = flux(&[
+        "edit",
+        "--model",
+        model.to_str().unwrap(),
+        "--offline",
+        "--prompt",
+        "make it blue",
+        "--image",
+        init.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "-o",
+        "edit.png",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let edited = read_png(&out.join("edit.png")).unwrap();
+    let ep = edited.params.clone().unwrap();
+    assert_eq!((ep.width, ep.height), (96, 64));
+    assert!(ep.files.contains_key("edit") && !ep.files.contains_key("image"));
+    let o = flux(&[
+        "generate",
+        "--from-image",
+        "edit.png",
+        "-o",
+        "edit-again.png",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read_png(&out.join("edit-again.png")).unwrap().image,
+        edited.image
+    );
+    let o = flux(&["edit", "--prompt", "a"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs --image"));
     // --strength and --mask need --image
     let o = flux(&["generate", "--prompt", "a", "--strength", "0.5"]);
     assert!(!o.status.success());

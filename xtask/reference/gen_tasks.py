@@ -10,6 +10,9 @@ script only reads it, so the text-to-image goldens stay as they are).
 - inpainting: `FluxInpaintPipeline` (base model), the same init image, mask `inpaint_mask.png`
   (grey PNG: a white rectangle = repaint, with a 100/200 grey border to exercise the 0.5
   binarization), strength 0.8, 6 steps, seed 42. Case `inpaint`.
+- Kontext: `FluxKontextPipeline` on the same tiny transformer (Kontext has dev's shapes), the
+  init image as the picture to edit (`_auto_resize=False`, `max_area` = its area, so neither it
+  nor the output is resized), 4 steps, guidance 2.5, seed 42. Case `kontext`.
 - true CFG: `FluxPipeline` with `negative_prompt`, `true_cfg_scale=4.0`, 4 steps, 64×96,
   guidance 3.5 (the distilled guidance still goes to both passes), seed 42. Case `true_cfg`.
 
@@ -89,6 +92,19 @@ def main():
     cases["inpaint"] = {"prompt": PROMPT, "height": h, "width": w, "steps": 6, "guidance": 3.5,
                         "max_sequence_length": 512, "seed": 42, "strength": 0.8, "image": "img2img_init.png",
                         "mask": "inpaint_mask.png"}
+    # Kontext editing
+    from diffusers import FluxKontextPipeline
+    kon = FluxKontextPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())
+    with torch.no_grad():
+        h, w = image.height, image.width
+        out = kon(prompt=[PROMPT], image=image, height=h, width=w, max_area=h * w, _auto_resize=False,
+                  num_inference_steps=4, guidance_scale=2.5, max_sequence_length=512,
+                  generator=torch.Generator("cpu").manual_seed(42), output_type="latent", return_dict=False)[0]
+        lat = kon._unpack_latents(out, h, w, kon.vae_scale_factor)
+        lat = (lat / kon.vae.config.scaling_factor) + kon.vae.config.shift_factor
+        t["kontext/latents_out"], t["kontext/image"] = out, kon.vae.decode(lat, return_dict=False)[0]
+    cases["kontext"] = {"prompt": PROMPT, "height": h, "width": w, "steps": 4, "guidance": 2.5,
+                        "max_sequence_length": 512, "seed": 42, "edit_image": "img2img_init.png"}
     # true CFG with a negative prompt, text-to-image
     from diffusers import FluxPipeline
     t2i = FluxPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())

@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Generate(Box<Generate>),
+    /// Edit a picture with FLUX.1-Kontext (`--image` is the picture to edit; the model must be
+    /// a Kontext one, e.g. `--model black-forest-labs/FLUX.1-Kontext-dev`).
+    Edit(Box<Generate>),
     /// Convert a transformer file (any supported format) to GGUF, as city96's converter does.
     Convert(Convert),
 }
@@ -256,7 +259,8 @@ fn read_prompt_file(path: &Path) -> Result<Vec<String>, Error> {
         .collect())
 }
 
-fn run(args: Generate) -> Result<(), Error> {
+/// `flux generate` (`edit` false) and `flux edit` (`--image` is the picture to edit).
+fn run(args: Generate, edit: bool) -> Result<(), Error> {
     let device = match args.device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => {
@@ -374,9 +378,33 @@ fn run(args: Generate) -> Result<(), Error> {
         .or(from.as_ref().and_then(|p| p.true_cfg))
         .unwrap_or(1.0);
     // img2img: the flag's picture, else the one the re-run image records
+    // Kontext: `flux edit --image`, or the picture a re-run image records
+    let edit_path = args
+        .image
+        .clone()
+        .filter(|_| edit)
+        .or_else(|| recorded("edit").map(PathBuf::from));
+    if edit && edit_path.is_none() {
+        return Err(Error::InvalidRequest(
+            "flux edit needs --image (the picture to edit)".into(),
+        ));
+    }
+    if let Some(path) = &edit_path {
+        if args.strength.is_some() || args.mask.is_some() {
+            return Err(Error::InvalidRequest(
+                "--strength and --mask are img2img/inpainting flags, not for editing".into(),
+            ));
+        }
+        let picture = read_png(path)?.image;
+        if args.width.is_none() && args.height.is_none() && from.is_none() {
+            (req.width, req.height) = (picture.width, picture.height);
+        }
+        req.edit_image = Some(picture);
+    }
     let init = args
         .image
         .clone()
+        .filter(|_| !edit)
         .or_else(|| recorded("image").map(PathBuf::from));
     if let Some(path) = &init {
         let picture = read_png(path)?.image;
@@ -445,7 +473,11 @@ fn run(args: Generate) -> Result<(), Error> {
         .mask
         .clone()
         .or_else(|| recorded("mask").map(PathBuf::from));
-    for (key, path) in [("image", &init), ("mask", &mask.filter(|_| init.is_some()))] {
+    for (key, path) in [
+        ("image", &init),
+        ("mask", &mask.filter(|_| init.is_some())),
+        ("edit", &edit_path),
+    ] {
         if let Some(path) = path {
             let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
             files.insert(key.to_string(), abs.display().to_string());
@@ -611,7 +643,8 @@ fn main() -> ExitCode {
     });
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(g) => run(*g),
+        Command::Generate(g) => run(*g, false),
+        Command::Edit(g) => run(*g, true),
         Command::Convert(c) => convert(c),
     };
     match result {
