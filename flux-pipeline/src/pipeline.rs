@@ -525,55 +525,9 @@ impl FluxPipeline {
         } = self.plan(req)?;
         let (dev, dtype) = (self.opts.device.clone(), self.opts.dtype);
         let n = seeds.len();
-        // 1. text: encode every prompt, then release the encoders
+        // 1. text: encode every prompt (and the negative one), then release the encoders
         let start = Instant::now();
-        // the negative prompt (true CFG) is encoded once, after the prompts
-        let negative = req.negative_prompt.as_deref().filter(|_| cfg.is_some());
-        let mut prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-        let mut prompts_2: Option<Vec<&str>> = req
-            .prompts_2
-            .as_ref()
-            .map(|v| v.iter().map(String::as_str).collect());
-        if let Some(neg) = negative {
-            prompts.push(neg);
-            if let Some(p2) = &mut prompts_2 {
-                p2.push(neg);
-            }
-        }
-        let emb: PromptEmbeds = self.text(max_len)?.encode(&prompts, prompts_2.as_deref())?;
-        check_finite(&emb.t5, "T5 text encoder")?;
-        check_finite(&emb.pooled, "CLIP text encoder")?;
-        let negative_emb = match cfg {
-            Some(scale) => {
-                let row = req.prompts.len();
-                Some((
-                    scale,
-                    emb.t5.narrow(0, row, 1)?,
-                    emb.pooled.narrow(0, row, 1)?,
-                ))
-            }
-            None => None,
-        };
-        for (i, p) in req.prompts.iter().enumerate() {
-            let more = match emb.unread_bytes[i] {
-                0 => String::new(),
-                b => format!(" (and {b} bytes after them were not read)"),
-            };
-            if emb.clip_truncated[i] > 0 {
-                warnings.push(format!(
-                    "prompt {} is too long for CLIP: {} tokens cut (77 max){more}",
-                    i + 1,
-                    emb.clip_truncated[i]
-                ));
-            }
-            if emb.t5_truncated[i] > 0 {
-                warnings.push(format!(
-                    "prompt {} is too long for T5: {} tokens cut ({max_len} max){more}: {p:.40}…",
-                    i + 1,
-                    emb.t5_truncated[i]
-                ));
-            }
-        }
+        let (emb, negative_emb) = self.encode_prompts(req, cfg, max_len, &mut warnings)?;
         if !self.opts.keep_loaded {
             self.text = None;
         }
@@ -584,29 +538,7 @@ impl FluxPipeline {
         let shape = latent_shape(1, req.height, req.width, SizeRounding::Strict)?;
         let (lh, lw) = (shape[2], shape[3]);
         let seq = (lh / 2) * (lw / 2);
-        let ts = match self.opts.reference {
-            Reference::Diffusers => diffusers_sigmas(steps, seq, self.files.shift)?,
-            Reference::Bfl => schedule(steps, seq, self.files.shift)?,
-        };
-        let rounding = match (self.opts.reference, dtype) {
-            (Reference::Diffusers, DType::F32) => TimestepRounding::DiffusersF32,
-            (Reference::Diffusers, _) => TimestepRounding::Diffusers,
-            (Reference::Bfl, DType::F32) => TimestepRounding::None,
-            (Reference::Bfl, _) => TimestepRounding::Bfl,
-        };
-        let sopts = SampleOptions {
-            rounding,
-            guidance,
-            reference: self.opts.reference,
-        };
-        let noise_opts = NoiseOptions {
-            dtype: if dtype == DType::F32 {
-                NoiseDtype::F32
-            } else {
-                NoiseDtype::Bf16
-            },
-            kernel: TorchCpuKernel::Avx2,
-        };
+        let (ts, sopts, noise_opts) = self.sampling(steps, seq, guidance)?;
         let ids_img = img_ids(1, lh, lw, 0.0, &dev)?;
         let ids_txt = txt_ids(1, emb.t5.dim(1)?, &dev)?;
         let tiled = self.opts.tiled_vae;
@@ -623,29 +555,8 @@ impl FluxPipeline {
             };
             let reference = self.opts.reference;
             let starts = Starts::prepare(
-                req.image.as_ref(),
-                vae,
-                &shape,
-                seeds[0],
-                steps,
-                noise_opts,
-                reference,
-                &dev,
+                req, vae, &shape, seeds[0], steps, noise_opts, reference, &dev,
             )?;
-            // Kontext: the picture to edit as extra image tokens (posterior mean, as diffusers'
-            // argmax and BFL), ids (1, r, c) on its own grid; the ids of both, once
-            let cond = match &req.edit_image {
-                Some(e) => {
-                    let z = vae.encode(&flux_vae::from_rgb8(e, &dev)?)?;
-                    let (ch, cw) = (z.dim(2)?, z.dim(3)?);
-                    let ids = img_ids(1, ch, cw, 1.0, &dev)?;
-                    Some((
-                        flux_dit::pack(&z)?.to_dtype(dtype)?,
-                        Tensor::cat(&[&ids_img, &ids], 1)?,
-                    ))
-                }
-                None => None,
-            };
             let mut each = |i: usize, seed: u64| -> Result<()> {
                 let start = Instant::now();
                 let p = i / req.num_images;
@@ -662,18 +573,11 @@ impl FluxPipeline {
                         .model_guidance
                         .map(|g| Tensor::new(&[g], &dev))
                         .transpose()?;
-                    let joined = match &cond {
-                        Some((c, ids)) => Some((Tensor::cat(&[x, c], 1)?, ids)),
-                        None => None,
-                    };
-                    let (img, ids) = match &joined {
-                        Some((j, ids)) => (j, *ids),
-                        None => (x, &ids_img),
-                    };
+                    let (img, ids) = starts.tokens(x, &ids_img)?;
                     let predict = |txt: &Tensor, y: &Tensor| -> Result<Tensor> {
                         let v = dit.forward(&DitInput {
-                            img,
-                            img_ids: ids,
+                            img: &img,
+                            img_ids: &ids,
                             txt,
                             txt_ids: &ids_txt,
                             timesteps: &t,
@@ -745,7 +649,7 @@ impl FluxPipeline {
                         device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
                         quantize: self.opts.quantize.map(|q| q.to_string()),
                         tiled_vae: tiled.is_some(),
-                        negative_prompt: negative.map(String::from),
+                        negative_prompt: req.negative_prompt.clone().filter(|_| cfg.is_some()),
                         true_cfg: cfg,
                         strength: req.image.as_ref().map(|i| i.strength),
                         files: Default::default(),
@@ -775,6 +679,101 @@ impl FluxPipeline {
                 decode,
             },
         })
+    }
+
+    /// Encodes the request's prompts and, with true CFG, its negative prompt (once, after
+    /// them); warns of truncation. Returns the embeddings and `(scale, T5, pooled)` of the
+    /// negative.
+    #[allow(clippy::type_complexity)]
+    fn encode_prompts(
+        &mut self,
+        req: &GenerateRequest,
+        cfg: Option<f32>,
+        max_len: usize,
+        warnings: &mut Vec<String>,
+    ) -> Result<(PromptEmbeds, Option<(f32, Tensor, Tensor)>)> {
+        let negative = req.negative_prompt.as_deref().filter(|_| cfg.is_some());
+        let mut prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let mut prompts_2: Option<Vec<&str>> = req
+            .prompts_2
+            .as_ref()
+            .map(|v| v.iter().map(String::as_str).collect());
+        if let Some(neg) = negative {
+            prompts.push(neg);
+            if let Some(p2) = &mut prompts_2 {
+                p2.push(neg);
+            }
+        }
+        let emb: PromptEmbeds = self.text(max_len)?.encode(&prompts, prompts_2.as_deref())?;
+        check_finite(&emb.t5, "T5 text encoder")?;
+        check_finite(&emb.pooled, "CLIP text encoder")?;
+        let negative_emb = match cfg {
+            Some(scale) => {
+                let row = req.prompts.len();
+                Some((
+                    scale,
+                    emb.t5.narrow(0, row, 1)?,
+                    emb.pooled.narrow(0, row, 1)?,
+                ))
+            }
+            None => None,
+        };
+        for (i, p) in req.prompts.iter().enumerate() {
+            let more = match emb.unread_bytes[i] {
+                0 => String::new(),
+                b => format!(" (and {b} bytes after them were not read)"),
+            };
+            if emb.clip_truncated[i] > 0 {
+                warnings.push(format!(
+                    "prompt {} is too long for CLIP: {} tokens cut (77 max){more}",
+                    i + 1,
+                    emb.clip_truncated[i]
+                ));
+            }
+            if emb.t5_truncated[i] > 0 {
+                warnings.push(format!(
+                    "prompt {} is too long for T5: {} tokens cut ({max_len} max){more}: {p:.40}…",
+                    i + 1,
+                    emb.t5_truncated[i]
+                ));
+            }
+        }
+        Ok((emb, negative_emb))
+    }
+
+    /// The full schedule for `steps` at `seq` image tokens, the sampler's options and the
+    /// noise's, per the reference and dtype.
+    fn sampling(
+        &self,
+        steps: usize,
+        seq: usize,
+        guidance: Option<f32>,
+    ) -> Result<(Vec<f32>, SampleOptions, NoiseOptions)> {
+        let (reference, dtype) = (self.opts.reference, self.opts.dtype);
+        let ts = match reference {
+            Reference::Diffusers => diffusers_sigmas(steps, seq, self.files.shift)?,
+            Reference::Bfl => schedule(steps, seq, self.files.shift)?,
+        };
+        let rounding = match (reference, dtype) {
+            (Reference::Diffusers, DType::F32) => TimestepRounding::DiffusersF32,
+            (Reference::Diffusers, _) => TimestepRounding::Diffusers,
+            (Reference::Bfl, DType::F32) => TimestepRounding::None,
+            (Reference::Bfl, _) => TimestepRounding::Bfl,
+        };
+        let sopts = SampleOptions {
+            rounding,
+            guidance,
+            reference,
+        };
+        let noise = NoiseOptions {
+            dtype: if dtype == DType::F32 {
+                NoiseDtype::F32
+            } else {
+                NoiseDtype::Bf16
+            },
+            kernel: TorchCpuKernel::Avx2,
+        };
+        Ok((ts, sopts, noise))
     }
 }
 

@@ -6,14 +6,14 @@
 //! task; a task only supplies its start and its after-step blend.
 
 use candle::{Device, Tensor};
-use flux_dit::pack;
+use flux_dit::{img_ids, pack};
 use flux_sampler::{
     img2img_start_index, noise_latents, seeded_noise, seeded_noise_with, NoiseOptions, Reference,
     StepInfo, TorchGenerator,
 };
 use flux_vae::{from_rgb8, AutoEncoder, Rgb8};
 
-use crate::{Error, Result};
+use crate::{Error, GenerateRequest, Result};
 
 /// img2img: the picture to start from and how much of it to change.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +79,8 @@ pub(crate) struct Starts {
     reference: Reference,
     device: Device,
     image: Option<Box<ImageStart>>,
+    /// Kontext: the packed latent of the picture to edit and its ids `(1, r, c)`.
+    edit: Option<(Tensor, Tensor)>,
 }
 
 /// img2img's part of [`Starts`].
@@ -133,12 +135,13 @@ pub(crate) fn check(
 }
 
 impl Starts {
-    /// Noise of latent `shape` drawn as `noise` says on `device`; with `init`, the picture
-    /// encoded by `vae` (diffusers: a posterior sample drawn from the first seed's generator,
-    /// before its noise; BFL: the posterior mean) and the start index of its strength.
+    /// Noise of latent `shape` drawn as `noise` says on `device`; with the request's init image,
+    /// that picture encoded by `vae` (diffusers: a posterior sample drawn from the first seed's
+    /// generator, before its noise; BFL: the posterior mean) and its strength's start index;
+    /// with its picture to edit (Kontext), that picture's tokens.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
-        init: Option<&InitImage>,
+        req: &GenerateRequest,
         vae: &AutoEncoder,
         shape: &[usize],
         first_seed: u64,
@@ -147,7 +150,7 @@ impl Starts {
         reference: Reference,
         device: &Device,
     ) -> Result<Self> {
-        let image = match init {
+        let image = match &req.image {
             None => None,
             Some(init) => {
                 let first = img2img_start_index(steps, init.strength, reference)?;
@@ -172,12 +175,36 @@ impl Starts {
                 }))
             }
         };
+        // Kontext: the picture to edit as extra image tokens (posterior mean, as diffusers'
+        // argmax and BFL), ids (1, r, c) on its own grid
+        let edit = match &req.edit_image {
+            Some(e) => {
+                let z = vae.encode(&from_rgb8(e, device)?)?;
+                let ids = img_ids(1, z.dim(2)?, z.dim(3)?, 1.0, device)?;
+                Some((pack(&z)?, ids))
+            }
+            None => None,
+        };
         Ok(Starts {
             shape: shape.to_vec(),
             noise,
             reference,
             device: device.clone(),
             image,
+            edit,
+        })
+    }
+
+    /// The transformer's image tokens and ids for latent `x` with ids `ids`: as they are, or
+    /// (Kontext) with the picture's tokens after them; the prediction for the first
+    /// `x.dim(1)` tokens is the one to use.
+    pub(crate) fn tokens(&self, x: &Tensor, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(match &self.edit {
+            None => (x.clone(), ids.clone()),
+            Some((c, c_ids)) => (
+                Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 1)?,
+                Tensor::cat(&[ids, c_ids], 1)?,
+            ),
         })
     }
 
