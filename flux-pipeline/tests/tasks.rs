@@ -15,9 +15,10 @@ fn dir(p: &str) -> PathBuf {
 /// As the text-to-image pipeline goldens.
 const TOL: Tolerance = Tolerance::new(1e-4, 0.0);
 
-fn img2img_request(g: &Golden, case: &str) -> GenerateRequest {
+/// The request of a golden case: every field its record has (pictures by file name).
+fn request(g: &Golden, case: &str) -> GenerateRequest {
     let m = g.case_meta(case);
-    let image = read_png(&dir(m["image"].as_str().unwrap())).unwrap().image;
+    let picture = |key: &str| m[key].as_str().map(|f| read_png(&dir(f)).unwrap().image);
     GenerateRequest {
         prompts: vec![m["prompt"].as_str().unwrap().to_string()],
         width: m["width"].as_u64().unwrap() as usize,
@@ -26,13 +27,36 @@ fn img2img_request(g: &Golden, case: &str) -> GenerateRequest {
         guidance: m["guidance"].as_f64().map(|g| g as f32),
         seeds: vec![m["seed"].as_u64().unwrap()],
         max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
-        image: Some(InitImage {
+        image: picture("image").map(|image| InitImage {
             image,
             strength: m["strength"].as_f64().unwrap(),
-            mask: m["mask"].as_str().map(|f| read_png(&dir(f)).unwrap().image),
+            mask: picture("mask"),
         }),
+        edit_image: picture("edit_image"),
+        negative_prompt: m["negative_prompt"].as_str().map(String::from),
+        true_cfg: m["true_cfg"].as_f64().unwrap_or(1.0) as f32,
         ..Default::default()
     }
+}
+
+/// Runs golden `case` and checks its final latents and decoded image.
+fn check_case(g: &Golden, p: &mut FluxPipeline, case: &str) -> (GenerateRequest, Generated) {
+    let req = request(g, case);
+    let out = p.generate(&req, |_, _| {}).unwrap();
+    let img = out.images[0].clone();
+    g.check(
+        &format!("{case}/latents_out"),
+        &img.latents,
+        &g.tensor(&format!("{case}/latents_out")),
+        TOL,
+    );
+    g.check(
+        &format!("{case}/image"),
+        &img.image,
+        &g.tensor(&format!("{case}/image")),
+        TOL,
+    );
+    (req, img)
 }
 
 /// diffusers' FluxImg2ImgPipeline: posterior sample and noise from one generator, the schedule
@@ -46,25 +70,13 @@ fn img2img_matches_diffusers() {
     )
     .unwrap();
     for case in ["img2img_s60", "img2img_s100"] {
-        let req = img2img_request(&g, case);
         let mut steps = 0;
-        let out = p.generate(&req, |pr, _| steps = pr.steps).unwrap();
+        p.generate(&request(&g, case), |pr, _| steps = pr.steps)
+            .unwrap();
         // diffusers: t_start = int(6 − 6·0.6) = 2, so 4 of the 6 steps run
         let want_steps = if case == "img2img_s60" { 4 } else { 6 };
         assert_eq!(steps, want_steps, "{case}: steps run");
-        let img = &out.images[0];
-        g.check(
-            &format!("{case}/latents_out"),
-            &img.latents,
-            &g.tensor(&format!("{case}/latents_out")),
-            TOL,
-        );
-        g.check(
-            &format!("{case}/image"),
-            &img.image,
-            &g.tensor(&format!("{case}/image")),
-            TOL,
-        );
+        let (req, img) = check_case(&g, &mut p, case);
         assert_eq!(img.params.strength, req.image.as_ref().map(|i| i.strength));
     }
 }
@@ -79,17 +91,8 @@ fn inpainting_matches_diffusers() {
         PipelineOptions::default(),
     )
     .unwrap();
-    let req = img2img_request(&g, "inpaint");
+    let (req, _) = check_case(&g, &mut p, "inpaint");
     assert!(req.image.as_ref().unwrap().mask.is_some());
-    let out = p.generate(&req, |_, _| {}).unwrap();
-    let img = &out.images[0];
-    g.check(
-        "inpaint/latents_out",
-        &img.latents,
-        &g.tensor("inpaint/latents_out"),
-        TOL,
-    );
-    g.check("inpaint/image", &img.image, &g.tensor("inpaint/image"), TOL);
     // a mask of another size is refused
     let mut bad = req.clone();
     if let Some(i) = bad.image.as_mut() {
@@ -108,35 +111,13 @@ fn inpainting_matches_diffusers() {
 #[test]
 fn kontext_matches_diffusers() {
     let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
-    let m = g.case_meta("kontext");
     let mut p = FluxPipeline::from_source(
         &ModelSource::Folder(dir("tiny-dev")),
         PipelineOptions::default(),
     )
     .unwrap();
-    let edit = read_png(&dir(m["edit_image"].as_str().unwrap()))
-        .unwrap()
-        .image;
-    let req = GenerateRequest {
-        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
-        width: m["width"].as_u64().unwrap() as usize,
-        height: m["height"].as_u64().unwrap() as usize,
-        steps: Some(m["steps"].as_u64().unwrap() as usize),
-        guidance: m["guidance"].as_f64().map(|g| g as f32),
-        seeds: vec![m["seed"].as_u64().unwrap()],
-        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
-        edit_image: Some(edit.clone()),
-        ..Default::default()
-    };
-    let out = p.generate(&req, |_, _| {}).unwrap();
-    let img = &out.images[0];
-    g.check(
-        "kontext/latents_out",
-        &img.latents,
-        &g.tensor("kontext/latents_out"),
-        TOL,
-    );
-    g.check("kontext/image", &img.image, &g.tensor("kontext/image"), TOL);
+    let (req, _) = check_case(&g, &mut p, "kontext");
+    assert!(req.edit_image.is_some());
     // a picture that is not on the 16-pixel grid is refused
     let odd = flux_vae::Rgb8 {
         width: 40,
@@ -371,38 +352,12 @@ fn img2img_from_the_cli_and_rerun() {
 #[test]
 fn true_cfg_matches_diffusers() {
     let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
-    let m = g.case_meta("true_cfg");
     let mut p = FluxPipeline::from_source(
         &ModelSource::Folder(dir("tiny-dev")),
         PipelineOptions::default(),
     )
     .unwrap();
-    let req = GenerateRequest {
-        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
-        negative_prompt: Some(m["negative_prompt"].as_str().unwrap().to_string()),
-        true_cfg: m["true_cfg"].as_f64().unwrap() as f32,
-        width: m["width"].as_u64().unwrap() as usize,
-        height: m["height"].as_u64().unwrap() as usize,
-        steps: Some(m["steps"].as_u64().unwrap() as usize),
-        guidance: m["guidance"].as_f64().map(|g| g as f32),
-        seeds: vec![m["seed"].as_u64().unwrap()],
-        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
-        ..Default::default()
-    };
-    let out = p.generate(&req, |_, _| {}).unwrap();
-    let img = &out.images[0];
-    g.check(
-        "true_cfg/latents_out",
-        &img.latents,
-        &g.tensor("true_cfg/latents_out"),
-        TOL,
-    );
-    g.check(
-        "true_cfg/image",
-        &img.image,
-        &g.tensor("true_cfg/image"),
-        TOL,
-    );
+    let (req, img) = check_case(&g, &mut p, "true_cfg");
     assert_eq!(img.params.true_cfg, Some(4.0));
     // off (scale 1, or no negative): the ordinary image, with a warning
     let off = p

@@ -40,84 +40,70 @@ def init_image(path):
     return img
 
 
-def run(pipe, image, strength, steps, seed):
-    h, w = image.height, image.width
+def run(pipe, case, images):
+    """One case: the pipeline called with the case record's arguments (pictures by file name
+    from `images`), stopped at the latents, then the pipeline's own decode (pre-clamp f32)."""
+    h, w = case["height"], case["width"]
+    kw = dict(prompt=[case["prompt"]], height=h, width=w, num_inference_steps=case["steps"],
+              guidance_scale=case["guidance"], max_sequence_length=case["max_sequence_length"],
+              generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="latent",
+              return_dict=False)
+    if "strength" in case:
+        kw["strength"] = case["strength"]
+    for key, arg in [("image", "image"), ("mask", "mask_image"), ("edit_image", "image")]:
+        if key in case:
+            kw[arg] = images[case[key]]
+    if "edit_image" in case:  # Kontext: neither the picture nor the output resized
+        kw.update(max_area=h * w, _auto_resize=False)
+    if "negative_prompt" in case:
+        kw.update(negative_prompt=[case["negative_prompt"]], true_cfg_scale=case["true_cfg"])
     with torch.no_grad():
-        out = pipe(prompt=[PROMPT], image=image, height=h, width=w, strength=strength,
-                   num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=512,
-                   generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
-                   return_dict=False)[0]
+        out = pipe(**kw)[0]
         lat = pipe._unpack_latents(out, h, w, pipe.vae_scale_factor)
         lat = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        decoded = pipe.vae.decode(lat, return_dict=False)[0]
-    return out, decoded
+        return out, pipe.vae.decode(lat, return_dict=False)[0]
+
+
+def mask_image(path):
+    m = np.zeros((64, 96), np.uint8)
+    m[8:40, 24:72] = 200
+    m[16:32, 32:64] = 255
+    m[8:40, 24:28] = 100
+    img = Image.fromarray(m, "L")
+    img.save(path)
+    return img
 
 
 def main():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxInpaintPipeline,
+                           FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel)
 
     args = common.parse_args(__doc__)
     common.setup(0)
     folder = os.path.join(args.out, "tiny-dev")
     # the committed transformer and scheduler; text encoders, tokenizers and VAE built as
     # gen_pipeline.py builds them (the same files the folder links to)
-    pipe = FluxImg2ImgPipeline(
+    parts = dict(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler")),
         transformer=FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer")).eval(),
         **components())
-    image = init_image(os.path.join(args.out, "img2img_init.png"))
-    t, cases = {}, {}
-    for name, strength in [("img2img_s60", 0.6), ("img2img_s100", 1.0)]:
-        t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, image, strength, 6, 42)
-        cases[name] = {"prompt": PROMPT, "height": image.height, "width": image.width, "steps": 6,
-                       "guidance": 3.5, "max_sequence_length": 512, "seed": 42, "strength": strength,
-                       "image": "img2img_init.png"}
-    # inpainting with the base model
-    from diffusers import FluxInpaintPipeline
-    inp = FluxInpaintPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())
-    m = np.zeros((64, 96), np.uint8)
-    m[8:40, 24:72] = 200
-    m[16:32, 32:64] = 255
-    m[8:40, 24:28] = 100
-    mask = Image.fromarray(m, "L")
-    mask.save(os.path.join(args.out, "inpaint_mask.png"))
-    with torch.no_grad():
-        h, w = image.height, image.width
-        out = inp(prompt=[PROMPT], image=image, mask_image=mask, height=h, width=w, strength=0.8,
-                  num_inference_steps=6, guidance_scale=3.5, max_sequence_length=512,
-                  generator=torch.Generator("cpu").manual_seed(42), output_type="latent", return_dict=False)[0]
-        lat = inp._unpack_latents(out, h, w, inp.vae_scale_factor)
-        lat = (lat / inp.vae.config.scaling_factor) + inp.vae.config.shift_factor
-        t["inpaint/latents_out"], t["inpaint/image"] = out, inp.vae.decode(lat, return_dict=False)[0]
-    cases["inpaint"] = {"prompt": PROMPT, "height": h, "width": w, "steps": 6, "guidance": 3.5,
-                        "max_sequence_length": 512, "seed": 42, "strength": 0.8, "image": "img2img_init.png",
-                        "mask": "inpaint_mask.png"}
-    # Kontext editing
-    from diffusers import FluxKontextPipeline
-    kon = FluxKontextPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())
-    with torch.no_grad():
-        h, w = image.height, image.width
-        out = kon(prompt=[PROMPT], image=image, height=h, width=w, max_area=h * w, _auto_resize=False,
-                  num_inference_steps=4, guidance_scale=2.5, max_sequence_length=512,
-                  generator=torch.Generator("cpu").manual_seed(42), output_type="latent", return_dict=False)[0]
-        lat = kon._unpack_latents(out, h, w, kon.vae_scale_factor)
-        lat = (lat / kon.vae.config.scaling_factor) + kon.vae.config.shift_factor
-        t["kontext/latents_out"], t["kontext/image"] = out, kon.vae.decode(lat, return_dict=False)[0]
-    cases["kontext"] = {"prompt": PROMPT, "height": h, "width": w, "steps": 4, "guidance": 2.5,
-                        "max_sequence_length": 512, "seed": 42, "edit_image": "img2img_init.png"}
-    # true CFG with a negative prompt, text-to-image
-    from diffusers import FluxPipeline
-    t2i = FluxPipeline(scheduler=pipe.scheduler, transformer=pipe.transformer, **components())
-    with torch.no_grad():
-        h, w = 64, 96
-        out = t2i(prompt=[PROMPT], negative_prompt=[NEGATIVE], true_cfg_scale=4.0, height=h, width=w,
-                  num_inference_steps=4, guidance_scale=3.5, max_sequence_length=512,
-                  generator=torch.Generator("cpu").manual_seed(42), output_type="latent", return_dict=False)[0]
-        lat = t2i._unpack_latents(out, h, w, t2i.vae_scale_factor)
-        lat = (lat / t2i.vae.config.scaling_factor) + t2i.vae.config.shift_factor
-        t["true_cfg/latents_out"], t["true_cfg/image"] = out, t2i.vae.decode(lat, return_dict=False)[0]
-    cases["true_cfg"] = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "true_cfg": 4.0, "height": h, "width": w,
-                         "steps": 4, "guidance": 3.5, "max_sequence_length": 512, "seed": 42}
+    images = {"img2img_init.png": init_image(os.path.join(args.out, "img2img_init.png")),
+              "inpaint_mask.png": mask_image(os.path.join(args.out, "inpaint_mask.png"))}
+    base = {"prompt": PROMPT, "height": 64, "width": 96, "guidance": 3.5, "max_sequence_length": 512, "seed": 42}
+    cases = {
+        "img2img_s60": dict(base, steps=6, strength=0.6, image="img2img_init.png"),
+        "img2img_s100": dict(base, steps=6, strength=1.0, image="img2img_init.png"),
+        "inpaint": dict(base, steps=6, strength=0.8, image="img2img_init.png", mask="inpaint_mask.png"),
+        "kontext": dict(base, steps=4, guidance=2.5, edit_image="img2img_init.png"),
+        "true_cfg": dict(base, steps=4, negative_prompt=NEGATIVE, true_cfg=4.0),
+    }
+    pipes = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline, "kontext": FluxKontextPipeline,
+             "true_cfg": FluxPipeline}
+    t = {}
+    for name, case in cases.items():
+        kind = "inpaint" if "mask" in case else "kontext" if "edit_image" in case else \
+            "true_cfg" if "negative_prompt" in case else "img2img"
+        t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipes[kind](**parts), case, images)
     common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
 
 
