@@ -557,6 +557,7 @@ impl FluxPipeline {
             let starts = Starts::prepare(
                 req, vae, &shape, seeds[0], steps, noise_opts, reference, &dev,
             )?;
+            let ids_all = starts.token_ids(&ids_img)?;
             let mut each = |i: usize, seed: u64| -> Result<()> {
                 let start = Instant::now();
                 let p = i / req.num_images;
@@ -573,11 +574,11 @@ impl FluxPipeline {
                         .model_guidance
                         .map(|g| Tensor::new(&[g], &dev))
                         .transpose()?;
-                    let (img, ids) = starts.tokens(x, &ids_img)?;
+                    let img = starts.tokens(x)?;
                     let predict = |txt: &Tensor, y: &Tensor| -> Result<Tensor> {
                         let v = dit.forward(&DitInput {
                             img: &img,
-                            img_ids: &ids,
+                            img_ids: &ids_all,
                             txt,
                             txt_ids: &ids_txt,
                             timesteps: &t,

@@ -195,16 +195,20 @@ impl Starts {
         })
     }
 
-    /// The transformer's image tokens and ids for latent `x` with ids `ids`: as they are, or
-    /// (Kontext) with the picture's tokens after them; the prediction for the first
-    /// `x.dim(1)` tokens is the one to use.
-    pub(crate) fn tokens(&self, x: &Tensor, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The transformer's image tokens for latent `x`: `x`, or (Kontext) `x` and then the
+    /// picture's tokens; the prediction for the first `x.dim(1)` tokens is the one to use.
+    pub(crate) fn tokens(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.edit {
-            None => (x.clone(), ids.clone()),
-            Some((c, c_ids)) => (
-                Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 1)?,
-                Tensor::cat(&[ids, c_ids], 1)?,
-            ),
+            None => x.clone(),
+            Some((c, _)) => Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 1)?,
+        })
+    }
+
+    /// The ids of [`Starts::tokens`] for the generated image's `ids` (computed once).
+    pub(crate) fn token_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match &self.edit {
+            None => ids.clone(),
+            Some((_, c_ids)) => Tensor::cat(&[ids, c_ids], 1)?,
         })
     }
 
