@@ -165,6 +165,7 @@ pub struct GenerateOutput {
 /// The FLUX.1 text-to-image pipeline.
 pub struct FluxPipeline {
     files: ModelFiles,
+    fingerprint: String,
     cfg: flux_dit::Config,
     opts: PipelineOptions,
     text: Option<PromptEncoder>,
@@ -236,8 +237,10 @@ impl FluxPipeline {
                 cfg.in_channels
             )));
         }
+        let fingerprint = fingerprint(&files);
         Ok(FluxPipeline {
             files,
+            fingerprint,
             cfg,
             opts,
             text: None,
@@ -259,6 +262,13 @@ impl FluxPipeline {
     /// The model's files.
     pub fn files(&self) -> &ModelFiles {
         &self.files
+    }
+
+    /// A fingerprint of the model's files (names, sizes and config texts of every component),
+    /// recorded in each image: a re-run can tell that the files under a path have changed
+    /// without hashing gigabytes of weights.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The transformer config.
@@ -654,6 +664,7 @@ impl FluxPipeline {
                         true_cfg: cfg,
                         strength: req.image.as_ref().map(|i| i.strength),
                         files: Default::default(),
+                        model_fingerprint: Some(self.fingerprint.clone()),
                     },
                 };
                 decode += start.elapsed();
@@ -776,6 +787,60 @@ impl FluxPipeline {
         };
         Ok((ts, sopts, noise))
     }
+}
+
+/// FNV-1a (64 bit) over every component's file names, sizes and JSON texts, and the schedule's
+/// shift, as hex.
+fn fingerprint(files: &ModelFiles) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    let transformer = match &files.transformer {
+        TransformerFiles::Diffusers(p) | TransformerFiles::File(p) => p,
+        TransformerFiles::Bfl { file, .. } => file,
+    };
+    let vae = match &files.vae {
+        VaeFiles::Diffusers(p) => p,
+        VaeFiles::Bfl { file, .. } => file,
+    };
+    for part in [
+        transformer,
+        vae,
+        &files.text_encoder,
+        &files.text_encoder_2,
+        &files.tokenizer,
+        &files.tokenizer_2,
+    ] {
+        let mut entries: Vec<std::path::PathBuf> = match std::fs::read_dir(part) {
+            Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => vec![part.clone()],
+        };
+        entries.sort();
+        for p in entries {
+            let Ok(meta) = std::fs::metadata(&p) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            eat(p
+                .file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default());
+            eat(&meta.len().to_le_bytes());
+            if p.extension().is_some_and(|e| e == "json")
+                && meta.len() <= flux_kernels::MAX_CONFIG_BYTES
+            {
+                eat(&std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    // the schedule (from scheduler_config.json, or the transformer's variant)
+    eat(format!("{:?}", files.shift).as_bytes());
+    format!("{h:016x}")
 }
 
 /// [`Error::NonFinite`] naming `stage` when `t` holds a NaN or an infinity.

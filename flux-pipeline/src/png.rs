@@ -39,6 +39,9 @@ pub struct ImageParams {
     /// Weights quantized while loading (`--quantize`), e.g. `q8_0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
+    /// [`crate::FluxPipeline::fingerprint`] of the model that made the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
     /// True CFG's negative prompt, when it was on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,

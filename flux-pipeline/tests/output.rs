@@ -389,3 +389,68 @@ fn interrupt_keeps_finished_images_and_no_temporary_file() {
         read_png(&d.join(&n)).unwrap_or_else(|e| panic!("{n} is not whole: {e}"));
     }
 }
+
+/// A re-run warns when the files under the recorded model path have changed since.
+#[test]
+fn rerun_notices_a_changed_model() {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.path().is_dir() {
+                copy(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+        }
+    }
+    let d = dir("changed");
+    let model = d.join("model");
+    copy(&tiny(), &model);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_flux"))
+            .current_dir(&d)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "generate",
+        "--model",
+        "model",
+        "--offline",
+        "--prompt",
+        "a",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "-o",
+        "a.png",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = read_png(&d.join("a.png")).unwrap().params.unwrap();
+    assert!(p.model_fingerprint.is_some());
+    // unchanged: no warning
+    let o = run(&["generate", "--from-image", "a.png", "-o", "b.png"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !err.contains("differ from the ones"),
+        "{err}"
+    );
+    // a config edited meanwhile: said so
+    let cfg = model.join("transformer/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}\n")).unwrap();
+    let o = run(&["generate", "--from-image", "a.png", "-o", "c.png"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("differ from the ones that made the image"),
+        "{err}"
+    );
+}

@@ -501,6 +501,14 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
         e => e,
     })?;
     let mut pipe = FluxPipeline::new(located, opts)?;
+    if let Some(was) = from.as_ref().and_then(|p| p.model_fingerprint.as_deref()) {
+        if was != pipe.fingerprint() {
+            warnings.push(format!(
+                "the model's files differ from the ones that made the image (fingerprint {was}, now {}): the pixels may differ",
+                pipe.fingerprint()
+            ));
+        }
+    }
     for w in &warnings {
         note(format_args!("warning: {w}"));
     }
