@@ -193,6 +193,8 @@ struct Plan {
 }
 
 const MAX_SIDE: usize = 8192;
+/// FLUX.1-Fill's input channels: the latent, the masked picture's latent and the 8×8 mask.
+pub(crate) const FILL_CHANNELS: usize = 384;
 const MAX_STEPS: usize = 1000;
 
 impl FluxPipeline {
@@ -231,9 +233,9 @@ impl FluxPipeline {
         if let Some(d) = clip_dir {
             flux_text::ClipConfig::from_dir(d)?.validate()?;
         }
-        if cfg.in_channels != 64 {
+        if !matches!(cfg.in_channels, 64 | FILL_CHANNELS) {
             return Err(Error::InvalidRequest(format!(
-                "this pipeline generates from noise and needs a 64-channel transformer; this one takes {} (a Fill/Canny/Depth model?)",
+                "this transformer takes {} input channels (FLUX.1-Canny/Depth?); the pipeline runs base models (64) and FLUX.1-Fill ({FILL_CHANNELS})",
                 cfg.in_channels
             )));
         }
@@ -399,8 +401,13 @@ impl FluxPipeline {
             return bad(format!("steps must be in 1..={MAX_STEPS}, got {steps}"));
         }
         let mut warnings = vec![];
+        let fill = self.cfg.in_channels == FILL_CHANNELS;
+        if fill && req.image.as_ref().is_none_or(|i| i.mask.is_none()) {
+            return bad("FLUX.1-Fill needs a picture and a mask (--image, --mask)".into());
+        }
         let guidance = if self.is_dev() {
-            let g = req.guidance.unwrap_or(3.5);
+            // diffusers' FluxFillPipeline and BFL's Fill default to 30
+            let g = req.guidance.unwrap_or(if fill { 30.0 } else { 3.5 });
             if !g.is_finite() || g < 0.0 {
                 return bad(format!("guidance must be a non-negative number, got {g}"));
             }
@@ -565,7 +572,15 @@ impl FluxPipeline {
             };
             let reference = self.opts.reference;
             let starts = Starts::prepare(
-                req, vae, &shape, seeds[0], steps, noise_opts, reference, &dev,
+                req,
+                self.cfg.in_channels == FILL_CHANNELS,
+                vae,
+                &shape,
+                seeds[0],
+                steps,
+                noise_opts,
+                reference,
+                &dev,
             )?;
             let ids_all = starts.token_ids(&ids_img)?;
             let mut each = |i: usize, seed: u64| -> Result<()> {

@@ -2,8 +2,10 @@
 //! from seeded noise at the top of the schedule; img2img starts from the encoded picture noised
 //! to the schedule value its strength picks; inpainting is img2img whose kept region (mask 0) is
 //! put back, re-noised to the current schedule value, after every step (diffusers'
-//! `FluxInpaintPipeline`). The pipeline's loop (transformer steps, decode) is the same for every
-//! task; a task only supplies its start and its after-step blend.
+//! `FluxInpaintPipeline`); FLUX.1-Fill joins the masked picture's latent and the mask to every
+//! step's input channels; Kontext joins the picture to edit as extra tokens. The pipeline's loop
+//! (transformer steps, decode) is the same for every task; a task only supplies its start, its
+//! after-step blend and its extra inputs.
 
 use candle::{Device, Tensor};
 use flux_dit::{img_ids, pack};
@@ -81,6 +83,9 @@ pub(crate) struct Starts {
     image: Option<Box<ImageStart>>,
     /// Kontext: the packed latent of the picture to edit and its ids `(1, r, c)`.
     edit: Option<(Tensor, Tensor)>,
+    /// FLUX.1-Fill: the masked picture's packed latent and the packed 8×8 mask, `(1, L, 320)`,
+    /// joined to every step's input channels.
+    fill: Option<Tensor>,
 }
 
 /// img2img's part of [`Starts`].
@@ -142,6 +147,7 @@ impl Starts {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         req: &GenerateRequest,
+        fill_model: bool,
         vae: &AutoEncoder,
         shape: &[usize],
         first_seed: u64,
@@ -163,9 +169,10 @@ impl Starts {
                     }
                     Reference::Bfl => (vae.encode(&picture)?, None),
                 };
+                // base-model inpainting blends after each step; Fill's model regenerates all
                 let inpaint = match &init.mask {
-                    Some(m) => Some((pack(&x0)?, latent_mask(m, shape, device)?)),
-                    None => None,
+                    Some(m) if !fill_model => Some((pack(&x0)?, latent_mask(m, shape, device)?)),
+                    _ => None,
                 };
                 Some(Box::new(ImageStart {
                     x0,
@@ -185,6 +192,12 @@ impl Starts {
             }
             None => None,
         };
+        let fill = match (&req.image, fill_model) {
+            (Some(init), true) => Some(fill_condition(
+                init, vae, shape, first_seed, noise, reference, device,
+            )?),
+            _ => None,
+        };
         Ok(Starts {
             shape: shape.to_vec(),
             noise,
@@ -192,15 +205,20 @@ impl Starts {
             device: device.clone(),
             image,
             edit,
+            fill,
         })
     }
 
     /// The transformer's image tokens for latent `x`: `x`, or (Kontext) `x` and then the
     /// picture's tokens; the prediction for the first `x.dim(1)` tokens is the one to use.
     pub(crate) fn tokens(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match &self.edit {
+        let x = match &self.fill {
             None => x.clone(),
-            Some((c, _)) => Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 1)?,
+            Some(c) => Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 2)?,
+        };
+        Ok(match &self.edit {
+            None => x,
+            Some((c, _)) => Tensor::cat(&[&x, &c.to_dtype(x.dtype())?], 1)?,
         })
     }
 
@@ -251,21 +269,88 @@ impl Starts {
 fn latent_mask(mask: &Rgb8, shape: &[usize], device: &Device) -> Result<Tensor> {
     let (c, h, w) = (shape[1], shape[2], shape[3]);
     let scale = mask.width / w;
+    let m = pixel_mask(mask);
     let mut v = vec![0u8; c * h * w];
     for r in 0..h {
         for col in 0..w {
-            let i = ((r * scale) * mask.width + col * scale) * 3;
-            let (red, g, b) = (
-                mask.data[i] as u32,
-                mask.data[i + 1] as u32,
-                mask.data[i + 2] as u32,
-            );
-            let l = (red * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
-            let on = (l as f32 / 255.0 >= 0.5) as u8;
+            let on = m[(r * scale) * mask.width + col * scale] as u8;
             for ch in 0..c {
                 v[(ch * h + r) * w + col] = on;
             }
         }
     }
     Ok(pack(&Tensor::from_vec(v, (1, c, h, w), device)?)?)
+}
+
+/// The binarized pixel mask (1 = repaint), one value per pixel: grey as PIL's
+/// `convert("L")` (ITU-R 601, rounded), then ≥ 0.5 as diffusers' mask processor.
+fn pixel_mask(mask: &Rgb8) -> Vec<f32> {
+    mask.data
+        .chunks_exact(3)
+        .map(|px| {
+            let l =
+                (px[0] as u32 * 19595 + px[1] as u32 * 38470 + px[2] as u32 * 7471 + 0x8000) >> 16;
+            (l as f32 / 255.0 >= 0.5) as u8 as f32
+        })
+        .collect()
+}
+
+/// FLUX.1-Fill's condition `(1, L, 320)` (diffusers' `FluxFillPipeline.prepare_mask_latents`):
+/// the picture with the repainted region blacked out (`image·(1 − mask)`), encoded (diffusers:
+/// a posterior sample drawn from the first seed's generator after the image's posterior and
+/// the noise; BFL: the mean) and packed, then the pixel mask with each latent pixel's 8×8
+/// block as 64 channels, packed 2×2 (channel `(py·8 + px)·4 + qy·2 + qx` of token `(r, c)` is
+/// pixel `(16r + 8qy + py, 16c + 8qx + px)`).
+fn fill_condition(
+    init: &InitImage,
+    vae: &AutoEncoder,
+    shape: &[usize],
+    first_seed: u64,
+    noise: NoiseOptions,
+    reference: Reference,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask = init
+        .mask
+        .as_ref()
+        .ok_or_else(|| Error::InvalidRequest("FLUX.1-Fill needs a mask".into()))?;
+    let (w, h) = (init.image.width, init.image.height);
+    let m = pixel_mask(mask);
+    let keep = Tensor::from_vec(
+        m.iter().map(|v| 1.0 - v).collect::<Vec<f32>>(),
+        (1, 1, h, w),
+        device,
+    )?;
+    let masked = from_rgb8(&init.image, device)?.broadcast_mul(&keep)?;
+    let z = match reference {
+        Reference::Diffusers => {
+            // the generator's draws: image posterior, noise, then this posterior
+            let mut gen = TorchGenerator::new(first_seed);
+            seeded_noise_with(&mut gen, shape, noise, device)?;
+            seeded_noise_with(&mut gen, shape, noise, device)?;
+            let eps = seeded_noise_with(&mut gen, shape, noise, device)?;
+            vae.encode_sample(&masked, &eps)?
+        }
+        Reference::Bfl => vae.encode(&masked)?,
+    };
+    let latent = pack(&z)?;
+    let (gh, gw) = (h / 16, w / 16);
+    let mut v = vec![0f32; gh * gw * 256];
+    for r in 0..gh {
+        for c in 0..gw {
+            let token = &mut v[(r * gw + c) * 256..(r * gw + c + 1) * 256];
+            for py in 0..8 {
+                for px in 0..8 {
+                    for qy in 0..2 {
+                        for qx in 0..2 {
+                            let (y, x) = (16 * r + 8 * qy + py, 16 * c + 8 * qx + px);
+                            token[(py * 8 + px) * 4 + qy * 2 + qx] = m[y * w + x];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mask_tokens = Tensor::from_vec(v, (1, gh * gw, 256), device)?.to_dtype(latent.dtype())?;
+    Ok(Tensor::cat(&[&latent, &mask_tokens], 2)?)
 }

@@ -385,3 +385,22 @@ fn true_cfg_matches_diffusers() {
         .unwrap_err();
     assert!(e.to_string().contains("true_cfg"), "{e}");
 }
+
+/// diffusers' FluxFillPipeline with a tiny FLUX.1-Fill transformer (384 input channels): the
+/// masked picture's latent and the 8×8 mask joined to every step's input, no blending.
+#[test]
+fn fill_matches_diffusers() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let mut files = ModelSource::Folder(dir("tiny-dev")).resolve().unwrap();
+    files.transformer = TransformerFiles::Diffusers(dir("tiny-fill/transformer"));
+    let mut p = FluxPipeline::new(files, PipelineOptions::default()).unwrap();
+    assert_eq!(p.config().in_channels, 384);
+    check_case(&g, &mut p, "fill");
+    // Fill without a mask is refused
+    let mut req = request(&g, "fill");
+    if let Some(i) = req.image.as_mut() {
+        i.mask = None;
+    }
+    let e = p.generate(&req, |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("needs a picture and a mask"), "{e}");
+}

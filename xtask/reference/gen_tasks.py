@@ -13,6 +13,11 @@ script only reads it, so the text-to-image goldens stay as they are).
 - Kontext: `FluxKontextPipeline` on the same tiny transformer (Kontext has dev's shapes), the
   init image as the picture to edit (`_auto_resize=False`, `max_area` = its area, so neither it
   nor the output is resized), 4 steps, guidance 2.5, seed 42. Case `kontext`.
+- FLUX.1-Fill: `FluxFillPipeline` with a tiny Fill transformer (384 input channels: the packed
+  latent, the masked picture's latent and the 8×8 mask; random weights, written to
+  `tiny-fill/transformer`), the init image and the mask, strength 1, 4 steps, guidance 3.5
+  (Fill's default 30 amplifies f32 rounding past the shared 1e-4 tolerance on random weights),
+  seed 42. Case `fill`.
 - true CFG: `FluxPipeline` with `negative_prompt`, `true_cfg_scale=4.0`, 4 steps, 64×96,
   guidance 3.5 (the distilled guidance still goes to both passes), seed 42. Case `true_cfg`.
 
@@ -97,13 +102,27 @@ def main():
         "kontext": dict(base, steps=4, guidance=2.5, edit_image="img2img_init.png"),
         "true_cfg": dict(base, steps=4, negative_prompt=NEGATIVE, true_cfg=4.0),
     }
+    # FLUX.1-Fill: a tiny 384-channel transformer, saved for the Rust side
+    from diffusers import FluxFillPipeline
+    import gen_dit
+    common.setup(0)
+    fill = FluxTransformer2DModel(patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                  pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    gen_dit.randomize(fill, 37)
+    fill.save_pretrained(os.path.join(args.out, "tiny-fill", "transformer"))
+    cases["fill"] = dict(base, steps=4, strength=1.0, image="img2img_init.png", mask="inpaint_mask.png")
     pipes = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline, "kontext": FluxKontextPipeline,
              "true_cfg": FluxPipeline}
     t = {}
     for name, case in cases.items():
         kind = "inpaint" if "mask" in case else "kontext" if "edit_image" in case else \
             "true_cfg" if "negative_prompt" in case else "img2img"
-        t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipes[kind](**parts), case, images)
+        if name == "fill":
+            pipe = FluxFillPipeline(**dict(parts, transformer=fill))
+        else:
+            pipe = pipes[kind](**parts)
+        t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images)
     common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
 
 

@@ -109,9 +109,11 @@ struct Generate {
     #[arg(long)]
     image: Option<PathBuf>,
     /// Inpainting: a PNG of the picture's size, white = repaint, black = keep (with --image).
+    /// With a FLUX.1-Fill transformer (detected from its 384 input channels) this is Fill.
     #[arg(long, requires = "image")]
     mask: Option<PathBuf>,
-    /// img2img: how much of the picture to change, in (0, 1] [default: 0.6, as diffusers].
+    /// img2img: how much of the picture to change, in (0, 1] [default: 0.6, as diffusers; 1 for
+    /// FLUX.1-Fill models].
     #[arg(long, requires = "image")]
     strength: Option<f64>,
     /// Re-run the generation stored in a PNG written by flux (other flags override it).
@@ -501,6 +503,12 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
         e => e,
     })?;
     let mut pipe = FluxPipeline::new(located, opts)?;
+    // FLUX.1-Fill regenerates from pure noise by default (strength 1, as diffusers and BFL)
+    if pipe.config().in_channels == 384 && args.strength.is_none() {
+        if let Some(init) = req.image.as_mut().filter(|_| from.is_none()) {
+            init.strength = 1.0;
+        }
+    }
     if let Some(was) = from.as_ref().and_then(|p| p.model_fingerprint.as_deref()) {
         if was != pipe.fingerprint() {
             warnings.push(format!(
