@@ -404,3 +404,62 @@ fn fill_matches_diffusers() {
     let e = p.generate(&req, |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("needs a picture and a mask"), "{e}");
 }
+
+/// `flux generate --image --mask` with a Fill model folder: Fill is chosen from the model, with
+/// its defaults (strength 1, guidance 30).
+#[test]
+fn fill_from_the_cli_takes_its_defaults() {
+    fn copy(src: &std::path::Path, dst: &std::path::Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.path().is_dir() {
+                copy(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+        }
+    }
+    let out = std::env::temp_dir().join(format!("flux-fill-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let model = out.join("tiny-fill-model");
+    copy(&dir("tiny-dev"), &model);
+    std::fs::remove_dir_all(model.join("transformer")).unwrap();
+    copy(&dir("tiny-fill/transformer"), &model.join("transformer"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+        .current_dir(&out)
+        .args([
+            "generate",
+            "--model",
+            "tiny-fill-model",
+            "--offline",
+            "--prompt",
+            "a door",
+        ])
+        .arg("--image")
+        .arg(dir("img2img_init.png"))
+        .arg("--mask")
+        .arg(dir("inpaint_mask.png"))
+        .args(["--steps", "2", "--seed", "1", "-o", "fill.png"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = read_png(&out.join("fill.png")).unwrap().params.unwrap();
+    assert_eq!((p.strength, p.guidance), (Some(1.0), Some(30.0)));
+    // without a mask the Fill model refuses
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+        .current_dir(&out)
+        .args([
+            "generate",
+            "--model",
+            "tiny-fill-model",
+            "--offline",
+            "--prompt",
+            "a",
+        ])
+        .args(["--steps", "1", "-o", "x.png"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a picture and a mask"));
+}
