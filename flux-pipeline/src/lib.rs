@@ -21,4 +21,4 @@ pub use source::{
     scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,
     DEV_REPO, SCHNELL_REPO,
 };
-pub use task::InitImage;
+pub use task::{outpaint, InitImage};

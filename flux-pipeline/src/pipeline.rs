@@ -679,6 +679,7 @@ impl FluxPipeline {
                         true_cfg: cfg,
                         strength: req.image.as_ref().map(|i| i.strength),
                         files: Default::default(),
+                        outpaint: None,
                         model_fingerprint: Some(self.fingerprint.clone()),
                     },
                 };

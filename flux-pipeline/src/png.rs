@@ -52,6 +52,9 @@ pub struct ImageParams {
     /// `image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Outpainting's border `[left, top, right, bottom]` added around the init picture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outpaint: Option<[usize; 4]>,
     /// Decoded in tiles (`--tiled-vae`; changes pixels slightly).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tiled_vae: bool,

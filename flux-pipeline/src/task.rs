@@ -354,3 +354,35 @@ fn fill_condition(
     let mask_tokens = Tensor::from_vec(v, (1, gh * gw, 256), device)?.to_dtype(latent.dtype())?;
     Ok(Tensor::cat(&[&latent, &mask_tokens], 2)?)
 }
+
+/// Outpainting's inputs (BFL's `add_border_and_mask`): `image` pasted onto a black canvas grown
+/// by `[left, top, right, bottom]` pixels, and the mask that repaints exactly the border (white
+/// outside the picture, black on it). Used with FLUX.1-Fill (or base-model inpainting).
+pub fn outpaint(image: &Rgb8, border: [usize; 4]) -> Result<(Rgb8, Rgb8)> {
+    let [l, t, r, b] = border;
+    let (w, h) = (image.width + l + r, image.height + t + b);
+    if w % 16 != 0 || h % 16 != 0 || w > 8192 || h > 8192 {
+        return Err(Error::InvalidRequest(format!(
+            "outpainting to {w}×{h}: the sides must be multiples of 16 up to 8192 (adjust the border)"
+        )));
+    }
+    if image.data.len() != image.width * image.height * 3 {
+        return Err(Error::InvalidRequest(
+            "the picture's pixels do not match its size".into(),
+        ));
+    }
+    let mut canvas = vec![0u8; w * h * 3];
+    let mut mask = vec![255u8; w * h * 3];
+    for y in 0..image.height {
+        let src = &image.data[y * image.width * 3..(y + 1) * image.width * 3];
+        let at = ((y + t) * w + l) * 3;
+        canvas[at..at + src.len()].copy_from_slice(src);
+        mask[at..at + src.len()].fill(0);
+    }
+    let rgb = |data| Rgb8 {
+        width: w,
+        height: h,
+        data,
+    };
+    Ok((rgb(canvas), rgb(mask)))
+}

@@ -447,6 +447,48 @@ fn fill_from_the_cli_takes_its_defaults() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let p = read_png(&out.join("fill.png")).unwrap().params.unwrap();
     assert_eq!((p.strength, p.guidance), (Some(1.0), Some(30.0)));
+    // outpainting: the picture grown by a border that is painted; re-run identically
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+        .current_dir(&out)
+        .args([
+            "generate",
+            "--model",
+            "tiny-fill-model",
+            "--offline",
+            "--prompt",
+            "a door",
+        ])
+        .arg("--image")
+        .arg(dir("img2img_init.png"))
+        .args([
+            "--outpaint",
+            "16,0,16,32",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "-o",
+            "out.png",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let grown = read_png(&out.join("out.png")).unwrap();
+    let gp = grown.params.clone().unwrap();
+    assert_eq!(
+        (gp.width, gp.height, gp.outpaint),
+        (128, 96, Some([16, 0, 16, 32]))
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+        .current_dir(&out)
+        .args(["generate", "--from-image", "out.png", "-o", "out-again.png"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read_png(&out.join("out-again.png")).unwrap().image,
+        grown.image
+    );
     // without a mask the Fill model refuses
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
         .current_dir(&out)
@@ -462,4 +504,25 @@ fn fill_from_the_cli_takes_its_defaults() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a picture and a mask"));
+}
+
+/// Outpainting's canvas and mask: the picture pasted at the border's offset on black, the
+/// mask white exactly outside it; sides off the 16-pixel grid are refused.
+#[test]
+fn outpaint_canvas_and_mask() {
+    let pic = flux_vae::Rgb8 {
+        width: 16,
+        height: 16,
+        data: vec![200; 16 * 16 * 3],
+    };
+    let (canvas, mask) = outpaint(&pic, [16, 0, 0, 16]).unwrap();
+    assert_eq!((canvas.width, canvas.height), (32, 32));
+    let at = |img: &flux_vae::Rgb8, x: usize, y: usize| img.data[(y * 32 + x) * 3];
+    assert_eq!((at(&canvas, 16, 0), at(&mask, 16, 0)), (200, 0));
+    assert_eq!((at(&canvas, 0, 0), at(&mask, 0, 0)), (0, 255));
+    assert_eq!((at(&canvas, 20, 20), at(&mask, 20, 20)), (0, 255));
+    assert!(outpaint(&pic, [8, 0, 0, 0])
+        .unwrap_err()
+        .to_string()
+        .contains("multiples of 16"));
 }

@@ -59,6 +59,21 @@ fn parse_quant_type(s: &str) -> Result<flux_kernels::QuantType, String> {
     })
 }
 
+/// `--outpaint LEFT,TOP,RIGHT,BOTTOM` in pixels.
+fn parse_border(s: &str) -> Result<[usize; 4], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("`{s}`: {e}"))?;
+    <[usize; 4]>::try_from(v).map_err(|v| {
+        format!(
+            "`{s}`: four pixel counts LEFT,TOP,RIGHT,BOTTOM, got {}",
+            v.len()
+        )
+    })
+}
+
 /// `--quantize`: a GGUF block type or `fp8` (e4m3 with a per-tensor scale).
 fn parse_encoding(s: &str) -> Result<flux_kernels::Encoding, String> {
     use flux_kernels::{Encoding, Fp8Kind};
@@ -112,6 +127,10 @@ struct Generate {
     /// With a FLUX.1-Fill transformer (detected from its 384 input channels) this is Fill.
     #[arg(long, requires = "image")]
     mask: Option<PathBuf>,
+    /// Outpainting: grow the picture by LEFT,TOP,RIGHT,BOTTOM pixels and paint the border (with
+    /// --image and a FLUX.1-Fill model; the grown sides must be multiples of 16).
+    #[arg(long, requires = "image", conflicts_with = "mask", value_parser = parse_border)]
+    outpaint: Option<[usize; 4]>,
     /// img2img: how much of the picture to change, in (0, 1] [default: 0.6, as diffusers; 1 for
     /// FLUX.1-Fill models].
     #[arg(long, requires = "image")]
@@ -408,8 +427,15 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
         .clone()
         .filter(|_| !edit)
         .or_else(|| recorded("image").map(PathBuf::from));
+    let border = args.outpaint.or(from.as_ref().and_then(|p| p.outpaint));
     if let Some(path) = &init {
-        let picture = read_png(path)?.image;
+        let mut picture = read_png(path)?.image;
+        let mut grown_mask = None;
+        if let Some(b) = border {
+            let (canvas, m) = flux_pipeline::outpaint(&picture, b)?;
+            picture = canvas;
+            grown_mask = Some(m);
+        }
         if args.width.is_none() && args.height.is_none() && from.is_none() {
             (req.width, req.height) = (picture.width, picture.height);
         }
@@ -421,9 +447,10 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
             .mask
             .clone()
             .or_else(|| recorded("mask").map(PathBuf::from));
-        let mask = match &mask_path {
-            Some(m) => Some(read_png(m)?.image),
-            None => None,
+        let mask = match (&mask_path, grown_mask) {
+            (_, Some(m)) => Some(m),
+            (Some(m), None) => Some(read_png(m)?.image),
+            (None, None) => None,
         };
         req.image = Some(flux_pipeline::InitImage {
             image: picture,
@@ -566,6 +593,7 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
             |g| {
                 let mut params = g.params.clone();
                 params.files = files.clone();
+                params.outpaint = border.filter(|_| init.is_some());
                 let path = names.write(params.seed, done.get(), &g.rgb, &params)?;
                 done.set(done.get() + 1);
                 bar.suspend(|| say(format_args!("{} (seed {})", path.display(), g.params.seed)));
