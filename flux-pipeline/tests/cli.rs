@@ -6,6 +6,8 @@ use std::process::Command;
 
 use flux_pipeline::{read_png, ModelSource, PARAMS_KEY};
 
+mod common;
+
 fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev")
 }
@@ -188,19 +190,6 @@ fn errors_are_one_line_with_a_hint() {
     );
 }
 
-fn copy_resolved(src: &Path, dst: &Path) {
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let (from, to) = (e.path(), dst.join(e.file_name()));
-        if from.is_dir() {
-            std::fs::create_dir_all(&to).unwrap();
-            copy_resolved(&from, &to);
-        } else {
-            std::fs::copy(&from, &to).unwrap();
-        }
-    }
-}
-
 #[test]
 fn offline_hub_source_reads_the_cache_and_names_missing_files() {
     // A Hugging Face cache laid out as hf-hub writes it: refs/main → snapshot folder.
@@ -210,7 +199,7 @@ fn offline_hub_source_reads_the_cache_and_names_missing_files() {
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    copy_resolved(&tiny(), &snap);
+    common::copy_dir(&tiny(), &snap);
     let src = ModelSource::Hub {
         repo: "tiny/flux".into(),
         offline: true,

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use flux_golden::{Golden, Tolerance};
 use flux_pipeline::*;
 
+mod common;
+
 fn dir(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -409,69 +411,45 @@ fn fill_matches_diffusers() {
 /// its defaults (strength 1, guidance 30).
 #[test]
 fn fill_from_the_cli_takes_its_defaults() {
-    fn copy(src: &std::path::Path, dst: &std::path::Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let e = e.unwrap();
-            let to = dst.join(e.file_name());
-            if e.path().is_dir() {
-                copy(&e.path(), &to);
-            } else {
-                std::fs::copy(e.path(), &to).unwrap();
-            }
-        }
-    }
     let out = std::env::temp_dir().join(format!("flux-fill-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let model = out.join("tiny-fill-model");
-    copy(&dir("tiny-dev"), &model);
+    common::copy_dir(&dir("tiny-dev"), &model);
     std::fs::remove_dir_all(model.join("transformer")).unwrap();
-    copy(&dir("tiny-fill/transformer"), &model.join("transformer"));
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
-        .current_dir(&out)
-        .args([
-            "generate",
-            "--model",
-            "tiny-fill-model",
-            "--offline",
-            "--prompt",
-            "a door",
-        ])
-        .arg("--image")
-        .arg(dir("img2img_init.png"))
-        .arg("--mask")
-        .arg(dir("inpaint_mask.png"))
-        .args(["--steps", "2", "--seed", "1", "-o", "fill.png"])
-        .output()
-        .unwrap();
+    common::copy_dir(&dir("tiny-fill/transformer"), &model.join("transformer"));
+    let (init, mask) = (dir("img2img_init.png"), dir("inpaint_mask.png"));
+    let run = |extra: &[&str], out_name: &str| {
+        let mut args = vec!["generate", "--model", "tiny-fill-model", "--offline"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", out_name]);
+        common::flux_in(&out, &args)
+    };
+    let (i, m) = (init.to_str().unwrap(), mask.to_str().unwrap());
+    let o = run(
+        &[
+            "--prompt", "a door", "--image", i, "--mask", m, "--steps", "2", "--seed", "1",
+        ],
+        "fill.png",
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let p = read_png(&out.join("fill.png")).unwrap().params.unwrap();
     assert_eq!((p.strength, p.guidance), (Some(1.0), Some(30.0)));
     // outpainting: the picture grown by a border that is painted; re-run identically
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
-        .current_dir(&out)
-        .args([
-            "generate",
-            "--model",
-            "tiny-fill-model",
-            "--offline",
+    let o = run(
+        &[
             "--prompt",
             "a door",
-        ])
-        .arg("--image")
-        .arg(dir("img2img_init.png"))
-        .args([
+            "--image",
+            i,
             "--outpaint",
             "16,0,16,32",
             "--steps",
             "2",
             "--seed",
             "1",
-            "-o",
-            "out.png",
-        ])
-        .output()
-        .unwrap();
+        ],
+        "out.png",
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let grown = read_png(&out.join("out.png")).unwrap();
     let gp = grown.params.clone().unwrap();
@@ -479,30 +457,17 @@ fn fill_from_the_cli_takes_its_defaults() {
         (gp.width, gp.height, gp.outpaint),
         (128, 96, Some([16, 0, 16, 32]))
     );
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
-        .current_dir(&out)
-        .args(["generate", "--from-image", "out.png", "-o", "out-again.png"])
-        .output()
-        .unwrap();
+    let o = common::flux_in(
+        &out,
+        &["generate", "--from-image", "out.png", "-o", "out-again.png"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         read_png(&out.join("out-again.png")).unwrap().image,
         grown.image
     );
     // without a mask the Fill model refuses
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
-        .current_dir(&out)
-        .args([
-            "generate",
-            "--model",
-            "tiny-fill-model",
-            "--offline",
-            "--prompt",
-            "a",
-        ])
-        .args(["--steps", "1", "-o", "x.png"])
-        .output()
-        .unwrap();
+    let o = run(&["--prompt", "a", "--steps", "1"], "x.png");
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a picture and a mask"));
 }
 

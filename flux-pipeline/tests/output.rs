@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use flux_pipeline::read_png;
 
+mod common;
+
 fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev")
 }
@@ -393,21 +395,9 @@ fn interrupt_keeps_finished_images_and_no_temporary_file() {
 /// A re-run warns when the files under the recorded model path have changed since.
 #[test]
 fn rerun_notices_a_changed_model() {
-    fn copy(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let e = e.unwrap();
-            let to = dst.join(e.file_name());
-            if e.path().is_dir() {
-                copy(&e.path(), &to);
-            } else {
-                std::fs::copy(e.path(), &to).unwrap();
-            }
-        }
-    }
     let d = dir("changed");
     let model = d.join("model");
-    copy(&tiny(), &model);
+    common::copy_dir(&tiny(), &model);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_flux"))
             .current_dir(&d)

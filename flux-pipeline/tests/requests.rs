@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use flux_pipeline::*;
 
+mod common;
+
 fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev")
 }
@@ -326,21 +328,9 @@ fn same_seed_same_bytes_across_threads_dtypes_and_tiling() {
 
 /// A copy of the tiny model (files copied, so they can be altered).
 fn tiny_copy(name: &str) -> PathBuf {
-    fn copy(src: &std::path::Path, dst: &std::path::Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let e = e.unwrap();
-            let to = dst.join(e.file_name());
-            if e.path().is_dir() {
-                copy(&e.path(), &to);
-            } else {
-                std::fs::copy(e.path(), &to).unwrap();
-            }
-        }
-    }
     let d = std::env::temp_dir().join(format!("flux-req-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    copy(&tiny(), &d);
+    common::copy_dir(&tiny(), &d);
     d
 }
 
