@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod control;
 mod error;
 mod output;
 mod pipeline;
@@ -8,6 +9,7 @@ mod png;
 mod source;
 mod task;
 
+pub use control::{canny, canny_control, CANNY_HIGH, CANNY_LOW};
 pub use error::{Error, Result};
 pub use output::{OutputNames, DEFAULT_FILE};
 pub use pipeline::{
@@ -15,7 +17,8 @@ pub use pipeline::{
     StageTimes,
 };
 pub use png::{
-    check_writable, read_png, remove_partial_files, write_png, ImageParams, ReadPng, PARAMS_KEY,
+    check_writable, file_sha256, read_png, remove_partial_files, write_png, ImageParams, ReadPng,
+    PARAMS_KEY,
 };
 pub use source::{
     scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,

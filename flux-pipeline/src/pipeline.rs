@@ -15,7 +15,7 @@ use flux_vae::{to_rgb8, AutoEncoder, ByteRounding, Rgb8, TileOptions};
 
 use crate::png::ImageParams;
 use crate::source::{read_transformer_config, ModelFiles, ModelSource, TransformerFiles, VaeFiles};
-use crate::task::{InitImage, Start, Starts};
+use crate::task::{InitImage, ModelKind, Start, Starts};
 use crate::{Error, Result};
 
 /// How the pipeline runs.
@@ -83,6 +83,10 @@ pub struct GenerateRequest {
     /// `(1, r, c)` and is cut from the output. Needs a Kontext transformer (its shapes are
     /// dev's, so this cannot be checked).
     pub edit_image: Option<Rgb8>,
+    /// FLUX.1-Canny/Depth: the control picture (Canny edges, e.g. from
+    /// [`crate::canny_control`], or a depth map), 8-bit RGB of the output size. Its latent is
+    /// joined to every step's input channels. Needs a 128-channel transformer.
+    pub control_image: Option<Rgb8>,
     /// True classifier-free guidance (diffusers' `negative_prompt`): what to steer away from,
     /// for every prompt. Used only with `true_cfg` > 1.
     pub negative_prompt: Option<String>,
@@ -108,6 +112,7 @@ impl Default for GenerateRequest {
             negative_prompt: None,
             true_cfg: 1.0,
             edit_image: None,
+            control_image: None,
         }
     }
 }
@@ -193,8 +198,6 @@ struct Plan {
 }
 
 const MAX_SIDE: usize = 8192;
-/// FLUX.1-Fill's input channels: the latent, the masked picture's latent and the 8×8 mask.
-pub(crate) const FILL_CHANNELS: usize = 384;
 const MAX_STEPS: usize = 1000;
 
 impl FluxPipeline {
@@ -233,9 +236,9 @@ impl FluxPipeline {
         if let Some(d) = clip_dir {
             flux_text::ClipConfig::from_dir(d)?.validate()?;
         }
-        if !matches!(cfg.in_channels, 64 | FILL_CHANNELS) {
+        if ModelKind::of(cfg.in_channels).is_none() {
             return Err(Error::InvalidRequest(format!(
-                "this transformer takes {} input channels (FLUX.1-Canny/Depth?); the pipeline runs base models (64) and FLUX.1-Fill ({FILL_CHANNELS})",
+                "this transformer takes {} input channels; the pipeline runs base models (64), FLUX.1-Canny/Depth (128) and FLUX.1-Fill (384)",
                 cfg.in_channels
             )));
         }
@@ -254,6 +257,11 @@ impl FluxPipeline {
     /// Resolves `source` (downloading if needed) and prepares the pipeline.
     pub fn from_source(source: &ModelSource, opts: PipelineOptions) -> Result<Self> {
         Self::new(source.resolve()?, opts)
+    }
+
+    /// What the transformer does, from its input channels (checked in [`FluxPipeline::new`]).
+    fn kind(&self) -> ModelKind {
+        ModelKind::of(self.cfg.in_channels).unwrap_or(ModelKind::Base)
     }
 
     /// Whether the model is guidance-distilled (the dev family).
@@ -401,9 +409,36 @@ impl FluxPipeline {
             return bad(format!("steps must be in 1..={MAX_STEPS}, got {steps}"));
         }
         let mut warnings = vec![];
-        let fill = self.cfg.in_channels == FILL_CHANNELS;
+        let kind = self.kind();
+        let fill = kind == ModelKind::Fill;
         if fill && req.image.as_ref().is_none_or(|i| i.mask.is_none()) {
             return bad("FLUX.1-Fill needs a picture and a mask (--image, --mask)".into());
+        }
+        match (kind, &req.control_image) {
+            (ModelKind::Control, None) => {
+                return bad("FLUX.1-Canny/Depth needs a control picture (flux control --canny PICTURE or --depth MAP)".into())
+            }
+            (ModelKind::Control, Some(c)) => {
+                if (c.width, c.height) != (req.width, req.height) {
+                    return bad(format!(
+                        "the control picture is {}×{} but the request is {}×{}",
+                        c.width, c.height, req.width, req.height
+                    ));
+                }
+                if c.data.len() != c.width * c.height * 3 {
+                    return bad("the control picture has the wrong number of bytes for its size".into());
+                }
+                if req.image.is_some() || req.edit_image.is_some() {
+                    return bad("FLUX.1-Canny/Depth runs from noise with its control picture; an init image or a picture to edit is not supported with it".into());
+                }
+            }
+            (_, Some(_)) => {
+                return bad(format!(
+                    "a control picture needs a FLUX.1-Canny/Depth transformer (128 input channels); this one has {}",
+                    self.cfg.in_channels
+                ))
+            }
+            (_, None) => {}
         }
         let guidance = if self.is_dev() {
             // diffusers' FluxFillPipeline and BFL's Fill default to 30
@@ -573,7 +608,7 @@ impl FluxPipeline {
             let reference = self.opts.reference;
             let starts = Starts::prepare(
                 req,
-                self.cfg.in_channels == FILL_CHANNELS,
+                self.kind(),
                 vae,
                 &shape,
                 seeds[0],
@@ -679,6 +714,7 @@ impl FluxPipeline {
                         true_cfg: cfg,
                         strength: req.image.as_ref().map(|i| i.strength),
                         files: Default::default(),
+                        sha256: Default::default(),
                         outpaint: None,
                         model_fingerprint: Some(self.fingerprint.clone()),
                     },

@@ -59,10 +59,35 @@ pub struct ImageParams {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tiled_vae: bool,
     /// Files that replaced parts of the model (`transformer`, `t5`, `clip`, `vae`,
-    /// `checkpoint`), and the init picture of img2img (`image`): absolute paths, or
-    /// `owner/name:file` on the hub.
+    /// `checkpoint`), and the task's pictures (`image`, `mask`, `edit`, `canny`, `depth`):
+    /// absolute paths, or `owner/name:file` on the hub.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub files: std::collections::BTreeMap<String, String>,
+    /// The SHA-256 (hex) of each task picture in `files`, so that a re-run can tell when a
+    /// picture changed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sha256: std::collections::BTreeMap<String, String>,
+}
+
+/// The SHA-256 of a file's bytes, in lower-case hex (read in blocks; any size).
+pub fn file_sha256(path: &std::path::Path) -> crate::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let io = |e: std::io::Error| crate::Error::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The text chunk holding the JSON parameters.

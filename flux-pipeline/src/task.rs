@@ -17,6 +17,29 @@ use flux_vae::{from_rgb8, AutoEncoder, Rgb8};
 
 use crate::{Error, GenerateRequest, Result};
 
+/// What a transformer can do, from its input channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ModelKind {
+    /// dev, schnell, Kontext, Krea (64: the packed latent).
+    Base,
+    /// FLUX.1-Fill (384: latent, masked picture latent, 8×8 mask).
+    Fill,
+    /// FLUX.1-Canny / FLUX.1-Depth (128: latent, control picture latent).
+    Control,
+}
+
+impl ModelKind {
+    /// The kind of a transformer with `in_channels` inputs, if the pipeline runs it.
+    pub(crate) fn of(in_channels: usize) -> Option<Self> {
+        match in_channels {
+            64 => Some(ModelKind::Base),
+            384 => Some(ModelKind::Fill),
+            128 => Some(ModelKind::Control),
+            _ => None,
+        }
+    }
+}
+
 /// img2img: the picture to start from and how much of it to change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitImage {
@@ -81,11 +104,15 @@ pub(crate) struct Starts {
     reference: Reference,
     device: Device,
     image: Option<Box<ImageStart>>,
+    /// diffusers: the first seed's generator after the posterior draw of the init or control
+    /// picture (image 0's noise is its next draw; other images' noise is their own generator's
+    /// first draw).
+    after_posterior: Option<TorchGenerator>,
     /// Kontext: the packed latent of the picture to edit and its ids `(1, r, c)`.
     edit: Option<(Tensor, Tensor)>,
-    /// FLUX.1-Fill: the masked picture's packed latent and the packed 8×8 mask, `(1, L, 320)`,
-    /// joined to every step's input channels.
-    fill: Option<Tensor>,
+    /// Joined to every step's input channels: FLUX.1-Fill's masked picture latent and packed
+    /// 8×8 mask `(1, L, 320)`, or FLUX.1-Canny/Depth's control picture latent `(1, L, 64)`.
+    channels: Option<Tensor>,
 }
 
 /// img2img's part of [`Starts`].
@@ -94,9 +121,6 @@ struct ImageStart {
     x0: Tensor,
     /// The schedule index sampling starts at.
     first: usize,
-    /// diffusers: the first seed's generator after the posterior draw (image 0's noise is its
-    /// next draw; other images' noise is their own generator's first draw).
-    after_posterior: Option<TorchGenerator>,
     /// Inpainting: the packed picture latent and the packed mask (u8, 1 = repaint).
     inpaint: Option<(Tensor, Tensor)>,
 }
@@ -147,7 +171,7 @@ impl Starts {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         req: &GenerateRequest,
-        fill_model: bool,
+        model: ModelKind,
         vae: &AutoEncoder,
         shape: &[usize],
         first_seed: u64,
@@ -156,31 +180,44 @@ impl Starts {
         reference: Reference,
         device: &Device,
     ) -> Result<Self> {
+        // diffusers encodes the init or control picture with a posterior sample drawn from the
+        // first seed's generator, before its noise; BFL takes the posterior mean
+        let mut after_posterior = None;
+        let mut encode = |picture: &Rgb8| -> Result<Tensor> {
+            let picture = from_rgb8(picture, device)?;
+            Ok(match reference {
+                Reference::Diffusers => {
+                    let mut gen = TorchGenerator::new(first_seed);
+                    let eps = seeded_noise_with(&mut gen, shape, noise, device)?;
+                    after_posterior = Some(gen);
+                    vae.encode_sample(&picture, &eps)?
+                }
+                Reference::Bfl => vae.encode(&picture)?,
+            })
+        };
         let image = match &req.image {
             None => None,
             Some(init) => {
                 let first = img2img_start_index(steps, init.strength, reference)?;
-                let picture = from_rgb8(&init.image, device)?;
-                let (x0, after_posterior) = match reference {
-                    Reference::Diffusers => {
-                        let mut gen = TorchGenerator::new(first_seed);
-                        let eps = seeded_noise_with(&mut gen, shape, noise, device)?;
-                        (vae.encode_sample(&picture, &eps)?, Some(gen))
-                    }
-                    Reference::Bfl => (vae.encode(&picture)?, None),
-                };
+                let x0 = encode(&init.image)?;
                 // base-model inpainting blends after each step; Fill's model regenerates all
                 let inpaint = match &init.mask {
-                    Some(m) if !fill_model => Some((pack(&x0)?, latent_mask(m, shape, device)?)),
+                    Some(m) if model != ModelKind::Fill => {
+                        Some((pack(&x0)?, latent_mask(m, shape, device)?))
+                    }
                     _ => None,
                 };
-                Some(Box::new(ImageStart {
-                    x0,
-                    first,
-                    after_posterior,
-                    inpaint,
-                }))
+                Some(Box::new(ImageStart { x0, first, inpaint }))
             }
+        };
+        let channels = match (model, &req.image, &req.control_image) {
+            (ModelKind::Fill, Some(init), _) => Some(fill_condition(
+                init, vae, shape, first_seed, noise, reference, device,
+            )?),
+            // FLUX.1-Canny/Depth: the control picture's latent (diffusers'
+            // FluxControlPipeline: sampled before the noise; BFL: the mean)
+            (ModelKind::Control, _, Some(c)) => Some(pack(&encode(c)?)?),
+            _ => None,
         };
         // Kontext: the picture to edit as extra image tokens (posterior mean, as diffusers'
         // argmax and BFL), ids (1, r, c) on its own grid
@@ -192,27 +229,22 @@ impl Starts {
             }
             None => None,
         };
-        let fill = match (&req.image, fill_model) {
-            (Some(init), true) => Some(fill_condition(
-                init, vae, shape, first_seed, noise, reference, device,
-            )?),
-            _ => None,
-        };
         Ok(Starts {
             shape: shape.to_vec(),
             noise,
             reference,
             device: device.clone(),
             image,
+            after_posterior,
             edit,
-            fill,
+            channels,
         })
     }
 
     /// The transformer's image tokens for latent `x`: `x`, or (Kontext) `x` and then the
     /// picture's tokens; the prediction for the first `x.dim(1)` tokens is the one to use.
     pub(crate) fn tokens(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.fill {
+        let x = match &self.channels {
             None => x.clone(),
             Some(c) => Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 2)?,
         };
@@ -233,16 +265,16 @@ impl Starts {
     /// The start of image `index` with `seed`; `ts` is the full schedule.
     pub(crate) fn start(&self, index: usize, seed: u64, ts: &[f32]) -> Result<Start> {
         let (shape, opts, dev) = (&self.shape, self.noise, &self.device);
+        let n = match (index, &self.after_posterior) {
+            (0, Some(gen)) => seeded_noise_with(&mut gen.clone(), shape, opts, dev)?,
+            _ => seeded_noise(seed, shape, opts, dev)?,
+        };
         let Some(img) = &self.image else {
             return Ok(Start {
-                x: pack(&seeded_noise(seed, shape, opts, dev)?)?,
+                x: pack(&n)?,
                 first: 0,
                 blend: None,
             });
-        };
-        let n = match (index, &img.after_posterior) {
-            (0, Some(gen)) => seeded_noise_with(&mut gen.clone(), shape, opts, dev)?,
-            _ => seeded_noise(seed, shape, opts, dev)?,
         };
         let t = ts[img.first] as f64;
         let blend = match &img.inpaint {

@@ -35,6 +35,7 @@ fn request(g: &Golden, case: &str) -> GenerateRequest {
             mask: picture("mask"),
         }),
         edit_image: picture("edit_image"),
+        control_image: picture("control_image"),
         negative_prompt: m["negative_prompt"].as_str().map(String::from),
         true_cfg: m["true_cfg"].as_f64().unwrap_or(1.0) as f32,
         ..Default::default()
@@ -419,7 +420,13 @@ fn fill_from_the_cli_takes_its_defaults() {
     common::copy_dir(&dir("tiny-fill/transformer"), &model.join("transformer"));
     let (init, mask) = (dir("img2img_init.png"), dir("inpaint_mask.png"));
     let run = |extra: &[&str], out_name: &str| {
-        let mut args = vec!["generate", "--model", "tiny-fill-model", "--offline"];
+        // `flux fill` and `flux generate` (Fill chosen from the model) alike
+        let cmd = if extra.contains(&"--outpaint") {
+            "fill"
+        } else {
+            "generate"
+        };
+        let mut args = vec![cmd, "--model", "tiny-fill-model", "--offline"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["-o", out_name]);
         common::flux_in(&out, &args)
@@ -490,4 +497,213 @@ fn outpaint_canvas_and_mask() {
         .unwrap_err()
         .to_string()
         .contains("multiples of 16"));
+}
+
+/// BFL's Canny preprocessing (the round trip through [−1, 1], then `cv2.Canny(img, 50, 200)` on
+/// the 3-channel picture): the same edges as OpenCV, pixel for pixel, on the init image, shapes
+/// with noise, and smoothed noise (many weak edges for the hysteresis).
+#[test]
+fn canny_matches_opencv() {
+    for name in ["init", "shapes", "noise"] {
+        let picture = if name == "init" {
+            "img2img_init.png".to_string()
+        } else {
+            format!("canny_{name}.png")
+        };
+        let image = read_png(&dir(&picture)).unwrap().image;
+        let want = read_png(&dir(&format!("canny_{name}_edges.png")))
+            .unwrap()
+            .image;
+        let got = canny_control(&image).unwrap();
+        assert_eq!((got.width, got.height), (want.width, want.height));
+        let differ = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        let edges = want.data.iter().filter(|&&v| v == 255).count() / 3;
+        assert!(edges > 50, "{name}: {edges} edge pixels");
+        assert_eq!(
+            differ,
+            0,
+            "{name}: {} of {} pixels differ",
+            differ / 3,
+            edges
+        );
+    }
+}
+
+/// diffusers' FluxControlPipeline with a tiny FLUX.1-Canny/Depth transformer (128 input
+/// channels): the control picture's latent (a posterior sample drawn before the noise) joined to
+/// every step's input.
+#[test]
+fn control_matches_diffusers() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let mut files = ModelSource::Folder(dir("tiny-dev")).resolve().unwrap();
+    files.transformer = TransformerFiles::Diffusers(dir("tiny-control/transformer"));
+    let mut p = FluxPipeline::new(files, PipelineOptions::default()).unwrap();
+    assert_eq!(p.config().in_channels, 128);
+    let (req, _) = check_case(&g, &mut p, "control");
+    // no control picture, or one of another size: refused
+    for (control, needle) in [
+        (None, "needs a control picture"),
+        (
+            Some(flux_vae::Rgb8 {
+                width: 32,
+                height: 32,
+                data: vec![0; 32 * 32 * 3],
+            }),
+            "the control picture is 32×32",
+        ),
+    ] {
+        let e = p
+            .generate(
+                &GenerateRequest {
+                    control_image: control,
+                    ..req.clone()
+                },
+                |_, _| {},
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    // a base model refuses a control picture
+    let mut base = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    let e = base.generate(&req, |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("needs a FLUX.1-Canny/Depth"), "{e}");
+}
+
+/// `flux control --canny`: the edges found here, BFL's guidance 30, the same pixels as the
+/// library; the picture is recorded with its SHA-256 and a re-run is identical (and warns when
+/// the picture has changed since). `flux control`/`flux fill` without their pictures refuse.
+#[test]
+fn control_and_fill_from_the_cli() {
+    let out = std::env::temp_dir().join(format!("flux-control-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let model = out.join("tiny-control-model");
+    common::copy_dir(&dir("tiny-dev"), &model);
+    std::fs::remove_dir_all(model.join("transformer")).unwrap();
+    common::copy_dir(&dir("tiny-control/transformer"), &model.join("transformer"));
+    let picture = out.join("photo.png");
+    std::fs::copy(dir("img2img_init.png"), &picture).unwrap();
+    let o = common::flux_in(
+        &out,
+        &[
+            "control",
+            "--model",
+            "tiny-control-model",
+            "--offline",
+            "--prompt",
+            "a house",
+            "--canny",
+            "photo.png",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "-o",
+            "c.png",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let made = read_png(&out.join("c.png")).unwrap();
+    let p = made.params.clone().unwrap();
+    assert_eq!((p.width, p.height, p.guidance), (96, 64, Some(30.0)));
+    assert_eq!(
+        p.files.get("canny").map(PathBuf::from),
+        Some(picture.canonicalize().unwrap())
+    );
+    assert_eq!(p.sha256.get("canny"), Some(&file_sha256(&picture).unwrap()));
+    // the library with the same request
+    let mut pipe = FluxPipeline::from_source(
+        &ModelSource::Folder(model.clone()),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    let req = GenerateRequest {
+        prompts: vec!["a house".into()],
+        width: 96,
+        height: 64,
+        steps: Some(2),
+        guidance: Some(30.0),
+        seeds: vec![4],
+        control_image: Some(canny_control(&read_png(&picture).unwrap().image).unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(
+        pipe.generate(&req, |_, _| {}).unwrap().images[0].rgb,
+        made.image
+    );
+    // a re-run is identical; after the picture changes it says so
+    let o = common::flux_in(&out, &["generate", "--from-image", "c.png", "-o", "c2.png"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_png(&out.join("c2.png")).unwrap().image, made.image);
+    std::fs::copy(dir("canny_shapes.png"), &picture).unwrap();
+    let o = common::flux_in(&out, &["generate", "--from-image", "c.png", "-o", "c3.png"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("changed since the image was made"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // --depth takes the map as it is, guidance 10
+    let o = common::flux_in(
+        &out,
+        &[
+            "control",
+            "--model",
+            "tiny-control-model",
+            "--offline",
+            "--prompt",
+            "a house",
+            "--depth",
+            "photo.png",
+            "--steps",
+            "1",
+            "--seed",
+            "4",
+            "-o",
+            "d.png",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = read_png(&out.join("d.png")).unwrap().params.unwrap();
+    assert_eq!(d.guidance, Some(10.0));
+    assert!(d.files.contains_key("depth") && !d.files.contains_key("canny"));
+    // the subcommands' requirements
+    for (args, needle) in [
+        (
+            vec!["control", "--prompt", "a"],
+            "needs --canny PICTURE or --depth MAP",
+        ),
+        (
+            vec!["fill", "--prompt", "a", "--image", "photo.png"],
+            "flux fill needs --image and --mask",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                "tiny-control-model",
+                "--offline",
+                "--prompt",
+                "a",
+                "--steps",
+                "1",
+            ],
+            "needs a control picture",
+        ),
+    ] {
+        let o = common::flux_in(&out, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{needle}: {err}"
+        );
+    }
 }

@@ -20,6 +20,14 @@ script only reads it, so the text-to-image goldens stay as they are).
   seed 42. Case `fill`.
 - true CFG: `FluxPipeline` with `negative_prompt`, `true_cfg_scale=4.0`, 4 steps, 64×96,
   guidance 3.5 (the distilled guidance still goes to both passes), seed 42. Case `true_cfg`.
+- Canny: BFL's `CannyImageEncoder` on a few pictures (`canny_<name>.png`): the picture to
+  [−1, 1] f32 and back to uint8 by truncation, as BFL does, then `cv2.Canny(img, 50, 200)` on the
+  3-channel image; the edges are written as `canny_<name>_edges.png` (grey, 0/255).
+- FLUX.1-Canny/Depth: `FluxControlPipeline` with a tiny control transformer (128 input channels:
+  the packed latent and the control picture's packed latent; random weights, written to
+  `tiny-control/transformer`), the init image's Canny edges (3 channels) as the control image,
+  4 steps, guidance 3.5, seed 42 (the control picture's posterior sample is the generator's
+  first draw, the noise its second). Case `control`.
 
 Usage: python gen_tasks.py --out flux-pipeline/tests/golden
 """
@@ -55,7 +63,8 @@ def run(pipe, case, images):
               return_dict=False)
     if "strength" in case:
         kw["strength"] = case["strength"]
-    for key, arg in [("image", "image"), ("mask", "mask_image"), ("edit_image", "image")]:
+    for key, arg in [("image", "image"), ("mask", "mask_image"), ("edit_image", "image"),
+                     ("control_image", "control_image")]:
         if key in case:
             kw[arg] = images[case[key]]
     if "edit_image" in case:  # Kontext: neither the picture nor the output resized
@@ -67,6 +76,41 @@ def run(pipe, case, images):
         lat = pipe._unpack_latents(out, h, w, pipe.vae_scale_factor)
         lat = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         return out, pipe.vae.decode(lat, return_dict=False)[0]
+
+
+def canny_pictures(out):
+    """Pictures for the Canny check: the init image's pattern, shapes with soft edges and noise,
+    and smoothed noise (many weak edges for the hysteresis)."""
+    rng = np.random.default_rng(7)
+    h, w = 64, 96
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    shapes = np.zeros((h, w, 3))
+    shapes[((x - 30) ** 2 + (y - 30) ** 2) < 18 ** 2] = (220, 60, 40)
+    shapes[(x > 50) & (x < 85) & (y > 10) & (y < 50)] += (20, 180, 90)
+    shapes[np.abs((x - y) - 20) < 3] = (250, 250, 250)
+    shapes += rng.normal(0, 12, shapes.shape)
+    noise = rng.uniform(0, 255, (h // 4, w // 4, 3))
+    noise = np.kron(noise, np.ones((4, 4, 1)))
+    k = np.ones(5) / 5
+    for axis in (0, 1):
+        noise = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), axis, noise)
+    pics = {"shapes": shapes, "noise": noise}
+    out_pics = {}
+    for name, a in pics.items():
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "RGB")
+        img.save(os.path.join(out, f"canny_{name}.png"))
+        out_pics[name] = img
+    return out_pics
+
+
+def bfl_canny(img):
+    """BFL's CannyImageEncoder on a PIL picture: [−1, 1] f32, back to uint8 by truncation, then
+    cv2.Canny(50, 200) on the 3-channel image; 0/255 edges (H, W)."""
+    import cv2
+    t = torch.from_numpy(np.array(img.convert("RGB"))).float() / 127.5 - 1.0
+    t = torch.clamp(t, -1, 1)
+    u8 = ((t + 1) * 127.5).numpy().astype(np.uint8)
+    return cv2.Canny(u8, 50, 200)
 
 
 def mask_image(path):
@@ -112,6 +156,23 @@ def main():
     gen_dit.randomize(fill, 37)
     fill.save_pretrained(os.path.join(args.out, "tiny-fill", "transformer"))
     cases["fill"] = dict(base, steps=4, strength=1.0, image="img2img_init.png", mask="inpaint_mask.png")
+    # Canny: BFL's preprocessing and OpenCV's detector on a few pictures and the init image
+    pictures = canny_pictures(args.out)
+    pictures["init"] = images["img2img_init.png"]
+    for name, img in pictures.items():
+        Image.fromarray(bfl_canny(img), "L").save(os.path.join(args.out, f"canny_{name}_edges.png"))
+    # FLUX.1-Canny/Depth: a tiny 128-channel transformer, the init image's edges as control
+    from diffusers import FluxControlPipeline
+    common.setup(0)
+    control = FluxTransformer2DModel(patch_size=1, in_channels=128, out_channels=64, num_layers=1,
+                                     num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                     joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=True,
+                                     axes_dims_rope=(2, 2, 4)).eval()
+    gen_dit.randomize(control, 41)
+    control.save_pretrained(os.path.join(args.out, "tiny-control", "transformer"))
+    edges = Image.open(os.path.join(args.out, "canny_init_edges.png")).convert("RGB")
+    images["canny_init_edges.png"] = edges
+    cases["control"] = dict(base, steps=4, control_image="canny_init_edges.png")
     pipes = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline, "kontext": FluxKontextPipeline,
              "true_cfg": FluxPipeline}
     t = {}
@@ -120,6 +181,8 @@ def main():
             "true_cfg" if "negative_prompt" in case else "img2img"
         if name == "fill":
             pipe = FluxFillPipeline(**dict(parts, transformer=fill))
+        elif name == "control":
+            pipe = FluxControlPipeline(**dict(parts, transformer=control))
         else:
             pipe = pipes[kind](**parts)
         t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images)

@@ -31,6 +31,13 @@ enum Command {
     /// Edit a picture with FLUX.1-Kontext (`--image` is the picture to edit; the model must be
     /// a Kontext one, e.g. `--model black-forest-labs/FLUX.1-Kontext-dev`).
     Edit(Box<Generate>),
+    /// Inpaint or outpaint with FLUX.1-Fill (`--image` with `--mask` or `--outpaint`; the model
+    /// must be a Fill one, e.g. `--model black-forest-labs/FLUX.1-Fill-dev`).
+    Fill(Box<Generate>),
+    /// Generate following a picture's structure with FLUX.1-Canny or FLUX.1-Depth (`--canny
+    /// PICTURE`: its edges, found as BFL does; `--depth MAP`: a depth map you made). Guidance
+    /// defaults to BFL's 30 (Canny) and 10 (Depth).
+    Control(Box<Generate>),
     /// Convert a transformer file (any supported format) to GGUF, as city96's converter does.
     Convert(Convert),
 }
@@ -131,6 +138,14 @@ struct Generate {
     /// --image and a FLUX.1-Fill model; the grown sides must be multiples of 16).
     #[arg(long, requires = "image", conflicts_with = "mask", value_parser = parse_border)]
     outpaint: Option<[usize; 4]>,
+    /// FLUX.1-Canny: follow this picture's edges (found with BFL's Canny detector, thresholds
+    /// 50/200; the picture must have the output size, which it gives by default).
+    #[arg(long, conflicts_with_all = ["image", "depth"])]
+    canny: Option<PathBuf>,
+    /// FLUX.1-Depth: follow this depth map (a picture of the output size; near = bright, as
+    /// Depth Anything's maps).
+    #[arg(long, conflicts_with = "image")]
+    depth: Option<PathBuf>,
     /// img2img: how much of the picture to change, in (0, 1] [default: 0.6, as diffusers; 1 for
     /// FLUX.1-Fill models].
     #[arg(long, requires = "image")]
@@ -280,8 +295,43 @@ fn read_prompt_file(path: &Path) -> Result<Vec<String>, Error> {
         .collect())
 }
 
-/// `flux generate` (`edit` false) and `flux edit` (`--image` is the picture to edit).
-fn run(args: Generate, edit: bool) -> Result<(), Error> {
+/// Which subcommand runs [`run`]: they share every flag and differ in what they require.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Generate,
+    /// `--image` is the picture to edit (Kontext).
+    Edit,
+    /// `--image` with `--mask` or `--outpaint` (FLUX.1-Fill).
+    Fill,
+    /// `--canny` or `--depth` (FLUX.1-Canny/Depth).
+    Control,
+}
+
+/// `flux generate`, `flux edit`, `flux fill` and `flux control`.
+fn run(args: Generate, mode: Mode) -> Result<(), Error> {
+    let edit = mode == Mode::Edit;
+    if mode == Mode::Fill
+        && (args.image.is_none() || (args.mask.is_none() && args.outpaint.is_none()))
+        && args.from_image.is_none()
+    {
+        return Err(Error::InvalidRequest(
+            "flux fill needs --image and --mask (inpaint) or --outpaint (outpaint)".into(),
+        ));
+    }
+    if mode == Mode::Control
+        && args.canny.is_none()
+        && args.depth.is_none()
+        && args.from_image.is_none()
+    {
+        return Err(Error::InvalidRequest(
+            "flux control needs --canny PICTURE or --depth MAP".into(),
+        ));
+    }
+    if edit && (args.canny.is_some() || args.depth.is_some()) {
+        return Err(Error::InvalidRequest(
+            "--canny and --depth are for FLUX.1-Canny/Depth (flux control), not for editing".into(),
+        ));
+    }
     let device = match args.device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => {
@@ -458,6 +508,29 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
             mask,
         });
     }
+    // FLUX.1-Canny/Depth: the control picture (Canny edges found here), BFL's guidance
+    let canny = args
+        .canny
+        .clone()
+        .or_else(|| recorded("canny").map(PathBuf::from));
+    let depth = args
+        .depth
+        .clone()
+        .or_else(|| recorded("depth").map(PathBuf::from));
+    if let Some(path) = canny.as_ref().or(depth.as_ref()) {
+        let picture = read_png(path)?.image;
+        if args.width.is_none() && args.height.is_none() && from.is_none() {
+            (req.width, req.height) = (picture.width, picture.height);
+        }
+        req.control_image = Some(if canny.is_some() {
+            flux_pipeline::canny_control(&picture)?
+        } else {
+            picture
+        });
+        if req.guidance.is_none() {
+            req.guidance = Some(if canny.is_some() { 30.0 } else { 10.0 });
+        }
+    }
     flux_kernels::set_quant_matmul(match args.quant_matmul {
         QuantMatmulArg::Decode => flux_kernels::QuantMatmul::Decode,
         QuantMatmulArg::Integer => flux_kernels::QuantMatmul::Integer,
@@ -470,6 +543,7 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
         ..Default::default()
     };
     let mut files = std::collections::BTreeMap::new();
+    let mut sha256 = std::collections::BTreeMap::new();
     let mut file = |key: &str, arg: &Option<String>| -> Result<Option<FileRef>, Error> {
         let Some(s) = arg.clone().or_else(|| recorded(key)) else {
             return Ok(None);
@@ -506,10 +580,22 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
         ("image", &init),
         ("mask", &mask.filter(|_| init.is_some())),
         ("edit", &edit_path),
+        ("canny", &canny),
+        ("depth", &depth),
     ] {
         if let Some(path) = path {
             let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
             files.insert(key.to_string(), abs.display().to_string());
+            let sum = flux_pipeline::file_sha256(path)?;
+            if let Some(was) = from.as_ref().and_then(|p| p.sha256.get(key)) {
+                if *was != sum {
+                    warnings.push(format!(
+                        "the {key} picture {} changed since the image was made (SHA-256 {was}, now {sum})",
+                        abs.display()
+                    ));
+                }
+            }
+            sha256.insert(key.to_string(), sum);
         }
     }
     // Every check before any model loads: seeds, output names, the folder.
@@ -593,6 +679,7 @@ fn run(args: Generate, edit: bool) -> Result<(), Error> {
             |g| {
                 let mut params = g.params.clone();
                 params.files = files.clone();
+                params.sha256 = sha256.clone();
                 params.outpaint = border.filter(|_| init.is_some());
                 let path = names.write(params.seed, done.get(), &g.rgb, &params)?;
                 done.set(done.get() + 1);
@@ -687,8 +774,10 @@ fn main() -> ExitCode {
     });
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(g) => run(*g, false),
-        Command::Edit(g) => run(*g, true),
+        Command::Generate(g) => run(*g, Mode::Generate),
+        Command::Edit(g) => run(*g, Mode::Edit),
+        Command::Fill(g) => run(*g, Mode::Fill),
+        Command::Control(g) => run(*g, Mode::Control),
         Command::Convert(c) => convert(c),
     };
     match result {
