@@ -37,6 +37,11 @@ pub struct PipelineOptions {
     /// (`--quantize`), e.g. `Encoding::Gguf(QuantType::Q8_0)`; weights already quantized in the
     /// file stay as they are.
     pub quantize: Option<flux_kernels::Encoding>,
+    /// Transformer rows per pass: images denoised together, with true CFG counting each
+    /// image's negative row too (so 2 runs the positive and negative passes as one batch).
+    /// Results equal one-at-a-time runs up to float rounding; memory for activations grows
+    /// with it. Default 1 (one image, one pass at a time, as diffusers' true CFG).
+    pub batch: usize,
 }
 
 impl Default for PipelineOptions {
@@ -48,6 +53,7 @@ impl Default for PipelineOptions {
             keep_loaded: false,
             tiled_vae: None,
             quantize: None,
+            batch: 1,
         }
     }
 }
@@ -617,117 +623,77 @@ impl FluxPipeline {
                 reference,
                 &dev,
             )?;
-            let ids_all = starts.token_ids(&ids_img)?;
-            let mut each = |i: usize, seed: u64| -> Result<()> {
-                let start = Instant::now();
-                let p = i / req.num_images;
-                let begin = match &req.latents {
-                    Some(l) => Start::given(l.narrow(0, i, 1)?.to_device(&dev)?),
-                    None => starts.start(i, seed, &ts)?,
-                };
-                let (x, first) = (begin.x.to_dtype(dtype)?, begin.first);
-                let txt = emb.t5.narrow(0, p, 1)?;
-                let y = emb.pooled.narrow(0, p, 1)?;
-                let mut denoiser = |x: &Tensor, info: &StepInfo| -> Result<Tensor> {
-                    let t = Tensor::new(&[info.model_t], &dev)?;
-                    let g = info
-                        .model_guidance
-                        .map(|g| Tensor::new(&[g], &dev))
-                        .transpose()?;
-                    let img = starts.tokens(x)?;
-                    let predict = |txt: &Tensor, y: &Tensor| -> Result<Tensor> {
-                        let v = dit.forward(&DitInput {
-                            img: &img,
-                            img_ids: &ids_all,
-                            txt,
-                            txt_ids: &ids_txt,
-                            timesteps: &t,
-                            y,
-                            guidance: g.as_ref(),
-                        })?;
-                        // Kontext: the prediction for the generated tokens only
-                        Ok(v.narrow(1, 0, x.dim(1)?)?)
-                    };
-                    let pos = predict(&txt, &y)?;
-                    match &negative_emb {
-                        None => Ok(pos),
-                        // diffusers: the two passes one after the other, the distilled
-                        // guidance fed to both
-                        Some((scale, neg_txt, neg_y)) => {
-                            Ok(true_cfg(&pos, &predict(neg_txt, neg_y)?, *scale)?)
-                        }
-                    }
-                };
-                let after = |info: &StepInfo, x: Tensor| begin.after_step(info, x);
-                let lat = sample_with(
-                    x,
-                    &ts[first..],
-                    &sopts,
-                    &mut denoiser,
-                    after,
-                    |info, latent| {
-                        let progress = Progress {
-                            image: i,
-                            images: n,
-                            step: info.index,
-                            steps: steps - first,
-                            t: info.t_curr,
-                        };
-                        on_step(&progress, latent)
-                    },
-                )?;
-                check_finite(&lat, "transformer")?;
-                denoise += start.elapsed();
-                let start = Instant::now();
-                let z = unpack(&lat, lh, lw)?;
-                let image = match tiled {
-                    Some(t) => vae.decode_tiled(&z, t)?,
-                    None => vae.decode(&z)?,
-                }
-                .to_dtype(DType::F32)?;
-                let rgb = to_rgb8(&image, ByteRounding::Round)?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| {
-                        Error::InvalidRequest("the autoencoder returned no image".into())
-                    })?;
-                let g = Generated {
-                    image,
-                    latents: lat,
-                    rgb,
-                    params: ImageParams {
-                        prompt: req.prompts[p].clone(),
-                        prompt_2: req.prompts_2.as_ref().map(|v| v[p].clone()),
-                        model: model_name.clone(),
-                        seed,
-                        steps,
-                        guidance,
-                        width: req.width,
-                        height: req.height,
-                        dtype: format!("{dtype:?}").to_lowercase(),
-                        max_sequence_length: max_len,
-                        version: env!("CARGO_PKG_VERSION").to_string(),
-                        device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
-                        quantize: self.opts.quantize.map(|q| q.to_string()),
-                        tiled_vae: tiled.is_some(),
-                        negative_prompt: req.negative_prompt.clone().filter(|_| cfg.is_some()),
-                        true_cfg: cfg,
-                        strength: req.image.as_ref().map(|i| i.strength),
-                        files: Default::default(),
-                        sha256: Default::default(),
-                        outpaint: None,
-                        model_fingerprint: Some(self.fingerprint.clone()),
-                    },
-                };
-                decode += start.elapsed();
-                on_image(&g)?;
-                images.push(g);
-                Ok(())
+            let group = Group {
+                dit,
+                starts: &starts,
+                ts: &ts,
+                sopts: &sopts,
+                emb: &emb,
+                negative: negative_emb.as_ref(),
+                ids_img: starts.token_ids(&ids_img)?,
+                ids_txt: ids_txt.clone(),
+                latents: req.latents.as_ref(),
+                num_images: req.num_images,
+                joint_cfg: self.opts.batch >= 2,
+                dtype,
+                device: dev.clone(),
             };
-            seeds
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, &seed)| each(i, seed))
+            // images per transformer pass: with true CFG the negative rows count too
+            let per_pass = match cfg {
+                Some(_) if self.opts.batch >= 2 => self.opts.batch / 2,
+                _ => self.opts.batch,
+            }
+            .max(1);
+            let all: Vec<(usize, u64)> = seeds.iter().copied().enumerate().collect();
+            all.chunks(per_pass).try_for_each(|items| -> Result<()> {
+                let start = Instant::now();
+                let lat = group.run(items, steps, n, &mut on_step)?;
+                denoise += start.elapsed();
+                for (k, &(i, seed)) in items.iter().enumerate() {
+                    let start = Instant::now();
+                    let lat = lat.narrow(0, k, 1)?;
+                    let image = decode_latents(vae, &lat, lh, lw, tiled)?;
+                    let rgb = to_rgb8(&image, ByteRounding::Round)?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| {
+                            Error::InvalidRequest("the autoencoder returned no image".into())
+                        })?;
+                    let p = i / req.num_images;
+                    let g = Generated {
+                        image,
+                        latents: lat,
+                        rgb,
+                        params: ImageParams {
+                            prompt: req.prompts[p].clone(),
+                            prompt_2: req.prompts_2.as_ref().map(|v| v[p].clone()),
+                            model: model_name.clone(),
+                            seed,
+                            steps,
+                            guidance,
+                            width: req.width,
+                            height: req.height,
+                            dtype: format!("{dtype:?}").to_lowercase(),
+                            max_sequence_length: max_len,
+                            version: env!("CARGO_PKG_VERSION").to_string(),
+                            device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
+                            quantize: self.opts.quantize.map(|q| q.to_string()),
+                            tiled_vae: tiled.is_some(),
+                            negative_prompt: req.negative_prompt.clone().filter(|_| cfg.is_some()),
+                            true_cfg: cfg,
+                            strength: req.image.as_ref().map(|i| i.strength),
+                            files: Default::default(),
+                            sha256: Default::default(),
+                            outpaint: None,
+                            model_fingerprint: Some(self.fingerprint.clone()),
+                        },
+                    };
+                    decode += start.elapsed();
+                    on_image(&g)?;
+                    images.push(g);
+                }
+                Ok(())
+            })
         };
         if !self.opts.keep_loaded {
             self.dit = None;
@@ -839,6 +805,159 @@ impl FluxPipeline {
         };
         Ok((ts, sopts, noise))
     }
+}
+
+/// What denoising a group of images together needs: the transformer, the request's starts and
+/// embeddings, the schedule; [`Group::run`] denoises some of the request's images in one batch.
+struct Group<'a> {
+    dit: &'a Flux,
+    starts: &'a Starts,
+    ts: &'a [f32],
+    sopts: &'a SampleOptions,
+    emb: &'a PromptEmbeds,
+    /// True CFG: `(scale, T5, pooled)` of the negative prompt.
+    negative: Option<&'a (f32, Tensor, Tensor)>,
+    /// The image tokens' ids `(1, L, 3)` (Kontext's picture included) and the text's.
+    ids_img: Tensor,
+    ids_txt: Tensor,
+    latents: Option<&'a Tensor>,
+    num_images: usize,
+    /// True CFG's negative rows go through the transformer in the same pass as the positive.
+    joint_cfg: bool,
+    dtype: DType,
+    device: Device,
+}
+
+impl Group<'_> {
+    /// Denoises images `items` (index, seed) as one batch: each from its own start (its own
+    /// seeded noise, so a batch gives what one-at-a-time runs give), its prompt's embeddings,
+    /// and, with true CFG, the negative rows in the same pass when `batch` allows
+    /// ([`PipelineOptions::batch`]). Returns the final packed latents `(items, L_img, 64)`.
+    fn run(
+        &self,
+        items: &[(usize, u64)],
+        steps: usize,
+        images: usize,
+        on_step: &mut impl FnMut(&Progress, &Tensor),
+    ) -> Result<Tensor> {
+        let (dev, dtype, g) = (&self.device, self.dtype, items.len());
+        let begins = items
+            .iter()
+            .map(|&(i, seed)| match self.latents {
+                Some(l) => Ok(Start::given(l.narrow(0, i, 1)?.to_device(dev)?)),
+                None => self.starts.start(i, seed, self.ts),
+            })
+            .collect::<Result<Vec<Start>>>()?;
+        let first = begins[0].first;
+        let xs: Vec<&Tensor> = begins.iter().map(|b| &b.x).collect();
+        let x = Tensor::cat(&xs, 0)?.to_dtype(dtype)?;
+        let rows_of = |t: &Tensor| -> Result<Tensor> {
+            let rows: Vec<Tensor> = items
+                .iter()
+                .map(|&(i, _)| t.narrow(0, i / self.num_images, 1))
+                .collect::<candle::Result<_>>()?;
+            Ok(Tensor::cat(&rows, 0)?)
+        };
+        let (mut txt, mut y) = (rows_of(&self.emb.t5)?, rows_of(&self.emb.pooled)?);
+        // true CFG in the same pass: the negative rows after the positive ones
+        let joint = self.negative.is_some() && self.joint_cfg;
+        if let (true, Some((_, neg_txt, neg_y))) = (joint, self.negative) {
+            txt = Tensor::cat(&[&txt, &neg_txt.repeat((g, 1, 1))?], 0)?;
+            y = Tensor::cat(&[&y, &neg_y.repeat((g, 1))?], 0)?;
+        }
+        let rows = txt.dim(0)?;
+        let ids_img = self.ids_img.repeat((rows, 1, 1))?;
+        let ids_txt = self.ids_txt.repeat((rows, 1, 1))?;
+        let mut denoiser = |x: &Tensor, info: &StepInfo| -> Result<Tensor> {
+            let img = self.starts.tokens(x)?;
+            let predict = |img: &Tensor, txt: &Tensor, y: &Tensor, rows: usize| -> Result<Tensor> {
+                let t = Tensor::from_vec(vec![info.model_t; rows], rows, dev)?;
+                let gd = info
+                    .model_guidance
+                    .map(|v| Tensor::from_vec(vec![v; rows], rows, dev))
+                    .transpose()?;
+                let v = self.dit.forward(&DitInput {
+                    img,
+                    img_ids: &ids_img.narrow(0, 0, rows)?,
+                    txt,
+                    txt_ids: &ids_txt.narrow(0, 0, rows)?,
+                    timesteps: &t,
+                    y,
+                    guidance: gd.as_ref(),
+                })?;
+                // Kontext: the prediction for the generated tokens only
+                Ok(v.narrow(1, 0, x.dim(1)?)?)
+            };
+            match self.negative {
+                None => predict(&img, &txt, &y, g),
+                // one pass over [positive; negative]
+                Some((scale, ..)) if joint => {
+                    let v = predict(&Tensor::cat(&[&img, &img], 0)?, &txt, &y, 2 * g)?;
+                    Ok(true_cfg(&v.narrow(0, 0, g)?, &v.narrow(0, g, g)?, *scale)?)
+                }
+                // diffusers: the two passes one after the other, the distilled guidance fed
+                // to both
+                Some((scale, neg_txt, neg_y)) => {
+                    let pos = predict(&img, &txt, &y, g)?;
+                    let neg =
+                        predict(&img, &neg_txt.repeat((g, 1, 1))?, &neg_y.repeat((g, 1))?, g)?;
+                    Ok(true_cfg(&pos, &neg, *scale)?)
+                }
+            }
+        };
+        // each image's own after-step blend (inpainting), row by row
+        let after = |info: &StepInfo, x: Tensor| -> flux_sampler::Result<Tensor> {
+            if g == 1 {
+                return begins[0].after_step(info, x);
+            }
+            let rows = begins
+                .iter()
+                .enumerate()
+                .map(|(k, b)| b.after_step(info, x.narrow(0, k, 1)?))
+                .collect::<flux_sampler::Result<Vec<Tensor>>>()?;
+            Ok(Tensor::cat(&rows, 0)?)
+        };
+        let lat = sample_with(
+            x,
+            &self.ts[first..],
+            self.sopts,
+            &mut denoiser,
+            after,
+            |info, latent| {
+                for (k, &(i, _)) in items.iter().enumerate() {
+                    let progress = Progress {
+                        image: i,
+                        images,
+                        step: info.index,
+                        steps: steps - first,
+                        t: info.t_curr,
+                    };
+                    match latent.narrow(0, k, 1) {
+                        Ok(row) => on_step(&progress, &row),
+                        Err(_) => on_step(&progress, latent),
+                    }
+                }
+            },
+        )?;
+        check_finite(&lat, "transformer")?;
+        Ok(lat)
+    }
+}
+
+/// Decodes packed latents `(1, L, 64)` of an `lh × lw` latent grid to an f32 image.
+fn decode_latents(
+    vae: &AutoEncoder,
+    lat: &Tensor,
+    lh: usize,
+    lw: usize,
+    tiled: Option<TileOptions>,
+) -> Result<Tensor> {
+    let z = unpack(lat, lh, lw)?;
+    Ok(match tiled {
+        Some(t) => vae.decode_tiled(&z, t)?,
+        None => vae.decode(&z)?,
+    }
+    .to_dtype(DType::F32)?)
 }
 
 /// FNV-1a (64 bit) over every component's file names, sizes and JSON texts, and the schedule's

@@ -244,13 +244,16 @@ impl Starts {
     /// The transformer's image tokens for latent `x`: `x`, or (Kontext) `x` and then the
     /// picture's tokens; the prediction for the first `x.dim(1)` tokens is the one to use.
     pub(crate) fn tokens(&self, x: &Tensor) -> Result<Tensor> {
+        // the conditions are one picture's: the same for every image of a batch
+        let rows = x.dim(0)?;
+        let each = |c: &Tensor| c.to_dtype(x.dtype())?.repeat((rows, 1, 1));
         let x = match &self.channels {
             None => x.clone(),
-            Some(c) => Tensor::cat(&[x, &c.to_dtype(x.dtype())?], 2)?,
+            Some(c) => Tensor::cat(&[x, &each(c)?], 2)?,
         };
         Ok(match &self.edit {
             None => x,
-            Some((c, _)) => Tensor::cat(&[&x, &c.to_dtype(x.dtype())?], 1)?,
+            Some((c, _)) => Tensor::cat(&[&x, &each(c)?], 1)?,
         })
     }
 

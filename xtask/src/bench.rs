@@ -19,6 +19,7 @@ struct Opts {
     pipeline: bool,
     quant: Vec<String>,
     full_depth: bool,
+    cfg_batch: bool,
 }
 
 fn parse(args: &[&str]) -> Result<Opts> {
@@ -33,6 +34,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
         pipeline: false,
         quant: vec![],
         full_depth: false,
+        cfg_batch: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -53,6 +55,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
             "--pipeline" => o.pipeline = true,
             "--quant" => o.quant = val()?.split(',').map(String::from).collect(),
             "--full-depth" => o.full_depth = true,
+            "--cfg-batch" => o.cfg_batch = true,
             other => bail!("unknown option {other}; see `cargo xtask help`"),
         }
     }
@@ -191,27 +194,7 @@ fn quant_bench(o: &Opts) -> Result<()> {
         return full_depth_bench(o, &bench, &full, sdcpp.as_deref(), &threads);
     }
     let res: Vec<String> = o.res.iter().map(|r| r.to_string()).collect();
-    let st = Command::new(&bench)
-        .arg("weights")
-        .arg(&dir)
-        .args([
-            "--depth",
-            &o.depth.to_string(),
-            "--single",
-            &o.single.to_string(),
-        ])
-        .args([
-            "--hidden",
-            &o.hidden.to_string(),
-            "--heads",
-            &o.heads.to_string(),
-            "--res",
-        ])
-        .args(&res)
-        .status()?;
-    if !st.success() {
-        bail!("writing bench weights failed");
-    }
+    bench_weights(o, &bench, &dir)?;
     let iters = o.iters.to_string();
     let mut lines = vec![];
     println!("peer              type   res   s/forward  peak RSS");
@@ -280,6 +263,80 @@ fn quant_bench(o: &Opts) -> Result<()> {
         }
     }
     println!("({} threads; ours: median of {} forwards; sd.cpp: its second sampling step; sd.cpp's peak RSS includes its T5, CLIP and VAE)", o.threads, o.iters);
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// The seeded bench weights of `o`'s shape and the inputs at its resolutions, in `dir` (written
+/// once by `flux-bench weights`).
+fn bench_weights(o: &Opts, bench: &Path, dir: &Path) -> Result<()> {
+    let res: Vec<String> = o.res.iter().map(|r| r.to_string()).collect();
+    let st = Command::new(bench)
+        .arg("weights")
+        .arg(dir)
+        .args(["--depth", &o.depth.to_string()])
+        .args(["--single", &o.single.to_string()])
+        .args(["--hidden", &o.hidden.to_string()])
+        .args(["--heads", &o.heads.to_string(), "--res"])
+        .args(&res)
+        .status()?;
+    if !st.success() {
+        bail!("writing bench weights failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench --cfg-batch`: true CFG's two transformer passes per step, one after the
+/// other (diffusers; `--batch 1`) against one pass over a batch of two (`--batch 2`), on the
+/// full-width transformer (reduced depth).
+fn cfg_batch_bench(o: &Opts) -> Result<()> {
+    build(&["build", "--release", "-p", "flux-bench"])?;
+    let bench = root().join("target/release/flux-bench");
+    let dir = root().join(format!(
+        "target/bench/d{}s{}h{}n{}",
+        o.depth, o.single, o.hidden, o.heads
+    ));
+    bench_weights(o, &bench, &dir)?;
+    let (threads, iters) = (o.threads.to_string(), o.iters.to_string());
+    println!("mode                 res   s/step  peak RSS");
+    let mut lines = vec![];
+    for r in &o.res {
+        let rs = r.to_string();
+        let timed = |batch: &str| -> Result<Run> {
+            let mut c = Command::new(&bench);
+            c.arg("run")
+                .arg(&dir)
+                .args(["--res", &rs, "--iters", &iters, "--batch", batch, "--out"])
+                .arg(dir.join(format!("out_cfg{batch}_{r}.safetensors")));
+            threads_env(&mut c, &threads);
+            run_json(&mut c)
+        };
+        let (one, two) = (timed("1")?, timed("2")?);
+        println!(
+            "sequential (2 × B=1) {r:>4}  {:>7.3}  {:>6.2} GB",
+            2.0 * one.secs,
+            one.peak_rss / 1e9
+        );
+        println!(
+            "batched (B=2)        {r:>4}  {:>7.3}  {:>6.2} GB",
+            two.secs,
+            two.peak_rss / 1e9
+        );
+        lines.push(format!(
+            "bench: dit-cpu-cfg res={r} sequential={:.3}s batched={:.3}s batched/sequential={:.2} rss_sequential={:.2}GB rss_batched={:.2}GB",
+            2.0 * one.secs,
+            two.secs,
+            two.secs / (2.0 * one.secs),
+            one.peak_rss / 1e9,
+            two.peak_rss / 1e9
+        ));
+    }
+    println!(
+        "({} threads; median of {} forwards; transformer depth {}+{}, width {})",
+        o.threads, o.iters, o.depth, o.single, o.hidden
+    );
     for l in lines {
         println!("{l}");
     }
@@ -409,29 +466,149 @@ fn full_depth_bench(
     Ok(())
 }
 
+/// `cargo xtask bench --pipeline`: the `flux` binary end to end on the tiny models, the stage
+/// times of text-to-image and of every image task (img2img, inpainting, Kontext, true CFG,
+/// Fill, Canny), 256² (the tasks 96×64 on their test pictures), 28 steps.
 fn pipeline_bench() -> Result<()> {
     build(&["build", "--release", "-p", "flux-pipeline", "--bin", "flux"])?;
-    let out = std::env::temp_dir().join("flux-bench-pipeline-{seed}.png");
-    let o = Command::new(root().join("target/release/flux"))
-        .current_dir(root())
-        .args([
-            "generate",
-            "--model",
-            "flux-pipeline/tests/golden/tiny-dev",
-            "--prompt",
-            "a photo of a forest with mist",
-        ])
-        .args([
-            "--width", "256", "--height", "256", "--seed", "42", "--steps", "28", "--output",
-        ])
-        .arg(&out)
-        .output()?;
-    let err = String::from_utf8_lossy(&o.stderr);
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("encode"))
-        .context("no stage line from flux")?;
-    println!("bench: pipeline-tiny-dev res=256 steps=28 {line}");
+    let golden = root().join("flux-pipeline/tests/golden");
+    let tmp = std::env::temp_dir().join(format!("flux-bench-pipeline-{}", std::process::id()));
+    // the Fill and Canny/Depth transformers in copies of the tiny model folder
+    let with_transformer = |name: &str, t: &str| -> Result<String> {
+        let dst = tmp.join(name);
+        copy_tree(&golden.join("tiny-dev"), &dst)?;
+        std::fs::remove_dir_all(dst.join("transformer"))?;
+        copy_tree(&golden.join(t), &dst.join("transformer"))?;
+        Ok(dst.display().to_string())
+    };
+    let fill = with_transformer("fill", "tiny-fill/transformer")?;
+    let control = with_transformer("control", "tiny-control/transformer")?;
+    let dev = golden.join("tiny-dev").display().to_string();
+    let pic = |f: &str| golden.join(f).display().to_string();
+    let (init, mask) = (pic("img2img_init.png"), pic("inpaint_mask.png"));
+    let small = ["--width", "96", "--height", "64"];
+    let runs: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "text-to-image res=256",
+            vec![
+                "generate", "--model", &dev, "--width", "256", "--height", "256",
+            ],
+        ),
+        (
+            "img2img s=0.6",
+            [&["generate", "--model", &dev, "--image", &init][..], &small].concat(),
+        ),
+        (
+            "inpaint s=0.8",
+            [
+                &[
+                    "generate",
+                    "--model",
+                    &dev,
+                    "--image",
+                    &init,
+                    "--mask",
+                    &mask,
+                    "--strength",
+                    "0.8",
+                ][..],
+                &small,
+            ]
+            .concat(),
+        ),
+        (
+            "kontext",
+            [&["edit", "--model", &dev, "--image", &init][..], &small].concat(),
+        ),
+        (
+            "true-cfg 4",
+            [
+                &[
+                    "generate",
+                    "--model",
+                    &dev,
+                    "--negative-prompt",
+                    "blurry",
+                    "--true-cfg",
+                    "4",
+                ][..],
+                &small,
+            ]
+            .concat(),
+        ),
+        (
+            "true-cfg 4 batch 2",
+            [
+                &[
+                    "generate",
+                    "--model",
+                    &dev,
+                    "--negative-prompt",
+                    "blurry",
+                    "--true-cfg",
+                    "4",
+                    "--batch",
+                    "2",
+                ][..],
+                &small,
+            ]
+            .concat(),
+        ),
+        (
+            "fill",
+            [
+                &["fill", "--model", &fill, "--image", &init, "--mask", &mask][..],
+                &small,
+            ]
+            .concat(),
+        ),
+        (
+            "canny",
+            [
+                &["control", "--model", &control, "--canny", &init][..],
+                &small,
+            ]
+            .concat(),
+        ),
+    ];
+    let out = tmp.join("out-{seed}.png");
+    let out = out.display().to_string();
+    for (name, args) in runs {
+        let o = Command::new(root().join("target/release/flux"))
+            .current_dir(root())
+            .args(&args)
+            .args([
+                "--offline",
+                "--prompt",
+                "a photo of a forest with mist",
+                "--seed",
+                "42",
+            ])
+            .args(["--steps", "28", "--overwrite", "--output", &out])
+            .output()?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("encode"))
+            .with_context(|| format!("{name}: no stage line from flux: {err}"))?;
+        println!("bench: pipeline-tiny-dev {name} steps=28 {line}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+/// Copies folder `src` to `dst` recursively (links followed).
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        if from.is_dir() {
+            copy_tree(&from, &to)?;
+        } else {
+            std::fs::copy(&from, &to)?;
+        }
+    }
     Ok(())
 }
 
@@ -444,6 +621,9 @@ pub fn bench(args: &[&str]) -> Result<()> {
     }
     if !o.quant.is_empty() {
         return quant_bench(&o);
+    }
+    if o.cfg_batch {
+        return cfg_batch_bench(&o);
     }
     build(&["build", "--release", "-p", "flux-bench"])?;
     let ours_bin = root().join("target/release/flux-bench");
@@ -473,25 +653,7 @@ pub fn bench(args: &[&str]) -> Result<()> {
         "target/bench/d{}s{}h{}n{}",
         o.depth, o.single, o.hidden, o.heads
     ));
-    let res: Vec<String> = o.res.iter().map(|r| r.to_string()).collect();
-    let mut w = Command::new(&ours_bin);
-    w.arg("weights").arg(&dir).args([
-        "--depth",
-        &o.depth.to_string(),
-        "--single",
-        &o.single.to_string(),
-    ]);
-    w.args([
-        "--hidden",
-        &o.hidden.to_string(),
-        "--heads",
-        &o.heads.to_string(),
-        "--res",
-    ])
-    .args(&res);
-    if !w.status()?.success() {
-        bail!("writing bench weights failed");
-    }
+    bench_weights(&o, &ours_bin, &dir)?;
     let threads = o.threads.to_string();
     let iters = o.iters.to_string();
     println!("peer      res   s/forward  GFLOP/s  peak RSS  max rel diff vs ours");

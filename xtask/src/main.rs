@@ -15,14 +15,17 @@ Commands:
   golden [--crate NAME]            run every crate's golden tests and print one row per case
   golden gen [COMPONENT] [--verify] regenerate goldens with the pinned Python reference
                                    (COMPONENT: kernels, sampler, dit, vae,
-                                   text, pipeline; default all). --verify regenerates
+                                   text, pipeline, tasks; default all). --verify regenerates
                                    into a temporary folder and checks the committed files are
                                    byte-identical.
   bench [--depth D] [--single S] [--res 256,512] [--threads T] [--iters N]
                                    time our transformer against candle-transformers and
                                    PyTorch on the same seeded weights (full width, reduced
                                    depth; default 1 double + 2 single blocks, 2 threads)
-  bench --pipeline                 the tiny end-to-end pipeline, time per stage
+  bench --pipeline                 the tiny end-to-end pipeline, time per stage, for
+                                   text-to-image and every image task
+  bench --cfg-batch                true CFG's two transformer passes one after the other
+                                   against one batch of two (full width, reduced depth)
   bench --quant q8_0,q4_k          the transformer from GGUF (ours, decode and integer
                                    kernels) against stable-diffusion.cpp on the same file
   bench --quant q8_0,q4_k --full-depth

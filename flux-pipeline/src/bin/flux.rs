@@ -175,6 +175,10 @@ struct Generate {
     /// Images per prompt.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    /// Transformer rows per pass: images denoised together (true CFG's negative rows count
+    /// too, so 2 runs its two passes as one batch). Same images as one at a time; more memory.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    batch: u16,
     /// Output file or pattern ({seed}, {index} in the file name), or a folder. An existing file
     /// is never replaced: the new one gets a numbered name (`name-1.png`), unless --overwrite.
     #[arg(long, short, default_value = "flux-{seed}.png")]
@@ -540,6 +544,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         device,
         tiled_vae: tiled_vae.then(Default::default),
         quantize,
+        batch: args.batch as usize,
         ..Default::default()
     };
     let mut files = std::collections::BTreeMap::new();

@@ -156,7 +156,9 @@ pub(crate) fn peak_rss() -> u64 {
         .unwrap_or(0)
 }
 
-fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str) -> Result<()> {
+/// Times the forward at `res` (median of `iters`), on `batch` copies of the inputs in one batch
+/// (2: true CFG's positive and negative rows in one pass).
+fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str, batch: usize) -> Result<()> {
     let cfg_text = std::fs::read_to_string(dir.join("transformer/config.json"))?;
     let cfg = Config::from_diffusers_json(&cfg_text)?;
     let start = Instant::now();
@@ -168,8 +170,15 @@ fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str) -> Result<(
         FluxOptions::default(),
     )?;
     let load = start.elapsed().as_secs_f64();
-    let inp =
+    let mut inp =
         candle::safetensors::load(dir.join(format!("inputs_{res}.safetensors")), &Device::Cpu)?;
+    if batch > 1 {
+        for t in inp.values_mut() {
+            let mut reps = vec![1; t.rank()];
+            reps[0] = batch;
+            *t = t.repeat(reps.as_slice())?;
+        }
+    }
     let input = DitInput {
         img: &inp["img"],
         img_ids: &inp["img_ids"],
@@ -239,6 +248,7 @@ fn main() -> Result<()> {
             arg(&args, "--iters", 5)?,
             &PathBuf::from(arg::<String>(&args, "--out", "ours.safetensors".into())?),
             &arg::<String>(&args, "--file", "flux.safetensors".into())?,
+            arg(&args, "--batch", 1)?,
         ),
         "quantize" => {
             let to: String = arg(&args, "--to", "q8_0".to_string())?;
