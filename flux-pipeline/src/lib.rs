@@ -6,11 +6,13 @@ mod error;
 mod output;
 mod pipeline;
 mod png;
+mod resize;
 mod source;
 mod task;
 
 pub use control::{canny, canny_control, CANNY_HIGH, CANNY_LOW};
 pub use error::{Error, Result};
+pub use flux_sampler::Reference;
 pub use output::{OutputNames, DEFAULT_FILE};
 pub use pipeline::{
     peak_rss, FluxPipeline, GenerateOutput, GenerateRequest, Generated, PipelineOptions, Progress,
@@ -20,8 +22,9 @@ pub use png::{
     check_writable, file_sha256, read_png, remove_partial_files, write_png, ImageParams, ReadPng,
     PARAMS_KEY,
 };
+pub use resize::{resize, Filter};
 pub use source::{
     scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,
     DEV_REPO, SCHNELL_REPO,
 };
-pub use task::{outpaint, InitImage};
+pub use task::{kontext_size, outpaint, InitImage, KONTEXT_RESOLUTIONS};

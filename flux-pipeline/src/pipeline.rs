@@ -425,13 +425,7 @@ impl FluxPipeline {
                 return bad("FLUX.1-Canny/Depth needs a control picture (flux control --canny PICTURE or --depth MAP)".into())
             }
             (ModelKind::Control, Some(c)) => {
-                if (c.width, c.height) != (req.width, req.height) {
-                    return bad(format!(
-                        "the control picture is {}×{} but the request is {}×{}",
-                        c.width, c.height, req.width, req.height
-                    ));
-                }
-                if c.data.len() != c.width * c.height * 3 {
+                if c.width == 0 || c.height == 0 || c.data.len() != c.width * c.height * 3 {
                     return bad("the control picture has the wrong number of bytes for its size".into());
                 }
                 if req.image.is_some() || req.edit_image.is_some() {
@@ -486,7 +480,7 @@ impl FluxPipeline {
             if req.latents.is_some() {
                 return bad("give either an init image or start latents, not both".into());
             }
-            crate::task::check(init, req.width, req.height, steps, self.opts.reference)?;
+            crate::task::check(init, steps, self.opts.reference)?;
         }
         if let Some(e) = &req.edit_image {
             if req.image.is_some() {
@@ -581,6 +575,8 @@ impl FluxPipeline {
             seeds,
             mut warnings,
         } = self.plan(req)?;
+        let fitted = crate::task::fit_pictures(req, &mut warnings)?;
+        let req = fitted.as_ref().unwrap_or(req);
         let (dev, dtype) = (self.opts.device.clone(), self.opts.dtype);
         let n = seeds.len();
         // 1. text: encode every prompt (and the negative one), then release the encoders
@@ -685,6 +681,7 @@ impl FluxPipeline {
                             files: Default::default(),
                             sha256: Default::default(),
                             outpaint: None,
+                            edit_size: None,
                             model_fingerprint: Some(self.fingerprint.clone()),
                         },
                     };

@@ -55,6 +55,10 @@ pub struct ImageParams {
     /// Outpainting's border `[left, top, right, bottom]` added around the init picture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outpaint: Option<[usize; 4]>,
+    /// Kontext: the size the picture to edit was resized to (its preferred resolution), when
+    /// it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit_size: Option<[usize; 2]>,
     /// Decoded in tiles (`--tiled-vae`; changes pixels slightly).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tiled_vae: bool,

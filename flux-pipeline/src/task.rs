@@ -15,6 +15,7 @@ use flux_sampler::{
 };
 use flux_vae::{from_rgb8, AutoEncoder, Rgb8};
 
+use crate::resize::{resize, Filter};
 use crate::{Error, GenerateRequest, Result};
 
 /// What a transformer can do, from its input channels.
@@ -43,12 +44,14 @@ impl ModelKind {
 /// img2img: the picture to start from and how much of it to change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitImage {
-    /// The picture, 8-bit RGB, exactly the requested width × height (it is not resized).
+    /// The picture, 8-bit RGB; resized to the requested size if it has another (PIL's
+    /// LANCZOS, aspect not kept, as diffusers' image processor), with a warning.
     pub image: Rgb8,
     /// How far it is noised before sampling, in (0, 1]: 1 starts from pure noise and runs every
     /// step; lower keeps more of the picture and runs fewer steps (diffusers' default is 0.6).
     pub strength: f64,
-    /// Inpainting: white (≥ 50 % grey) = repaint, black = keep; the picture's size. Binarized
+    /// Inpainting: white (≥ 50 % grey) = repaint, black = keep; the picture's size (resized
+    /// with it, in grey, as diffusers' mask processor). Binarized
     /// as diffusers does; each latent pixel takes the mask pixel at the top-left of its 8×8
     /// block (PyTorch's `nearest`).
     pub mask: Option<Rgb8>,
@@ -126,18 +129,12 @@ struct ImageStart {
 }
 
 /// Checks an init image against the request before anything loads.
-pub(crate) fn check(
-    init: &InitImage,
-    width: usize,
-    height: usize,
-    steps: usize,
-    reference: Reference,
-) -> Result<()> {
+pub(crate) fn check(init: &InitImage, steps: usize, reference: Reference) -> Result<()> {
     let (w, h) = (init.image.width, init.image.height);
-    if (w, h) != (width, height) {
-        return Err(Error::InvalidRequest(format!(
-            "the init image is {w}×{h} but the request is {width}×{height}; resize the image or ask for its size"
-        )));
+    if w == 0 || h == 0 || init.image.data.len() != w * h * 3 {
+        return Err(Error::InvalidRequest(
+            "the init image's pixels do not match its size".into(),
+        ));
     }
     if let Some(m) = &init.mask {
         if (m.width, m.height) != (w, h) {
@@ -297,6 +294,62 @@ impl Starts {
     }
 }
 
+/// The request with its pictures resized to its size where they have another (PIL's LANCZOS,
+/// aspect not kept: diffusers' image and mask processors, BFL's control picture), and a
+/// warning for each; `None` when every picture already fits. Kontext's picture keeps its size.
+pub(crate) fn fit_pictures(
+    req: &GenerateRequest,
+    warnings: &mut Vec<String>,
+) -> Result<Option<GenerateRequest>> {
+    let (w, h) = (req.width, req.height);
+    let wrong = |p: &Rgb8| (p.width, p.height) != (w, h);
+    let needs = req.image.as_ref().is_some_and(|i| wrong(&i.image))
+        || req.control_image.as_ref().is_some_and(wrong);
+    if !needs {
+        return Ok(None);
+    }
+    let mut out = req.clone();
+    let mut fit = |what: &str, p: &Rgb8| -> Result<Rgb8> {
+        if !wrong(p) {
+            return Ok(p.clone());
+        }
+        warnings.push(format!(
+            "the {what} is {}×{}; resized to {w}×{h} (LANCZOS, aspect not kept)",
+            p.width, p.height
+        ));
+        resize(p, w, h, Filter::Lanczos)
+    };
+    if let Some(init) = out.image.as_mut() {
+        init.image = fit("init image", &init.image)?;
+        if let Some(m) = init.mask.as_mut() {
+            // diffusers' mask processor: grey first, then the resize
+            let grey = Rgb8 {
+                width: m.width,
+                height: m.height,
+                data: m
+                    .data
+                    .chunks_exact(3)
+                    .flat_map(|px| [luma(px); 3])
+                    .collect(),
+            };
+            *m = if wrong(&grey) {
+                resize(&grey, w, h, Filter::Lanczos)?
+            } else {
+                grey
+            };
+        }
+    }
+    if let Some(c) = out.control_image.as_mut() {
+        *c = fit("control picture", c)?;
+    }
+    Ok(Some(out))
+}
+
+/// PIL's `convert("L")` of one RGB pixel (ITU-R 601, rounded).
+fn luma(px: &[u8]) -> u8 {
+    ((px[0] as u32 * 19595 + px[1] as u32 * 38470 + px[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
 /// The packed latent mask `(1, L, 64)` (u8, 1 = repaint) of a pixel mask for latent `shape`
 /// `(1, 16, h, w)`: grey as PIL's `convert("L")` (ITU-R 601, rounded), binarized at 0.5 as
 /// diffusers' mask processor does, then PyTorch's `nearest` downscale (the top-left pixel of
@@ -322,11 +375,7 @@ fn latent_mask(mask: &Rgb8, shape: &[usize], device: &Device) -> Result<Tensor> 
 fn pixel_mask(mask: &Rgb8) -> Vec<f32> {
     mask.data
         .chunks_exact(3)
-        .map(|px| {
-            let l =
-                (px[0] as u32 * 19595 + px[1] as u32 * 38470 + px[2] as u32 * 7471 + 0x8000) >> 16;
-            (l as f32 / 255.0 >= 0.5) as u8 as f32
-        })
+        .map(|px| (luma(px) as f32 / 255.0 >= 0.5) as u8 as f32)
         .collect()
 }
 
@@ -420,4 +469,70 @@ pub fn outpaint(image: &Rgb8, border: [usize; 4]) -> Result<(Rgb8, Rgb8)> {
         data,
     };
     Ok((rgb(canvas), rgb(mask)))
+}
+
+/// BFL's preferred Kontext resolutions `(width, height)` (`PREFERED_KONTEXT_RESOLUTIONS`; the
+/// same list in diffusers' `FluxKontextPipeline`).
+pub const KONTEXT_RESOLUTIONS: [(usize, usize); 17] = [
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+];
+
+/// The Kontext resolution a picture of `width × height` is resized to: the listed one whose
+/// aspect ratio is closest (ties: the smaller width, then height). BFL takes the ratio of the
+/// picture's own size; diffusers that of its size floored to multiples of 16 (so pictures near
+/// a boundary can differ, e.g. 444×1000: BFL 688×1504, diffusers 672×1568).
+pub fn kontext_size(width: usize, height: usize, reference: Reference) -> (usize, usize) {
+    let (w, h) = match reference {
+        Reference::Bfl => (width, height),
+        Reference::Diffusers => (width - width % 16, height - height % 16),
+    };
+    let ar = w as f64 / h.max(1) as f64;
+    let mut best = KONTEXT_RESOLUTIONS[0];
+    let mut best_d = f64::INFINITY;
+    for &(bw, bh) in &KONTEXT_RESOLUTIONS {
+        let d = (ar - bw as f64 / bh as f64).abs();
+        // the list is sorted by width, so the first of equal distances is the tuple minimum
+        if d < best_d {
+            (best, best_d) = ((bw, bh), d);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kontext_sizes_follow_both_references() {
+        for ((w, h), want) in [
+            ((1024, 768), (1184, 880)),
+            ((1920, 1080), (1392, 752)),
+            ((512, 512), (1024, 1024)),
+            ((2000, 1000), (1456, 720)),
+            ((96, 64), (1248, 832)),
+        ] {
+            assert_eq!(kontext_size(w, h, Reference::Bfl), want, "{w}×{h}");
+            assert_eq!(kontext_size(w, h, Reference::Diffusers), want, "{w}×{h}");
+        }
+        // near a boundary the two rules differ (ratio of the raw vs the 16-floored size)
+        assert_eq!(kontext_size(444, 1000, Reference::Bfl), (688, 1504));
+        assert_eq!(kontext_size(444, 1000, Reference::Diffusers), (672, 1568));
+    }
 }

@@ -155,19 +155,33 @@ fn img2img_bad_requests() {
         steps: Some(4),
         ..Default::default()
     };
+    // a picture of another size is resized to the request's (PIL's LANCZOS), with a warning
+    let other = GenerateRequest {
+        width: 64,
+        seeds: vec![1],
+        image: Some(InitImage {
+            image: image.clone(),
+            strength: 0.5,
+            mask: None,
+        }),
+        ..base.clone()
+    };
+    let out = p.generate(&other, |_, _| {}).unwrap();
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.contains("init image is 96×64; resized to 64×64")),
+        "{:?}",
+        out.warnings
+    );
+    let mut pre = other.clone();
+    if let Some(i) = pre.image.as_mut() {
+        i.image = resize(&image, 64, 64, Filter::Lanczos).unwrap();
+    }
+    let same = p.generate(&pre, |_, _| {}).unwrap();
+    assert!(same.warnings.is_empty());
+    assert!(same.images[0].rgb == out.images[0].rgb);
     for (req, needle) in [
-        (
-            GenerateRequest {
-                width: 64,
-                image: Some(InitImage {
-                    image: image.clone(),
-                    strength: 0.5,
-                    mask: None,
-                }),
-                ..base.clone()
-            },
-            "init image is 96×64",
-        ),
         (
             GenerateRequest {
                 image: Some(InitImage {
@@ -310,6 +324,7 @@ fn img2img_from_the_cli_and_rerun() {
     // flux edit (Kontext) from the CLI, and its re-run through `flux generate --from-image`
     let o = flux(&[
         "edit",
+        "--keep-size",
         "--model",
         model.to_str().unwrap(),
         "--offline",
@@ -340,6 +355,32 @@ fn img2img_from_the_cli_and_rerun() {
     assert_eq!(
         read_png(&out.join("edit-again.png")).unwrap().image,
         edited.image
+    );
+    // by default the picture is resized to its Kontext resolution (BFL's), the output size
+    let o = flux(&[
+        "edit",
+        "--model",
+        model.to_str().unwrap(),
+        "--offline",
+        "--prompt",
+        "make it blue",
+        "--image",
+        init.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--seed",
+        "5",
+        "-o",
+        "edit-bucket.png",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bp = read_png(&out.join("edit-bucket.png"))
+        .unwrap()
+        .params
+        .unwrap();
+    assert_eq!(
+        (bp.width, bp.height, bp.edit_size),
+        (1248, 832, Some([1248, 832]))
     );
     let o = flux(&["edit", "--prompt", "a"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs --image"));
@@ -545,29 +586,31 @@ fn control_matches_diffusers() {
     let mut p = FluxPipeline::new(files, PipelineOptions::default()).unwrap();
     assert_eq!(p.config().in_channels, 128);
     let (req, _) = check_case(&g, &mut p, "control");
-    // no control picture, or one of another size: refused
-    for (control, needle) in [
-        (None, "needs a control picture"),
-        (
-            Some(flux_vae::Rgb8 {
-                width: 32,
-                height: 32,
-                data: vec![0; 32 * 32 * 3],
-            }),
-            "the control picture is 32×32",
-        ),
-    ] {
-        let e = p
-            .generate(
-                &GenerateRequest {
-                    control_image: control,
-                    ..req.clone()
-                },
-                |_, _| {},
-            )
-            .unwrap_err();
-        assert!(e.to_string().contains(needle), "{e}");
-    }
+    // no control picture: refused; one of another size: resized, with a warning
+    let e = p
+        .generate(
+            &GenerateRequest {
+                control_image: None,
+                ..req.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("needs a control picture"), "{e}");
+    let small = GenerateRequest {
+        control_image: Some(flux_vae::Rgb8 {
+            width: 32,
+            height: 32,
+            data: vec![0; 32 * 32 * 3],
+        }),
+        steps: Some(1),
+        ..req.clone()
+    };
+    let out = p.generate(&small, |_, _| {}).unwrap();
+    assert!(out
+        .warnings
+        .iter()
+        .any(|w| w.contains("control picture is 32×32; resized to 96×64")));
     // a base model refuses a control picture
     let mut base = FluxPipeline::from_source(
         &ModelSource::Folder(dir("tiny-dev")),
@@ -776,4 +819,45 @@ fn batches_equal_one_at_a_time() {
         // the images differ from each other (each its own seed and prompt)
         assert_ne!(many.images[0].rgb, many.images[1].rgb, "{case}");
     }
+}
+
+/// PIL's `Image.resize` (LANCZOS and BICUBIC; up, down, one axis): the same bytes.
+#[test]
+fn resize_matches_pil() {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir("resize")).unwrap() {
+        let path = e.unwrap().path();
+        let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let parts: Vec<&str> = stem.split('_').collect();
+        let (name, size, filter) = (parts[0], parts[1], parts[2]);
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
+        let src = match name {
+            "init" => "img2img_init.png".to_string(),
+            other => format!("canny_{other}.png"),
+        };
+        let filter = match filter {
+            "lanczos" => Filter::Lanczos,
+            _ => Filter::Bicubic,
+        };
+        let got = resize(&read_png(&dir(&src)).unwrap().image, w, h, filter).unwrap();
+        let want = read_png(&path).unwrap().image;
+        let differ = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!((got.width, got.height), (want.width, want.height), "{stem}");
+        assert_eq!(differ, 0, "{stem}: {differ} bytes differ");
+        n += 1;
+    }
+    assert!(n >= 6, "{n} cases");
+    let tiny = flux_vae::Rgb8 {
+        width: 2,
+        height: 2,
+        data: vec![9; 12],
+    };
+    assert!(resize(&tiny, 0, 5, Filter::Lanczos).is_err());
+    assert_eq!(resize(&tiny, 2, 2, Filter::Lanczos).unwrap(), tiny);
 }

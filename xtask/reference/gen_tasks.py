@@ -23,6 +23,8 @@ script only reads it, so the text-to-image goldens stay as they are).
 - Canny: BFL's `CannyImageEncoder` on a few pictures (`canny_<name>.png`): the picture to
   [−1, 1] f32 and back to uint8 by truncation, as BFL does, then `cv2.Canny(img, 50, 200)` on the
   3-channel image; the edges are written as `canny_<name>_edges.png` (grey, 0/255).
+- Resizing: PIL's `Image.resize` (LANCZOS and BICUBIC, up and down, both axes and one) of the
+  test pictures, written as `resize/<picture>_<w>x<h>_<filter>.png`.
 - FLUX.1-Canny/Depth: `FluxControlPipeline` with a tiny control transformer (128 input channels:
   the packed latent and the control picture's packed latent; random weights, written to
   `tiny-control/transformer`), the init image's Canny edges (3 channels) as the control image,
@@ -161,6 +163,12 @@ def main():
     pictures["init"] = images["img2img_init.png"]
     for name, img in pictures.items():
         Image.fromarray(bfl_canny(img), "L").save(os.path.join(args.out, f"canny_{name}_edges.png"))
+    # PIL's resize, the one diffusers' processor, BFL's tools and SigLIP's processor use
+    os.makedirs(os.path.join(args.out, "resize"), exist_ok=True)
+    for name, w, h, f in [("init", 150, 100, "lanczos"), ("init", 40, 27, "lanczos"), ("shapes", 64, 96, "lanczos"),
+                          ("shapes", 384, 384, "bicubic"), ("noise", 28, 28, "bicubic"), ("noise", 96, 30, "lanczos")]:
+        flt = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}[f]
+        pictures[name].resize((w, h), flt).save(os.path.join(args.out, "resize", f"{name}_{w}x{h}_{f}.png"))
     # FLUX.1-Canny/Depth: a tiny 128-channel transformer, the init image's edges as control
     from diffusers import FluxControlPipeline
     common.setup(0)

@@ -127,7 +127,7 @@ struct Generate {
     #[arg(long)]
     true_cfg: Option<f32>,
     /// img2img: start from this picture (PNG; its size is the output size unless --width and
-    /// --height say otherwise, and then it must already have that size).
+    /// --height say otherwise, and then it is resized to them: LANCZOS, aspect not kept).
     #[arg(long)]
     image: Option<PathBuf>,
     /// Inpainting: a PNG of the picture's size, white = repaint, black = keep (with --image).
@@ -150,6 +150,10 @@ struct Generate {
     /// FLUX.1-Fill models].
     #[arg(long, requires = "image")]
     strength: Option<f64>,
+    /// flux edit: keep the picture's own size (it must be on the 16-pixel grid) instead of
+    /// resizing it to Kontext's preferred resolution for its aspect ratio (BFL's list).
+    #[arg(long)]
+    keep_size: bool,
     /// Re-run the generation stored in a PNG written by flux (other flags override it).
     #[arg(long)]
     from_image: Option<PathBuf>,
@@ -464,13 +468,32 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             "flux edit needs --image (the picture to edit)".into(),
         ));
     }
+    let mut edit_size = None;
     if let Some(path) = &edit_path {
         if args.strength.is_some() || args.mask.is_some() {
             return Err(Error::InvalidRequest(
                 "--strength and --mask are img2img/inpainting flags, not for editing".into(),
             ));
         }
-        let picture = read_png(path)?.image;
+        let mut picture = read_png(path)?.image;
+        // BFL's flux kontext: the picture resized to its preferred resolution, which is also
+        // the output size (unless --keep-size, or the re-run image says otherwise)
+        let size = match &from {
+            Some(p) => p.edit_size,
+            None if args.keep_size => None,
+            None => {
+                let (w, h) = flux_pipeline::kontext_size(
+                    picture.width,
+                    picture.height,
+                    flux_pipeline::Reference::Bfl,
+                );
+                Some([w, h])
+            }
+        };
+        if let Some([w, h]) = size {
+            picture = flux_pipeline::resize(&picture, w, h, flux_pipeline::Filter::Lanczos)?;
+        }
+        edit_size = size;
         if args.width.is_none() && args.height.is_none() && from.is_none() {
             (req.width, req.height) = (picture.width, picture.height);
         }
@@ -686,6 +709,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
                 params.files = files.clone();
                 params.sha256 = sha256.clone();
                 params.outpaint = border.filter(|_| init.is_some());
+                params.edit_size = edit_size;
                 let path = names.write(params.seed, done.get(), &g.rgb, &params)?;
                 done.set(done.get() + 1);
                 bar.suspend(|| say(format_args!("{} (seed {})", path.display(), g.params.seed)));
