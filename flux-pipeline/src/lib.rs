@@ -6,6 +6,7 @@ mod error;
 mod output;
 mod pipeline;
 mod png;
+mod redux;
 mod resize;
 mod source;
 mod task;
@@ -22,6 +23,7 @@ pub use png::{
     check_writable, file_sha256, read_png, remove_partial_files, write_png, ImageParams, ReadPng,
     PARAMS_KEY,
 };
+pub use redux::Redux;
 pub use resize::{resize, Filter};
 pub use source::{
     scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,

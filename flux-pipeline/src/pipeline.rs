@@ -93,6 +93,9 @@ pub struct GenerateRequest {
     /// [`crate::canny_control`], or a depth map), 8-bit RGB of the output size. Its latent is
     /// joined to every step's input channels. Needs a 128-channel transformer.
     pub control_image: Option<Rgb8>,
+    /// FLUX.1-Redux: image tokens `(1, L, T5 width)` ([`crate::Redux::encode`]) joined after
+    /// every prompt's T5 tokens (diffusers' `FluxPriorReduxPipeline` then `FluxPipeline`).
+    pub redux: Option<Tensor>,
     /// True classifier-free guidance (diffusers' `negative_prompt`): what to steer away from,
     /// for every prompt. Used only with `true_cfg` > 1.
     pub negative_prompt: Option<String>,
@@ -119,6 +122,7 @@ impl Default for GenerateRequest {
             true_cfg: 1.0,
             edit_image: None,
             control_image: None,
+            redux: None,
         }
     }
 }
@@ -581,7 +585,20 @@ impl FluxPipeline {
         let n = seeds.len();
         // 1. text: encode every prompt (and the negative one), then release the encoders
         let start = Instant::now();
-        let (emb, negative_emb) = self.encode_prompts(req, cfg, max_len, &mut warnings)?;
+        let (mut emb, negative_emb) = self.encode_prompts(req, cfg, max_len, &mut warnings)?;
+        if let Some(r) = &req.redux {
+            let (rows, width) = (emb.t5.dim(0)?, emb.t5.dim(2)?);
+            if r.rank() != 3 || r.dim(0)? != 1 || r.dim(2)? != width {
+                return Err(Error::InvalidRequest(format!(
+                    "Redux tokens have shape {:?}; the text encoder's are (1, L, {width})",
+                    r.dims()
+                )));
+            }
+            let r = r
+                .to_device(&emb.t5.device().clone())?
+                .to_dtype(emb.t5.dtype())?;
+            emb.t5 = Tensor::cat(&[&emb.t5, &r.repeat((rows, 1, 1))?], 1)?;
+        }
         if !self.opts.keep_loaded {
             self.text = None;
         }
@@ -857,7 +874,11 @@ impl Group<'_> {
         };
         let (mut txt, mut y) = (rows_of(&self.emb.t5)?, rows_of(&self.emb.pooled)?);
         // true CFG in the same pass: the negative rows after the positive ones
-        let joint = self.negative.is_some() && self.joint_cfg;
+        // (one batch needs one text length: Redux's image tokens lengthen only the positive)
+        let joint = self.joint_cfg
+            && self
+                .negative
+                .is_some_and(|(_, nt, _)| nt.dim(1).ok() == Some(txt.dim(1).unwrap_or(0)));
         if let (true, Some((_, neg_txt, neg_y))) = (joint, self.negative) {
             txt = Tensor::cat(&[&txt, &neg_txt.repeat((g, 1, 1))?], 0)?;
             y = Tensor::cat(&[&y, &neg_y.repeat((g, 1))?], 0)?;
@@ -865,9 +886,17 @@ impl Group<'_> {
         let rows = txt.dim(0)?;
         let ids_img = self.ids_img.repeat((rows, 1, 1))?;
         let ids_txt = self.ids_txt.repeat((rows, 1, 1))?;
+        let ids_neg = match self.negative {
+            Some((_, nt, _)) if !joint => Some(txt_ids(g, nt.dim(1)?, dev)?),
+            _ => None,
+        };
         let mut denoiser = |x: &Tensor, info: &StepInfo| -> Result<Tensor> {
             let img = self.starts.tokens(x)?;
             let predict = |img: &Tensor, txt: &Tensor, y: &Tensor, rows: usize| -> Result<Tensor> {
+                let txt_ids = match &ids_neg {
+                    Some(n) if txt.dim(1)? != ids_txt.dim(1)? => n.clone(),
+                    _ => ids_txt.narrow(0, 0, rows)?,
+                };
                 let t = Tensor::from_vec(vec![info.model_t; rows], rows, dev)?;
                 let gd = info
                     .model_guidance
@@ -877,7 +906,7 @@ impl Group<'_> {
                     img,
                     img_ids: &ids_img.narrow(0, 0, rows)?,
                     txt,
-                    txt_ids: &ids_txt.narrow(0, 0, rows)?,
+                    txt_ids: &txt_ids,
                     timesteps: &t,
                     y,
                     guidance: gd.as_ref(),

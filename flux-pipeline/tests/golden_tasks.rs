@@ -861,3 +861,185 @@ fn resize_matches_pil() {
     assert!(resize(&tiny, 0, 5, Filter::Lanczos).is_err());
     assert_eq!(resize(&tiny, 2, 2, Filter::Lanczos).unwrap(), tiny);
 }
+
+/// FLUX.1-Redux against diffusers' FluxPriorReduxPipeline (tiny SigLIP and embedder; the
+/// tiny pipeline's text encoders on the empty prompt, as BFL's `flux redux`, and on a prompt
+/// for image + prompt mixing) and then FluxPipeline on its embeddings: SigLIP's input, its
+/// last hidden state, the Redux tokens, the final latents and image.
+#[test]
+fn redux_matches_diffusers() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let dev = candle::Device::Cpu;
+    let redux = Redux::load(
+        &dir("tiny-redux/siglip"),
+        &dir("tiny-redux/redux.safetensors"),
+        candle::DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let pic = read_png(&dir("img2img_init.png")).unwrap().image;
+    let tight = Tolerance::new(1e-5, 0.0);
+    let px = redux.pixels(&pic, &dev).unwrap();
+    g.check(
+        "redux/pixel_values",
+        &px,
+        &g.tensor("redux/pixel_values"),
+        tight,
+    );
+    let hidden = redux.siglip().forward(&px).unwrap();
+    g.check(
+        "redux/siglip_hidden",
+        &hidden,
+        &g.tensor("redux/siglip_hidden"),
+        tight,
+    );
+    let tokens = redux.encode(std::slice::from_ref(&pic), &dev).unwrap();
+    g.check(
+        "redux/image_embeds",
+        &tokens,
+        &g.tensor("redux/image_embeds"),
+        tight,
+    );
+    let mut p = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions::default(),
+    )
+    .unwrap();
+    for case in ["redux", "redux_mix"] {
+        let req = GenerateRequest {
+            redux: Some(tokens.clone()),
+            ..request(&g, case)
+        };
+        let out = p.generate(&req, |_, _| {}).unwrap();
+        let img = &out.images[0];
+        g.check(
+            &format!("{case}/latents_out"),
+            &img.latents,
+            &g.tensor(&format!("{case}/latents_out")),
+            TOL,
+        );
+        g.check(
+            &format!("{case}/image"),
+            &img.image,
+            &g.tensor(&format!("{case}/image")),
+            TOL,
+        );
+    }
+    // with true CFG the negative has no image tokens: two passes (also when batching allows
+    // one), the same either way
+    let cfg = GenerateRequest {
+        redux: Some(tokens.clone()),
+        negative_prompt: Some("blurry".into()),
+        true_cfg: 4.0,
+        steps: Some(2),
+        ..request(&g, "redux_mix")
+    };
+    let one = p.generate(&cfg, |_, _| {}).unwrap();
+    let mut batched = FluxPipeline::from_source(
+        &ModelSource::Folder(dir("tiny-dev")),
+        PipelineOptions {
+            batch: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(batched.generate(&cfg, |_, _| {}).unwrap().images[0].rgb == one.images[0].rgb);
+    // two pictures' tokens are summed
+    let two = redux.encode(&[pic.clone(), pic.clone()], &dev).unwrap();
+    let d = ((&two - (&tokens * 2.0).unwrap()).unwrap().abs().unwrap())
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "{d}");
+    // tokens of the wrong width are refused
+    let bad = GenerateRequest {
+        redux: Some(candle::Tensor::zeros((1, 4, 5), candle::DType::F32, &dev).unwrap()),
+        ..request(&g, "redux")
+    };
+    let e = p.generate(&bad, |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("Redux tokens have shape"), "{e}");
+    // an embedder whose width does not match SigLIP's is refused when loading
+    let e = Redux::load(
+        &dir("tiny-redux/siglip"),
+        &dir("tiny-fill/transformer/diffusion_pytorch_model.safetensors"),
+        candle::DType::F32,
+        &dev,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("redux_up"), "{e}");
+}
+
+/// `flux redux`: BFL's empty prompt and guidance 2.5, the same pixels as the library, recorded
+/// and re-run; without the embedder and SigLIP it says what it needs.
+#[test]
+fn redux_from_the_cli() {
+    let out = std::env::temp_dir().join(format!("flux-redux-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let (model, init) = (dir("tiny-dev"), dir("img2img_init.png"));
+    let (siglip, file) = (
+        dir("tiny-redux/siglip"),
+        dir("tiny-redux/redux.safetensors"),
+    );
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let o = common::flux_in(
+        &out,
+        &[
+            "redux".to_string(),
+            "--model".into(),
+            s(&model),
+            "--offline".into(),
+            "--image".into(),
+            s(&init),
+            "--redux".into(),
+            s(&file),
+            "--siglip".into(),
+            s(&siglip),
+            "--width".into(),
+            "96".into(),
+            "--height".into(),
+            "64".into(),
+            "--steps".into(),
+            "2".into(),
+            "--seed".into(),
+            "3".into(),
+            "-o".into(),
+            "r.png".into(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let made = read_png(&out.join("r.png")).unwrap();
+    let p = made.params.clone().unwrap();
+    assert_eq!((p.prompt.as_str(), p.guidance), ("", Some(2.5)));
+    assert!(["redux", "redux_image", "siglip"]
+        .iter()
+        .all(|k| p.files.contains_key(*k)));
+    let dev = candle::Device::Cpu;
+    let redux = Redux::load(&siglip, &file, candle::DType::F32, &dev).unwrap();
+    let tokens = redux
+        .encode(&[read_png(&init).unwrap().image], &dev)
+        .unwrap();
+    let mut pipe =
+        FluxPipeline::from_source(&ModelSource::Folder(model), PipelineOptions::default()).unwrap();
+    let req = GenerateRequest {
+        prompts: vec![String::new()],
+        width: 96,
+        height: 64,
+        steps: Some(2),
+        guidance: Some(2.5),
+        seeds: vec![3],
+        redux: Some(tokens),
+        ..Default::default()
+    };
+    assert!(pipe.generate(&req, |_, _| {}).unwrap().images[0].rgb == made.image);
+    let o = common::flux_in(&out, &["generate", "--from-image", "r.png", "-o", "r2.png"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(read_png(&out.join("r2.png")).unwrap().image == made.image);
+    let o = common::flux_in(&out, &["redux", "--image", &s(&init)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("needs --redux FILE"),
+        "{err}"
+    );
+}

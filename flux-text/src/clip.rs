@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle::{DType, Device, IndexOp, Tensor};
-use flux_kernels::{attention, layer_norm, quick_gelu, AttnOpts, Checkpoint, Linear};
+use flux_kernels::{quick_gelu, Checkpoint, Linear};
+
+use crate::encoder::{EncoderLayer, Norm};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -124,19 +126,11 @@ impl ClipConfig {
             ),
         ];
         for i in 0..self.num_hidden_layers {
-            let p = format!("{prefix}encoder.layers.{i}");
-            for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                v.push((format!("{p}.self_attn.{n}.weight"), vec![d, d]));
-                v.push((format!("{p}.self_attn.{n}.bias"), vec![d]));
-            }
-            for n in ["layer_norm1", "layer_norm2"] {
-                v.push((format!("{p}.{n}.weight"), vec![d]));
-                v.push((format!("{p}.{n}.bias"), vec![d]));
-            }
-            v.push((format!("{p}.mlp.fc1.weight"), vec![f, d]));
-            v.push((format!("{p}.mlp.fc1.bias"), vec![f]));
-            v.push((format!("{p}.mlp.fc2.weight"), vec![d, f]));
-            v.push((format!("{p}.mlp.fc2.bias"), vec![d]));
+            v.extend(EncoderLayer::tensor_shapes(
+                &format!("{prefix}encoder.layers.{i}"),
+                d,
+                f,
+            ));
         }
         v.push((format!("{prefix}final_layer_norm.weight"), vec![d]));
         v.push((format!("{prefix}final_layer_norm.bias"), vec![d]));
@@ -154,39 +148,12 @@ fn ignorable(key: &str) -> bool {
         || key.ends_with("embeddings.position_ids")
 }
 
-#[derive(Debug, Clone)]
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(layer_norm(x, self.eps)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Layer {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm1: Norm,
-    layer_norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
 /// The CLIP text transformer: token + position embeddings, pre-LN causal layers, final LN.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<EncoderLayer>,
     final_layer_norm: Norm,
     cfg: ClipConfig,
 }
@@ -275,16 +242,7 @@ impl ClipTextModel {
         let mut layers = vec![];
         for i in 0..cfg.num_hidden_layers {
             let p = format!("text_model.encoder.layers.{i}");
-            layers.push(Layer {
-                q_proj: lin(&format!("{p}.self_attn.q_proj"), d, d)?,
-                k_proj: lin(&format!("{p}.self_attn.k_proj"), d, d)?,
-                v_proj: lin(&format!("{p}.self_attn.v_proj"), d, d)?,
-                out_proj: lin(&format!("{p}.self_attn.out_proj"), d, d)?,
-                layer_norm1: norm(&format!("{p}.layer_norm1"))?,
-                layer_norm2: norm(&format!("{p}.layer_norm2"))?,
-                fc1: lin(&format!("{p}.mlp.fc1"), d, f)?,
-                fc2: lin(&format!("{p}.mlp.fc2"), f, d)?,
-            });
+            layers.push(EncoderLayer::load(&p, d, f, lin, norm)?);
         }
         let model = ClipTextModel {
             token_embedding: get(
@@ -354,29 +312,8 @@ impl ClipTextModel {
             .index_select(&ids_u32.flatten_all()?, 0)?
             .reshape((b, l, d))?;
         let mut x = tok.broadcast_add(&self.position_embedding.i(..l)?)?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, h, d / h))?.transpose(1, 2)?.contiguous()?)
-        };
         for layer in &self.layers {
-            let n = layer.layer_norm1.forward(&x)?;
-            let (q, k, v) = (
-                heads(layer.q_proj.forward(&n)?)?,
-                heads(layer.k_proj.forward(&n)?)?,
-                heads(layer.v_proj.forward(&n)?)?,
-            );
-            let a = attention(
-                &q,
-                &k,
-                &v,
-                AttnOpts {
-                    causal: true,
-                    ..Default::default()
-                },
-            )?;
-            let a = a.transpose(1, 2)?.reshape((b, l, d))?;
-            x = (x + layer.out_proj.forward(&a)?)?;
-            let n = layer.layer_norm2.forward(&x)?;
-            x = (&x + layer.fc2.forward(&quick_gelu(&layer.fc1.forward(&n)?)?)?)?;
+            x = layer.forward(&x, h, true, quick_gelu)?;
         }
         let last = self.final_layer_norm.forward(&x)?;
         // The end of text is the first position of each row's highest id (49407).

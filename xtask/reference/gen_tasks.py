@@ -31,6 +31,16 @@ script only reads it, so the text-to-image goldens stay as they are).
   4 steps, guidance 3.5, seed 42 (the control picture's posterior sample is the generator's
   first draw, the noise its second). Case `control`.
 
+- FLUX.1-Redux: diffusers' `FluxPriorReduxPipeline` with a tiny `SiglipVisionModel` (hidden 32,
+  2 layers, 4 heads, 28-pixel images in 14-pixel patches: 4 tokens; written to
+  `tiny-redux/siglip`), transformers' PIL `SiglipImageProcessor` at 28×28 (BICUBIC, mean =
+  std = 0.5) and a `ReduxImageEncoder(redux_dim=32, txt_in_features=8)` (written to
+  `tiny-redux/redux.safetensors` with BFL's names), the tiny pipeline's own text encoders on
+  the empty prompt (BFL's `flux redux`); its embeddings then go to `FluxPipeline`
+  (`prompt_embeds`, `pooled_prompt_embeds`), 4 steps, guidance 2.5, seed 42. Case `redux`;
+  also `redux/pixel_values`, `redux/siglip_hidden`, `redux/image_embeds`. Case `redux_mix`:
+  the same picture with a prompt (image + prompt mixing).
+
 Usage: python gen_tasks.py --out flux-pipeline/tests/golden
 """
 
@@ -55,11 +65,14 @@ def init_image(path):
     return img
 
 
-def run(pipe, case, images):
+def run(pipe, case, images, embeds=None):
     """One case: the pipeline called with the case record's arguments (pictures by file name
-    from `images`), stopped at the latents, then the pipeline's own decode (pre-clamp f32)."""
+    from `images`; `embeds`: given prompt and pooled embeddings instead of the prompt), stopped
+    at the latents, then the pipeline's own decode (pre-clamp f32)."""
     h, w = case["height"], case["width"]
-    kw = dict(prompt=[case["prompt"]], height=h, width=w, num_inference_steps=case["steps"],
+    text = dict(prompt=[case["prompt"]]) if embeds is None else \
+        dict(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1])
+    kw = dict(**text, height=h, width=w, num_inference_steps=case["steps"],
               guidance_scale=case["guidance"], max_sequence_length=case["max_sequence_length"],
               generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="latent",
               return_dict=False)
@@ -181,9 +194,46 @@ def main():
     edges = Image.open(os.path.join(args.out, "canny_init_edges.png")).convert("RGB")
     images["canny_init_edges.png"] = edges
     cases["control"] = dict(base, steps=4, control_image="canny_init_edges.png")
+    t = {}
+    # FLUX.1-Redux: a tiny SigLIP and Redux embedder; the prior pipeline's embeddings then
+    # FluxPipeline
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    common.setup(0)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, image_size=28, patch_size=14)).eval()
+    with torch.no_grad():
+        for prm in siglip.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.3)
+    siglip.save_pretrained(os.path.join(args.out, "tiny-redux", "siglip"))
+    embedder = ReduxImageEncoder(redux_dim=32, txt_in_features=8).eval()
+    with torch.no_grad():
+        for prm in embedder.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.2)
+    save_file({k: v.contiguous() for k, v in embedder.state_dict().items()},
+              os.path.join(args.out, "tiny-redux", "redux.safetensors"))
+    processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    prior = FluxPriorReduxPipeline(image_encoder=siglip, feature_extractor=processor, image_embedder=embedder,
+                                   text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                   text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"])
+    redux_pic = images["img2img_init.png"]
+    with torch.no_grad():
+        pixels = processor.preprocess(images=redux_pic, do_resize=True, return_tensors="pt",
+                                      do_convert_rgb=True)["pixel_values"]
+        hidden = siglip(pixel_values=pixels).last_hidden_state
+        t["redux/pixel_values"], t["redux/siglip_hidden"] = pixels, hidden
+        t["redux/image_embeds"] = embedder(hidden).image_embeds
+    redux_runs = {}
+    for name, prompt in [("redux", ""), ("redux_mix", PROMPT)]:
+        with torch.no_grad():
+            emb, pooled = prior(image=redux_pic, prompt=prompt, return_dict=False)
+        redux_runs[name] = (emb, pooled)
+        cases[name] = dict(base, prompt=prompt, steps=4, guidance=2.5, redux_image="img2img_init.png")
     pipes = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline, "kontext": FluxKontextPipeline,
              "true_cfg": FluxPipeline}
-    t = {}
     for name, case in cases.items():
         kind = "inpaint" if "mask" in case else "kontext" if "edit_image" in case else \
             "true_cfg" if "negative_prompt" in case else "img2img"
@@ -193,6 +243,10 @@ def main():
             pipe = FluxControlPipeline(**dict(parts, transformer=control))
         else:
             pipe = pipes[kind](**parts)
+        if name.startswith("redux"):
+            pipe = FluxPipeline(**parts)
+            t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images, redux_runs[name])
+            continue
         t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images)
     common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
 

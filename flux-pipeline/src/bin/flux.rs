@@ -34,6 +34,11 @@ enum Command {
     /// Inpaint or outpaint with FLUX.1-Fill (`--image` with `--mask` or `--outpaint`; the model
     /// must be a Fill one, e.g. `--model black-forest-labs/FLUX.1-Fill-dev`).
     Fill(Box<Generate>),
+    /// Image variation with FLUX.1-Redux on a dev or schnell model: `--image` is the picture,
+    /// `--redux` the embedder file (flux1-redux-dev.safetensors), `--siglip` the SigLIP
+    /// folder (google/siglip-so400m-patch14-384). The prompt defaults to empty (BFL's); give
+    /// one to mix it with the picture. Guidance defaults to 2.5.
+    Redux(Box<Generate>),
     /// Generate following a picture's structure with FLUX.1-Canny or FLUX.1-Depth (`--canny
     /// PICTURE`: its edges, found as BFL does; `--depth MAP`: a depth map you made). Guidance
     /// defaults to BFL's 30 (Canny) and 10 (Depth).
@@ -142,6 +147,13 @@ struct Generate {
     /// 50/200; the picture must have the output size, which it gives by default).
     #[arg(long, conflicts_with_all = ["image", "depth"])]
     canny: Option<PathBuf>,
+    /// FLUX.1-Redux: the Redux embedder file (flux1-redux-dev.safetensors).
+    #[arg(long)]
+    redux: Option<PathBuf>,
+    /// FLUX.1-Redux: the SigLIP vision model folder (transformers layout, e.g. a local copy of
+    /// google/siglip-so400m-patch14-384).
+    #[arg(long)]
+    siglip: Option<PathBuf>,
     /// FLUX.1-Depth: follow this depth map (a picture of the output size; near = bright, as
     /// Depth Anything's maps).
     #[arg(long, conflicts_with = "image")]
@@ -313,6 +325,8 @@ enum Mode {
     Fill,
     /// `--canny` or `--depth` (FLUX.1-Canny/Depth).
     Control,
+    /// `--image` is the picture for FLUX.1-Redux.
+    Redux,
 }
 
 /// `flux generate`, `flux edit`, `flux fill` and `flux control`.
@@ -435,6 +449,42 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
     if let Some(p2) = args.prompt_2 {
         req.prompts_2 = Some(vec![p2; req.prompts.len()]);
     }
+    // FLUX.1-Redux: `flux redux --image`, or the picture a re-run image records; BFL's empty
+    // prompt unless one is given
+    let redux_path = args
+        .image
+        .clone()
+        .filter(|_| mode == Mode::Redux)
+        .or_else(|| recorded("redux_image").map(PathBuf::from));
+    if mode == Mode::Redux && redux_path.is_none() {
+        return Err(Error::InvalidRequest(
+            "flux redux needs --image (the picture to vary)".into(),
+        ));
+    }
+    let redux_file = args
+        .redux
+        .clone()
+        .or_else(|| recorded("redux").map(PathBuf::from));
+    let siglip_dir = args
+        .siglip
+        .clone()
+        .or_else(|| recorded("siglip").map(PathBuf::from));
+    if let Some(path) = &redux_path {
+        let (Some(rf), Some(sd)) = (&redux_file, &siglip_dir) else {
+            return Err(Error::InvalidRequest(
+                "FLUX.1-Redux needs --redux FILE (flux1-redux-dev.safetensors) and --siglip DIR (google/siglip-so400m-patch14-384)".into(),
+            ));
+        };
+        let picture = read_png(path)?.image;
+        let redux = flux_pipeline::Redux::load(sd, rf, dtype, &device)?;
+        req.redux = Some(redux.encode(&[picture], &device)?);
+        if req.prompts.is_empty() {
+            req.prompts = vec![String::new()];
+        }
+        if args.guidance.is_none() && from.is_none() {
+            req.guidance = Some(2.5);
+        }
+    }
     if req.prompts.is_empty() {
         return Err(Error::InvalidRequest(
             "give --prompt, --prompt-file or --from-image".into(),
@@ -502,7 +552,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
     let init = args
         .image
         .clone()
-        .filter(|_| !edit)
+        .filter(|_| !edit && mode != Mode::Redux)
         .or_else(|| recorded("image").map(PathBuf::from));
     let border = args.outpaint.or(from.as_ref().and_then(|p| p.outpaint));
     if let Some(path) = &init {
@@ -610,6 +660,8 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         ("edit", &edit_path),
         ("canny", &canny),
         ("depth", &depth),
+        ("redux_image", &redux_path),
+        ("redux", &redux_file.filter(|_| redux_path.is_some())),
     ] {
         if let Some(path) = path {
             let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
@@ -625,6 +677,10 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             }
             sha256.insert(key.to_string(), sum);
         }
+    }
+    if let Some(d) = siglip_dir.as_ref().filter(|_| redux_path.is_some()) {
+        let abs = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        files.insert("siglip".to_string(), abs.display().to_string());
     }
     // Every check before any model loads: seeds, output names, the folder.
     let count = req.prompts.len() * req.num_images;
@@ -807,6 +863,7 @@ fn main() -> ExitCode {
         Command::Edit(g) => run(*g, Mode::Edit),
         Command::Fill(g) => run(*g, Mode::Fill),
         Command::Control(g) => run(*g, Mode::Control),
+        Command::Redux(g) => run(*g, Mode::Redux),
         Command::Convert(c) => convert(c),
     };
     match result {
