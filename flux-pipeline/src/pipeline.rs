@@ -307,10 +307,11 @@ impl FluxPipeline {
 
     /// Default T5 length: 512 for dev, 256 for schnell.
     pub fn default_max_sequence_length(&self) -> usize {
-        if self.is_dev() {
-            512
-        } else {
-            256
+        match (self.kind(), self.opts.reference) {
+            // BFL's fill tool loads T5 with 128 tokens
+            (ModelKind::Fill, Reference::Bfl) => 128,
+            _ if self.is_dev() => 512,
+            _ => 256,
         }
     }
 
@@ -699,6 +700,8 @@ impl FluxPipeline {
                             sha256: Default::default(),
                             outpaint: None,
                             edit_size: None,
+                            reference: (self.opts.reference == Reference::Bfl)
+                                .then(|| "bfl".to_string()),
                             model_fingerprint: Some(self.fingerprint.clone()),
                         },
                     };
@@ -810,7 +813,8 @@ impl FluxPipeline {
             reference,
         };
         let noise = NoiseOptions {
-            dtype: if dtype == DType::F32 {
+            // BFL's get_noise always draws bf16; diffusers draws in the pipeline's dtype
+            dtype: if dtype == DType::F32 && reference == Reference::Diffusers {
                 NoiseDtype::F32
             } else {
                 NoiseDtype::Bf16

@@ -59,6 +59,9 @@ pub struct ImageParams {
     /// it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit_size: Option<[usize; 2]>,
+    /// The reference whose conventions were followed (`bfl`; absent: diffusers').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// Decoded in tiles (`--tiled-vae`; changes pixels slightly).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tiled_vae: bool,

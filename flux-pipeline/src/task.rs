@@ -379,8 +379,9 @@ fn pixel_mask(mask: &Rgb8) -> Vec<f32> {
         .collect()
 }
 
-/// FLUX.1-Fill's condition `(1, L, 320)` (diffusers' `FluxFillPipeline.prepare_mask_latents`):
-/// the picture with the repainted region blacked out (`image·(1 − mask)`), encoded (diffusers:
+/// FLUX.1-Fill's condition `(1, L, 320)` (diffusers' `FluxFillPipeline.prepare_mask_latents`;
+/// BFL's `prepare_fill` with the mask's grey levels kept instead of binarized): the picture
+/// with the repainted region blacked out (`image·(1 − mask)`), encoded (diffusers:
 /// a posterior sample drawn from the first seed's generator after the image's posterior and
 /// the noise; BFL: the mean) and packed, then the pixel mask with each latent pixel's 8×8
 /// block as 64 channels, packed 2×2 (channel `(py·8 + px)·4 + qy·2 + qx` of token `(r, c)` is
@@ -399,7 +400,15 @@ fn fill_condition(
         .as_ref()
         .ok_or_else(|| Error::InvalidRequest("FLUX.1-Fill needs a mask".into()))?;
     let (w, h) = (init.image.width, init.image.height);
-    let m = pixel_mask(mask);
+    // BFL's prepare_fill keeps the grey levels; diffusers binarizes
+    let m = match reference {
+        Reference::Bfl => mask
+            .data
+            .chunks_exact(3)
+            .map(|px| luma(px) as f32 / 255.0)
+            .collect(),
+        Reference::Diffusers => pixel_mask(mask),
+    };
     let keep = Tensor::from_vec(
         m.iter().map(|v| 1.0 - v).collect::<Vec<f32>>(),
         (1, 1, h, w),

@@ -662,12 +662,13 @@ fn control_and_fill_from_the_cli() {
         Some(picture.canonicalize().unwrap())
     );
     assert_eq!(p.sha256.get("canny"), Some(&file_sha256(&picture).unwrap()));
-    // the library with the same request
-    let mut pipe = FluxPipeline::from_source(
-        &ModelSource::Folder(model.clone()),
-        PipelineOptions::default(),
-    )
-    .unwrap();
+    // the library with the same request (BFL's conventions, as BFL's tool)
+    assert_eq!(p.reference.as_deref(), Some("bfl"));
+    let bfl = PipelineOptions {
+        reference: Reference::Bfl,
+        ..Default::default()
+    };
+    let mut pipe = FluxPipeline::from_source(&ModelSource::Folder(model.clone()), bfl).unwrap();
     let req = GenerateRequest {
         prompts: vec!["a house".into()],
         width: 96,
@@ -1020,8 +1021,11 @@ fn redux_from_the_cli() {
     let tokens = redux
         .encode(&[read_png(&init).unwrap().image], &dev)
         .unwrap();
-    let mut pipe =
-        FluxPipeline::from_source(&ModelSource::Folder(model), PipelineOptions::default()).unwrap();
+    let bfl = PipelineOptions {
+        reference: Reference::Bfl,
+        ..Default::default()
+    };
+    let mut pipe = FluxPipeline::from_source(&ModelSource::Folder(model), bfl).unwrap();
     let req = GenerateRequest {
         prompts: vec![String::new()],
         width: 96,
@@ -1042,4 +1046,29 @@ fn redux_from_the_cli() {
         !o.status.success() && err.contains("needs --redux FILE"),
         "{err}"
     );
+}
+
+/// BFL's tools (`Reference::Bfl`) against a restatement of BFL's sampling around the same tiny
+/// models (f32): img2img with BFL's start index (strength 0.8 of 5 steps runs all 5, where
+/// diffusers runs 4) and the posterior mean, Fill with the soft mask and T5 length 128, Kontext.
+#[test]
+fn bfl_tasks_match_bfl() {
+    let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tasks");
+    let opts = PipelineOptions {
+        reference: Reference::Bfl,
+        ..Default::default()
+    };
+    let mut base =
+        FluxPipeline::from_source(&ModelSource::Folder(dir("tiny-dev")), opts.clone()).unwrap();
+    let mut steps = 0;
+    base.generate(&request(&g, "bfl_img2img"), |p, _| steps = p.steps)
+        .unwrap();
+    assert_eq!(steps, 5, "BFL: int((1 − 0.8)·5) = 0, so every step runs");
+    check_case(&g, &mut base, "bfl_img2img");
+    check_case(&g, &mut base, "bfl_kontext");
+    let mut files = ModelSource::Folder(dir("tiny-dev")).resolve().unwrap();
+    files.transformer = TransformerFiles::Diffusers(dir("tiny-fill/transformer"));
+    let mut fill = FluxPipeline::new(files, opts).unwrap();
+    assert_eq!(fill.default_max_sequence_length(), 128);
+    check_case(&g, &mut fill, "bfl_fill");
 }

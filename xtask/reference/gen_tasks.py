@@ -41,6 +41,14 @@ script only reads it, so the text-to-image goldens stay as they are).
   also `redux/pixel_values`, `redux/siglip_hidden`, `redux/image_embeds`. Case `redux_mix`:
   the same picture with a prompt (image + prompt mixing).
 
+- BFL's tools (`Reference::Bfl`), restated from BFL's `sampling.py`/`demo_st.py`/`prepare_fill`/
+  `prepare_kontext` around the same tiny transformer and VAE (the transformer itself is proven
+  equal to BFL's by the dit goldens), f32: noise from `get_noise` (a bf16 draw of the CPU
+  generator), `get_schedule`, the posterior mean, BFL's Euler loop. `bfl_img2img`: strength
+  0.8 with 5 steps (BFL's start index int((1 − s)·N) = 0, diffusers' would be 1);
+  `bfl_fill`: the soft (not binarized) mask, T5 length 128 (BFL's fill CLI); `bfl_kontext`:
+  the picture's tokens with ids (1, r, c), mu from the target's tokens.
+
 Usage: python gen_tasks.py --out flux-pipeline/tests/golden
 """
 
@@ -126,6 +134,64 @@ def bfl_canny(img):
     t = torch.clamp(t, -1, 1)
     u8 = ((t + 1) * 127.5).numpy().astype(np.uint8)
     return cv2.Canny(u8, 50, 200)
+
+
+def bfl_run(pipe, transformer, case, images):
+    """BFL's sampling of one case (f32): `get_noise`, `get_schedule` (sliced at
+    int((1 − strength)·N)), the posterior mean, `x = t·noise + (1 − t)·x0`, the Euler loop
+    `img += (t_prev − t_curr)·pred`, then the decode; Fill's condition with the soft mask, and
+    Kontext's picture tokens."""
+    import math
+    import gen_sampler
+    h, w, n = case["height"], case["width"], case["steps"]
+    vae = pipe.vae
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    to_tensor = lambda img: torch.from_numpy(np.array(img.convert("RGB"))).float().permute(2, 0, 1)[None] / 127.5 - 1.0
+    encode = lambda x: (vae.encode(x).latent_dist.mean - shift) * scale
+    pack = lambda z: pipe._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
+    with torch.no_grad():
+        emb, pooled, text_ids = pipe.encode_prompt(prompt=[case["prompt"]], prompt_2=None,
+                                                   max_sequence_length=case["max_sequence_length"])
+        gen = torch.Generator("cpu").manual_seed(case["seed"])
+        noise = torch.randn(1, 16, 2 * math.ceil(h / 16), 2 * math.ceil(w / 16), generator=gen,
+                            dtype=torch.bfloat16).float()
+        ts = gen_sampler.bfl_get_schedule(n, (h // 16) * (w // 16), shift=True)
+        x = noise
+        if "strength" in case and "mask" not in case:
+            t_idx = int((1 - case["strength"]) * n)
+            ts = ts[t_idx:]
+            x0 = encode(to_tensor(images[case["image"]]))
+            x = ts[0] * noise + (1.0 - ts[0]) * x0
+        img = pack(x)
+        img_ids = pipe._prepare_latent_image_ids(1, h // 16, w // 16, "cpu", torch.float32)
+        extra, ids = None, img_ids
+        if "mask" in case:  # prepare_fill: soft mask, f32 here
+            mask = torch.from_numpy(np.array(images[case["mask"]].convert("L"))).float()[None, None] / 255.0
+            cond = encode(to_tensor(images[case["image"]]) * (1 - mask))
+            m = mask[:, 0]
+            b_, hh, ww = m.shape
+            m = m.reshape(b_, hh // 8, 8, ww // 8, 8).permute(0, 2, 4, 1, 3).reshape(b_, 64, hh // 8, ww // 8)
+            m = m.reshape(b_, 64, hh // 16, 2, ww // 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(b_, (hh // 16) * (ww // 16), 256)
+            extra = ("channels", torch.cat([pack(cond), m], dim=-1))
+        if "edit_image" in case:  # prepare_kontext: the picture's tokens, ids (1, r, c)
+            z = encode(to_tensor(images[case["edit_image"]]))
+            cids = pipe._prepare_latent_image_ids(1, z.shape[2] // 2, z.shape[3] // 2, "cpu", torch.float32)
+            cids[:, 0] = 1.0
+            extra = ("tokens", pack(z))
+            ids = torch.cat([img_ids, cids], dim=0)
+        g = torch.full((1,), case["guidance"])
+        for t_curr, t_prev in zip(ts[:-1], ts[1:]):
+            inp = img
+            if extra and extra[0] == "channels":
+                inp = torch.cat([img, extra[1]], dim=-1)
+            if extra and extra[0] == "tokens":
+                inp = torch.cat([img, extra[1]], dim=1)
+            pred = transformer(hidden_states=inp, timestep=torch.full((1,), t_curr), guidance=g,
+                               pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=text_ids,
+                               img_ids=ids, return_dict=False)[0][:, :img.shape[1]]
+            img = img + (t_prev - t_curr) * pred
+        lat = pipe._unpack_latents(img, h, w, pipe.vae_scale_factor)
+        return img, vae.decode(lat / scale + shift, return_dict=False)[0]
 
 
 def mask_image(path):
@@ -248,6 +314,18 @@ def main():
             t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images, redux_runs[name])
             continue
         t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images)
+    # BFL's tools restated (Reference::Bfl)
+    bfl_cases = {
+        "bfl_img2img": dict(base, steps=5, strength=0.8, image="img2img_init.png", reference="bfl"),
+        "bfl_fill": dict(base, steps=4, strength=1.0, max_sequence_length=128, image="img2img_init.png",
+                         mask="inpaint_mask.png", reference="bfl"),
+        "bfl_kontext": dict(base, steps=4, guidance=2.5, edit_image="img2img_init.png", reference="bfl"),
+    }
+    for name, case in bfl_cases.items():
+        model = fill if name == "bfl_fill" else parts["transformer"]
+        pipe = FluxPipeline(**parts)
+        t[f"{name}/latents_out"], t[f"{name}/image"] = bfl_run(pipe, model, case, images)
+        cases[name] = case
     common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
 
 

@@ -108,6 +108,12 @@ enum DtypeArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ReferenceArg {
+    Bfl,
+    Diffusers,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
     Cpu,
     Cuda,
@@ -202,6 +208,11 @@ struct Generate {
     /// Replace existing output files instead of numbering new names.
     #[arg(long)]
     overwrite: bool,
+    /// Whose conventions to follow where BFL and diffusers differ (noise dtype, schedule,
+    /// img2img start step, posterior mean vs sample, Fill's soft mask and T5 length) [default:
+    /// bfl for flux edit/fill/control/redux, BFL's tools; diffusers for flux generate].
+    #[arg(long, value_enum)]
+    reference: Option<ReferenceArg>,
     /// Compute dtype (f32 on CPU; bf16 suits GPUs).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -385,6 +396,15 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         from = Some(params);
     }
     let mut warnings = vec![];
+    // BFL's conventions for BFL's tools, diffusers' for the rest (and what a re-run records)
+    let reference = match (args.reference, &from) {
+        (Some(ReferenceArg::Bfl), _) => flux_pipeline::Reference::Bfl,
+        (Some(ReferenceArg::Diffusers), _) => flux_pipeline::Reference::Diffusers,
+        (None, Some(p)) if p.reference.as_deref() == Some("bfl") => flux_pipeline::Reference::Bfl,
+        (None, Some(_)) => flux_pipeline::Reference::Diffusers,
+        (None, None) if mode == Mode::Generate => flux_pipeline::Reference::Diffusers,
+        (None, None) => flux_pipeline::Reference::Bfl,
+    };
     let dtype = match (args.dtype, from.as_ref().map(|p| p.dtype.as_str())) {
         (Some(DtypeArg::F32), _) | (None, Some("f32")) => DType::F32,
         (Some(DtypeArg::Bf16), _) | (None, Some("bf16")) => DType::BF16,
@@ -532,11 +552,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             Some(p) => p.edit_size,
             None if args.keep_size => None,
             None => {
-                let (w, h) = flux_pipeline::kontext_size(
-                    picture.width,
-                    picture.height,
-                    flux_pipeline::Reference::Bfl,
-                );
+                let (w, h) = flux_pipeline::kontext_size(picture.width, picture.height, reference);
                 Some([w, h])
             }
         };
@@ -615,6 +631,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
     let opts = PipelineOptions {
         dtype,
         device,
+        reference,
         tiled_vae: tiled_vae.then(Default::default),
         quantize,
         batch: args.batch as usize,
