@@ -488,6 +488,12 @@ impl FluxPipeline {
             crate::task::check(init, steps, self.opts.reference)?;
         }
         if let Some(e) = &req.edit_image {
+            if kind != ModelKind::Base {
+                return bad(format!(
+                    "editing needs a FLUX.1-Kontext transformer (64 input channels); this one has {}",
+                    self.cfg.in_channels
+                ));
+            }
             if req.image.is_some() {
                 return bad(
                     "give either an image to edit (Kontext) or an init image (img2img), not both"

@@ -49,6 +49,9 @@ script only reads it, so the text-to-image goldens stay as they are).
   `bfl_fill`: the soft (not binarized) mask, T5 length 128 (BFL's fill CLI); `bfl_kontext`:
   the picture's tokens with ids (1, r, c), mu from the target's tokens.
 
+- bf16: the diffusers cases of `BF16_CASES` again with the pipeline in bf16 (bf16 noise and
+  posterior draws, as diffusers does), final latents as `<case>/bf16/latents_out`.
+
 Usage: python gen_tasks.py --out flux-pipeline/tests/golden
 """
 
@@ -62,6 +65,8 @@ import common
 from gen_pipeline import PROMPT, components
 
 NEGATIVE = "blurry, low quality, watermark"
+# cases also run in bf16 (final latents only, for a loose check)
+BF16_CASES = ["img2img_s60", "inpaint", "kontext", "true_cfg", "fill", "control"]
 
 
 def init_image(path):
@@ -300,6 +305,7 @@ def main():
         cases[name] = dict(base, prompt=prompt, steps=4, guidance=2.5, redux_image="img2img_init.png")
     pipes = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline, "kontext": FluxKontextPipeline,
              "true_cfg": FluxPipeline}
+    bf16_jobs = []
     for name, case in cases.items():
         kind = "inpaint" if "mask" in case else "kontext" if "edit_image" in case else \
             "true_cfg" if "negative_prompt" in case else "img2img"
@@ -314,6 +320,8 @@ def main():
             t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images, redux_runs[name])
             continue
         t[f"{name}/latents_out"], t[f"{name}/image"] = run(pipe, case, images)
+        if name in BF16_CASES:
+            bf16_jobs.append((name, pipe, case))
     # BFL's tools restated (Reference::Bfl)
     bfl_cases = {
         "bfl_img2img": dict(base, steps=5, strength=0.8, image="img2img_init.png", reference="bfl"),
@@ -326,6 +334,11 @@ def main():
         pipe = FluxPipeline(**parts)
         t[f"{name}/latents_out"], t[f"{name}/image"] = bfl_run(pipe, model, case, images)
         cases[name] = case
+    # last, as it casts the shared modules: the same pipelines in bf16 (bf16 noise and posterior
+    # draws, as diffusers does)
+    for name, pipe, case in bf16_jobs:
+        pipe.to(torch.bfloat16)
+        t[f"{name}/bf16/latents_out"] = run(pipe, case, images)[0].float()
     common.save(args.out, "tasks", t, {"cases": cases, "tolerance": "abs=1e-4"})
 
 
