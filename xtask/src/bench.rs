@@ -487,6 +487,12 @@ fn pipeline_bench() -> Result<()> {
     let pic = |f: &str| golden.join(f).display().to_string();
     let (init, mask) = (pic("img2img_init.png"), pic("inpaint_mask.png"));
     let small = ["--width", "96", "--height", "64"];
+    let cfg = [
+        &["generate", "--model", &dev, "--negative-prompt", "blurry"][..],
+        &["--true-cfg", "4"],
+        &small,
+    ]
+    .concat();
     let runs: Vec<(&str, Vec<&str>)> = vec![
         (
             "text-to-image res=256",
@@ -520,40 +526,8 @@ fn pipeline_bench() -> Result<()> {
             "kontext",
             [&["edit", "--model", &dev, "--image", &init][..], &small].concat(),
         ),
-        (
-            "true-cfg 4",
-            [
-                &[
-                    "generate",
-                    "--model",
-                    &dev,
-                    "--negative-prompt",
-                    "blurry",
-                    "--true-cfg",
-                    "4",
-                ][..],
-                &small,
-            ]
-            .concat(),
-        ),
-        (
-            "true-cfg 4 batch 2",
-            [
-                &[
-                    "generate",
-                    "--model",
-                    &dev,
-                    "--negative-prompt",
-                    "blurry",
-                    "--true-cfg",
-                    "4",
-                    "--batch",
-                    "2",
-                ][..],
-                &small,
-            ]
-            .concat(),
-        ),
+        ("true-cfg 4", cfg.clone()),
+        ("true-cfg 4 batch 2", [&cfg[..], &["--batch", "2"]].concat()),
         (
             "fill",
             [
