@@ -523,8 +523,12 @@ fn pipeline_bench() -> Result<()> {
             .concat(),
         ),
         (
-            "kontext",
-            [&["edit", "--model", &dev, "--image", &init][..], &small].concat(),
+            "kontext (picture kept at 96x64)",
+            [
+                &["edit", "--model", &dev, "--image", &init, "--keep-size"][..],
+                &small,
+            ]
+            .concat(),
         ),
         ("true-cfg 4", cfg.clone()),
         ("true-cfg 4 batch 2", [&cfg[..], &["--batch", "2"]].concat()),
