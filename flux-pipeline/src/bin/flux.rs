@@ -439,6 +439,12 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
     // the model and its parts: flags, else the image's record; a model named only by the image
     // is never downloaded (only the local cache is read)
     let recorded = |key: &str| from.as_ref().and_then(|p| p.files.get(key).cloned());
+    // a picture or file: the flag's (when `when`), else the one the re-run image records
+    let path_or_recorded = |flag: &Option<PathBuf>, when: bool, key: &str| {
+        flag.clone()
+            .filter(|_| when)
+            .or_else(|| recorded(key).map(PathBuf::from))
+    };
     let (model, from_record) = match (&args.model, &from) {
         (Some(m), _) => (m.clone(), false),
         (None, Some(p)) => (p.model.clone(), true),
@@ -471,24 +477,14 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
     }
     // FLUX.1-Redux: `flux redux --image`, or the picture a re-run image records; BFL's empty
     // prompt unless one is given
-    let redux_path = args
-        .image
-        .clone()
-        .filter(|_| mode == Mode::Redux)
-        .or_else(|| recorded("redux_image").map(PathBuf::from));
+    let redux_path = path_or_recorded(&args.image, mode == Mode::Redux, "redux_image");
     if mode == Mode::Redux && redux_path.is_none() {
         return Err(Error::InvalidRequest(
             "flux redux needs --image (the picture to vary)".into(),
         ));
     }
-    let redux_file = args
-        .redux
-        .clone()
-        .or_else(|| recorded("redux").map(PathBuf::from));
-    let siglip_dir = args
-        .siglip
-        .clone()
-        .or_else(|| recorded("siglip").map(PathBuf::from));
+    let redux_file = path_or_recorded(&args.redux, true, "redux");
+    let siglip_dir = path_or_recorded(&args.siglip, true, "siglip");
     if let Some(path) = &redux_path {
         let (Some(rf), Some(sd)) = (&redux_file, &siglip_dir) else {
             return Err(Error::InvalidRequest(
@@ -528,11 +524,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         .unwrap_or(1.0);
     // img2img: the flag's picture, else the one the re-run image records
     // Kontext: `flux edit --image`, or the picture a re-run image records
-    let edit_path = args
-        .image
-        .clone()
-        .filter(|_| edit)
-        .or_else(|| recorded("edit").map(PathBuf::from));
+    let edit_path = path_or_recorded(&args.image, edit, "edit");
     if edit && edit_path.is_none() {
         return Err(Error::InvalidRequest(
             "flux edit needs --image (the picture to edit)".into(),
@@ -565,11 +557,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         }
         req.edit_image = Some(picture);
     }
-    let init = args
-        .image
-        .clone()
-        .filter(|_| !edit && mode != Mode::Redux)
-        .or_else(|| recorded("image").map(PathBuf::from));
+    let init = path_or_recorded(&args.image, !edit && mode != Mode::Redux, "image");
     let border = args.outpaint.or(from.as_ref().and_then(|p| p.outpaint));
     if let Some(path) = &init {
         let mut picture = read_png(path)?.image;
@@ -586,10 +574,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             .strength
             .or(from.as_ref().and_then(|p| p.strength))
             .unwrap_or(0.6);
-        let mask_path = args
-            .mask
-            .clone()
-            .or_else(|| recorded("mask").map(PathBuf::from));
+        let mask_path = path_or_recorded(&args.mask, true, "mask");
         let mask = match (&mask_path, grown_mask) {
             (_, Some(m)) => Some(m),
             (Some(m), None) => Some(read_png(m)?.image),
@@ -602,14 +587,8 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         });
     }
     // FLUX.1-Canny/Depth: the control picture (Canny edges found here), BFL's guidance
-    let canny = args
-        .canny
-        .clone()
-        .or_else(|| recorded("canny").map(PathBuf::from));
-    let depth = args
-        .depth
-        .clone()
-        .or_else(|| recorded("depth").map(PathBuf::from));
+    let canny = path_or_recorded(&args.canny, true, "canny");
+    let depth = path_or_recorded(&args.depth, true, "depth");
     if let Some(path) = canny.as_ref().or(depth.as_ref()) {
         let picture = read_png(path)?.image;
         if args.width.is_none() && args.height.is_none() && from.is_none() {
@@ -667,10 +646,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             *slot = Some(f);
         }
     }
-    let mask = args
-        .mask
-        .clone()
-        .or_else(|| recorded("mask").map(PathBuf::from));
+    let mask = path_or_recorded(&args.mask, true, "mask");
     for (key, path) in [
         ("image", &init),
         ("mask", &mask.filter(|_| init.is_some())),
