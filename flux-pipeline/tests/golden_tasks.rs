@@ -817,14 +817,7 @@ fn batches_equal_one_at_a_time() {
         }
         for (a, b) in one.images.iter().zip(&many.images) {
             assert_eq!(a.params, b.params, "{case}");
-            let d = (&a.latents - &b.latents)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = flux_golden::max_abs_diff(&a.latents, &b.latents);
             assert!(d < 1e-5, "{case}, batch {batch}: max abs {d}");
         }
         // the images differ from each other (each its own seed and prompt)
@@ -957,11 +950,7 @@ fn redux_matches_diffusers() {
     assert!(batched.generate(&cfg, |_, _| {}).unwrap().images[0].rgb == one.images[0].rgb);
     // two pictures' tokens are summed
     let two = redux.encode(&[pic.clone(), pic.clone()], &dev).unwrap();
-    let d = ((&two - (&tokens * 2.0).unwrap()).unwrap().abs().unwrap())
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = flux_golden::max_abs_diff(&two, &(&tokens * 2.0).unwrap());
     assert!(d < 1e-5, "{d}");
     // tokens of the wrong width are refused
     let bad = GenerateRequest {
@@ -1118,17 +1107,9 @@ fn tasks_in_bf16_stay_close_to_the_reference() {
             _ => &mut base,
         };
         let out = p.generate(&request(&g, case), |_, _| {}).unwrap();
-        let got = out.images[0].latents.to_dtype(candle::DType::F32).unwrap();
         let want = g.tensor(&format!("{case}/bf16/latents_out"));
-        let diff = (&got - &want).unwrap().abs().unwrap();
-        let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let max = flux_golden::max_abs_diff(&out.images[0].latents, &want);
+        let scale = flux_golden::max_abs_diff(&want, &want.zeros_like().unwrap());
         eprintln!("{case}: bf16 max abs {max} (of {scale})");
         assert!(max <= 0.05 * scale, "{case}: bf16 max abs {max} of {scale}");
     }
