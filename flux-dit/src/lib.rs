@@ -4,6 +4,7 @@
 mod config;
 mod convert;
 mod error;
+mod lora;
 mod model;
 mod pack;
 mod weights;
@@ -13,6 +14,7 @@ pub use convert::{convert_to_gguf, gguf_type_for, llama_file_type, ConvertReport
 pub use error::{Error, Result};
 pub use flux_kernels::AngleMode;
 pub use flux_kernels::LoadError;
+pub use lora::{Lora, LoraFormat, LoraMode, LoraOptions, LoraReport, LoraSet};
 pub use model::{
     timestep_embedding, DitInput, DoubleStreamBlock, Flux, FluxOptions, LastLayer, MlpEmbedder,
     Modulation, ModulationOut, QkNorm, SingleStreamBlock,

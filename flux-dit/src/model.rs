@@ -443,6 +443,8 @@ pub struct Flux {
     rope_cache: Arc<Mutex<Option<RopeCache>>>,
     dtype: DType,
     device: Device,
+    /// While adapters are attached: the config and QK-norm scales as loaded.
+    pub(crate) lora_base: Option<Arc<(Config, Vec<(String, Tensor)>)>>,
 }
 
 impl Flux {
@@ -475,6 +477,7 @@ impl Flux {
             rope_cache: Arc::default(),
             dtype: w.dtype(),
             device: w.device().clone(),
+            lora_base: None,
         };
         w.finish()?;
         for b in &mut model.double_blocks {
@@ -658,6 +661,66 @@ impl Flux {
             table: table.clone(),
         });
         Ok(table)
+    }
+
+    /// Every linear layer with its BFL module name (`double_blocks.0.img_attn.qkv`), for the
+    /// LoRA key map.
+    pub(crate) fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v: Vec<(String, &mut Linear)> = vec![("img_in".into(), &mut self.img_in)];
+        v.push(("time_in.in_layer".into(), &mut self.time_in.in_layer));
+        v.push(("time_in.out_layer".into(), &mut self.time_in.out_layer));
+        if let Some(g) = &mut self.guidance_in {
+            v.push(("guidance_in.in_layer".into(), &mut g.in_layer));
+            v.push(("guidance_in.out_layer".into(), &mut g.out_layer));
+        }
+        v.push(("vector_in.in_layer".into(), &mut self.vector_in.in_layer));
+        v.push(("vector_in.out_layer".into(), &mut self.vector_in.out_layer));
+        v.push(("txt_in".into(), &mut self.txt_in));
+        for (i, b) in self.double_blocks.iter_mut().enumerate() {
+            for (s, st) in [("img", &mut b.img), ("txt", &mut b.txt)] {
+                let p = format!("double_blocks.{i}.{s}");
+                v.push((format!("{p}_mod.lin"), &mut st.modulation.lin));
+                v.push((format!("{p}_attn.qkv"), &mut st.qkv));
+                v.push((format!("{p}_attn.proj"), &mut st.proj));
+                v.push((format!("{p}_mlp.0"), &mut st.mlp.fc0));
+                v.push((format!("{p}_mlp.2"), &mut st.mlp.fc2));
+            }
+        }
+        for (j, b) in self.single_blocks.iter_mut().enumerate() {
+            let p = format!("single_blocks.{j}");
+            v.push((format!("{p}.linear1"), &mut b.linear1));
+            v.push((format!("{p}.linear2"), &mut b.linear2));
+            v.push((format!("{p}.modulation.lin"), &mut b.modulation.lin));
+        }
+        v.push(("final_layer.linear".into(), &mut self.final_layer.linear));
+        v.push((
+            "final_layer.adaLN_modulation.1".into(),
+            &mut self.final_layer.ada_ln,
+        ));
+        v
+    }
+
+    /// Every QK-norm scale with its BFL key (`double_blocks.0.img_attn.norm.query_norm.scale`).
+    pub(crate) fn norm_scales_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut v = vec![];
+        for (i, b) in self.double_blocks.iter_mut().enumerate() {
+            for (s, st) in [("img", &mut b.img), ("txt", &mut b.txt)] {
+                let p = format!("double_blocks.{i}.{s}_attn.norm");
+                v.push((format!("{p}.query_norm.scale"), &mut st.norm.query_norm));
+                v.push((format!("{p}.key_norm.scale"), &mut st.norm.key_norm));
+            }
+        }
+        for (j, b) in self.single_blocks.iter_mut().enumerate() {
+            let p = format!("single_blocks.{j}.norm");
+            v.push((format!("{p}.query_norm.scale"), &mut b.norm.query_norm));
+            v.push((format!("{p}.key_norm.scale"), &mut b.norm.key_norm));
+        }
+        v
+    }
+
+    /// The config, for the LoRA code that widens `img_in` (control LoRAs).
+    pub(crate) fn config_mut(&mut self) -> &mut Config {
+        &mut self.cfg
     }
 
     /// The double-stream blocks, for per-block checks.

@@ -93,6 +93,7 @@ pub struct Checkpoint {
     maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
     gguf_meta: std::collections::BTreeMap<String, gguf::Value>,
+    text_meta: std::collections::BTreeMap<String, String>,
     prefix: String,
     /// Only keys under `prefix` belong to this checkpoint (one part of an all-in-one file).
     scoped: bool,
@@ -130,6 +131,7 @@ impl Checkpoint {
         let mut maps = Vec::with_capacity(files.len());
         let mut entries = HashMap::new();
         let mut gguf_meta = std::collections::BTreeMap::new();
+        let mut text_meta = std::collections::BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
             let bad = |reason: String| LoadError::File {
                 path: f.clone(),
@@ -185,6 +187,11 @@ impl Checkpoint {
                     .map_err(|e| bad(format!("not a safetensors or GGUF file ({e})")))?;
                 let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
                 let data_start = 8 + n;
+                if let Some(m) = meta.metadata() {
+                    for (k, v) in m {
+                        text_meta.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
                 for (name, info) in meta.tensors() {
                     let (a, b) = info.data_offsets;
                     add(
@@ -214,6 +221,7 @@ impl Checkpoint {
             maps,
             entries,
             gguf_meta,
+            text_meta,
             prefix: String::new(),
             scoped: false,
             dtype,
@@ -254,6 +262,7 @@ impl Checkpoint {
             maps: vec![],
             entries,
             gguf_meta: Default::default(),
+            text_meta: Default::default(),
             prefix: String::new(),
             scoped: false,
             dtype,
@@ -304,6 +313,12 @@ impl Checkpoint {
     /// The device tensors are placed on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// A safetensors header's `__metadata__` string (the first shard that has `key`); `None`
+    /// for keys it lacks and for GGUF checkpoints.
+    pub fn text_metadata(&self, key: &str) -> Option<&str> {
+        self.text_meta.get(key).map(String::as_str)
     }
 
     /// GGUF metadata of the (first) GGUF file, e.g. `general.architecture`; `None` for keys it

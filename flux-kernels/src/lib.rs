@@ -11,6 +11,7 @@ mod error;
 mod fused_cpu;
 pub mod gguf;
 mod linear;
+pub mod lora;
 mod ops;
 mod quant;
 mod rope;
@@ -23,7 +24,7 @@ pub use checkpoint::{
 #[cfg(feature = "cuda")]
 pub use cuda::set_flash_config;
 pub use error::{over_limit, preview, Error, LoadError, Result};
-pub use linear::{set_quant_matmul, Linear, LinearWeight, QuantMatmul};
+pub use linear::{set_quant_matmul, Linear, LinearWeight, QuantMatmul, RuntimeDelta};
 pub use ops::{
     cat_gelu_tanh, gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate,
     modulate, quick_gelu, rms_norm, silu,

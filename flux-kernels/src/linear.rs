@@ -121,9 +121,45 @@ enum DevicePacked {
 }
 
 /// A linear layer `y = x·Wᵀ + b` with `W: (out, in)`, as PyTorch stores it.
+///
+/// Adapters (LoRA and its kin) attach in one of two ways: merged into a dense weight
+/// ([`Linear::merge`], the pristine weight kept for [`Linear::restore`]), or applied at run time
+/// ([`Linear::set_runtime`]: `y = W·x + b + U·(D·x) + Δ·x + c`, for packed weights or cheap
+/// switching).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
+    bias: Option<Tensor>,
+    /// The weight and bias as loaded, while a merged adapter replaces them.
+    original: Option<Box<(Weight, Option<Tensor>)>>,
+    runtime: Option<Box<Runtime>>,
+}
+
+/// A run-time adapter of one [`Linear`], already scaled: `y += U·(D·x) + Δ·x + c`.
+///
+/// The low-rank parts of every adapter on the layer are stacked, so the extra cost is two thin
+/// products per call whatever the number of adapters; `dense` carries what is not low-rank
+/// (LoKr, LoHa, full diffs, DoRA's rescaling).
+#[derive(Debug, Clone)]
+pub struct RuntimeDelta {
+    /// `D`: `(R, in)`, the down factors stacked (`R` = the sum of their ranks).
+    pub down: Option<Tensor>,
+    /// `U`: `(out, R)`, the up factors scaled by strength × the format's scale, each placed at
+    /// the rows its adapter targets (zeros elsewhere).
+    pub up: Option<Tensor>,
+    /// `Δ`: `(out, in)`.
+    pub dense: Option<Tensor>,
+    /// `c`: `(out)`.
+    pub bias: Option<Tensor>,
+}
+
+/// [`RuntimeDelta`] transposed for the products, in the activations' dtype on the device.
+#[derive(Debug, Clone)]
+struct Runtime {
+    /// `(in, R)` and `(R, out)`.
+    low_rank: Option<(Tensor, Tensor)>,
+    /// `(in, out)`.
+    dense_t: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
@@ -144,6 +180,8 @@ impl Linear {
         Ok(Linear {
             weight: Weight::DenseT(wt),
             bias: bias.map(|b| b.contiguous()).transpose()?,
+            original: None,
+            runtime: None,
         })
     }
 
@@ -191,6 +229,8 @@ impl Linear {
         Ok(Linear {
             weight,
             bias: bias.map(|b| b.contiguous()).transpose()?,
+            original: None,
+            runtime: None,
         })
     }
 
@@ -206,6 +246,8 @@ impl Linear {
         Ok(Linear {
             weight: Weight::Device(DevicePacked::new(&weight, device, dtype)?),
             bias: bias.map(|b| b.contiguous()).transpose()?,
+            original: None,
+            runtime: None,
         })
     }
 
@@ -258,6 +300,123 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is dense (adapters can be merged into it).
+    pub fn is_dense(&self) -> bool {
+        matches!(self.weight, Weight::DenseT(_))
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Merges adapters into a dense weight: `patch` receives the weight `(out, in)` and bias
+    /// `(out)` **as loaded** (f32 copies, whatever was merged before) and returns the new ones
+    /// (the input width may grow: a control LoRA pads `img_in`); they are rounded once to the
+    /// storage dtype. The loaded weight is kept until [`Linear::restore`], which puts it back
+    /// bit for bit. A packed weight cannot be merged into (use [`Linear::set_runtime`]).
+    pub fn merge(
+        &mut self,
+        patch: impl FnOnce(Tensor, Option<Tensor>) -> Result<(Tensor, Option<Tensor>)>,
+    ) -> Result<()> {
+        let (w, b) = match &self.original {
+            Some(o) => (&o.0, &o.1),
+            None => (&self.weight, &self.bias),
+        };
+        let Weight::DenseT(wt) = w else {
+            return Err(Error::InvalidArgument(format!(
+                "cannot merge an adapter into a {} weight; apply it at run time",
+                self.encoding()
+            )));
+        };
+        let (dtype, device) = (wt.dtype(), wt.device().clone());
+        let w32 = wt.t()?.to_dtype(DType::F32)?;
+        let b32 = b.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let (nw, nb) = patch(w32, b32)?;
+        let out = nw.dim(0)?;
+        check_bias(nb.as_ref(), out)?;
+        let nw = transpose(&nw.to_dtype(dtype)?.to_device(&device)?)?;
+        let bias_dtype = b.as_ref().map_or(dtype, |b| b.dtype());
+        let nb = nb
+            .map(|b| b.to_dtype(bias_dtype)?.to_device(&device)?.contiguous())
+            .transpose()?;
+        if self.original.is_none() {
+            let old = (
+                std::mem::replace(&mut self.weight, Weight::DenseT(nw)),
+                std::mem::replace(&mut self.bias, nb),
+            );
+            self.original = Some(Box::new(old));
+        } else {
+            self.weight = Weight::DenseT(nw);
+            self.bias = nb;
+        }
+        Ok(())
+    }
+
+    /// Sets (or with `None` removes) the run-time adapter; the weight itself is untouched.
+    /// Its tensors are converted to `dtype` (the activations' dtype) on `device`.
+    pub fn set_runtime(
+        &mut self,
+        delta: Option<RuntimeDelta>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let Some(d) = delta else {
+            self.runtime = None;
+            return Ok(());
+        };
+        let (inp, out) = self.dims();
+        let prep = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(dtype)?.to_device(device)?.t()?.contiguous()?)
+        };
+        let low_rank = match (&d.down, &d.up) {
+            (Some(dn), Some(up)) => {
+                let r = dn.dim(0)?;
+                expect_shape("run-time adapter down factors", dn, &[r, inp])?;
+                expect_shape("run-time adapter up factors", up, &[out, r])?;
+                Some((prep(dn)?, prep(up)?))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a run-time adapter needs both its down and its up factors".into(),
+                ))
+            }
+        };
+        let dense_t = match &d.dense {
+            Some(t) => {
+                expect_shape("run-time adapter dense delta", t, &[out, inp])?;
+                Some(prep(t)?)
+            }
+            None => None,
+        };
+        check_bias(d.bias.as_ref(), out)?;
+        let bias = d
+            .bias
+            .map(|b| b.to_dtype(dtype)?.to_device(device)?.contiguous())
+            .transpose()?;
+        self.runtime = Some(Box::new(Runtime {
+            low_rank,
+            dense_t,
+            bias,
+        }));
+        Ok(())
+    }
+
+    /// Removes every adapter: the weight and bias as loaded, bit for bit, and no run-time
+    /// adapter.
+    pub fn restore(&mut self) {
+        if let Some(o) = self.original.take() {
+            (self.weight, self.bias) = *o;
+        }
+        self.runtime = None;
+    }
+
+    /// Whether an adapter is merged or attached.
+    pub fn is_adapted(&self) -> bool {
+        self.original.is_some() || self.runtime.is_some()
+    }
+
     /// Applies the layer.
     ///
     /// # Shapes
@@ -282,16 +441,34 @@ impl Linear {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             };
-            return Ok(y.reshape(shape)?);
+            return Ok(self.add_runtime(&x2, y)?.reshape(shape)?);
         }
         let y = match self.forward_cpu_f32(&x2, rows)? {
             Some(y) => y,
-            None => self.forward_plain(&x2)?,
+            None => self.add_runtime(&x2, self.forward_plain(&x2)?)?,
         };
         Ok(y.reshape(shape)?)
     }
 
-    /// The plain candle twin: `x·Wᵀ` then `+ b` (on CUDA the bias add is one fused kernel pass).
+    /// `y + U·(D·x) + Δ·x + c` with candle ops (every path but the fused CPU one).
+    fn add_runtime(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
+        let Some(rt) = &self.runtime else {
+            return Ok(y);
+        };
+        if let Some((dn, up)) = &rt.low_rank {
+            y = (y + x.matmul(dn)?.matmul(up)?)?;
+        }
+        if let Some(d) = &rt.dense_t {
+            y = (y + x.matmul(d)?)?;
+        }
+        if let Some(b) = &rt.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+
+    /// The plain candle twin: `x·Wᵀ` then `+ b` (on CUDA the bias add is one fused kernel pass);
+    /// without the run-time adapter.
     ///
     /// # Shapes
     /// `x`: `(rows, in)`. Returns `(rows, out)`.
@@ -319,6 +496,18 @@ impl Linear {
         }
         if self.bias.as_ref().is_some_and(|b| b.dtype() != DType::F32) {
             return Ok(None);
+        }
+        if let Some(rt) = &self.runtime {
+            let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+            let ok = rt
+                .low_rank
+                .as_ref()
+                .is_none_or(|(d, u)| f32_cpu(d) && f32_cpu(u))
+                && rt.dense_t.as_ref().is_none_or(f32_cpu)
+                && rt.bias.as_ref().is_none_or(f32_cpu);
+            if !ok {
+                return Ok(None);
+            }
         }
         let x = x.contiguous()?;
         let (inp, out) = self.dims();
@@ -364,9 +553,52 @@ impl Linear {
             }
             Weight::Device(_) | Weight::Integer { .. } => return Ok(None),
         }
+        if let Some(rt) = &self.runtime {
+            if let Some((dn, up)) = &rt.low_rank {
+                let r = dn.dim(1)?;
+                let mut h = vec![0f32; rows * r];
+                with_f32(dn, |d| gemm_into(&mut h, xv, d, (rows, inp, r), (r, 1)))?;
+                with_f32(up, |u| gemm_into(&mut dst, &h, u, (rows, r, out), (out, 1)))?;
+            }
+            if let Some(d) = &rt.dense_t {
+                with_f32(d, |d| {
+                    gemm_into(&mut dst, xv, d, (rows, inp, out), (out, 1))
+                })?;
+            }
+            if let Some(b) = &rt.bias {
+                let b = b.to_vec1::<f32>()?;
+                for row in dst.chunks_exact_mut(out) {
+                    row.iter_mut().zip(&b).for_each(|(y, c)| *y += c);
+                }
+            }
+        }
         drop(xs);
         Ok(Some(Tensor::from_vec(dst, (rows, out), x.device())?))
     }
+}
+
+/// Calls `f` with the values of a contiguous f32 CPU tensor.
+fn with_f32(t: &Tensor, f: impl FnOnce(&[f32])) -> Result<()> {
+    let (st, l) = t.storage_and_layout();
+    let (Storage::Cpu(c), Some((a, b))) = (&*st, l.contiguous_offsets()) else {
+        return Err(Error::InvalidArgument(
+            "expected a contiguous CPU tensor".into(),
+        ));
+    };
+    f(&c.as_slice::<f32>()?[a..b]);
+    Ok(())
+}
+
+/// `shape` or a [`Error::ShapeMismatch`] naming `what`.
+fn expect_shape(what: &'static str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.dims() != shape {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: shape.to_vec(),
+            got: t.dims().to_vec(),
+        });
+    }
+    Ok(())
 }
 
 /// `dst (m, n) += x (m, k) · W` with `W`'s element `(k, n)` at `k·rs + n·cs`, through gemm on
