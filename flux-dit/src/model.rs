@@ -425,6 +425,10 @@ struct RopeCache {
     table: RopeTable,
 }
 
+/// What adapters may change besides the linear layers (which keep their own originals): the
+/// config (a control LoRA widens `img_in`) and the QK-norm scales (which it replaces).
+pub(crate) type LoraBase = (Config, Vec<(String, Tensor)>);
+
 /// The FLUX transformer.
 #[derive(Debug, Clone)]
 pub struct Flux {
@@ -444,7 +448,7 @@ pub struct Flux {
     dtype: DType,
     device: Device,
     /// While adapters are attached: the config and QK-norm scales as loaded.
-    pub(crate) lora_base: Option<Arc<(Config, Vec<(String, Tensor)>)>>,
+    pub(crate) lora_base: Option<Arc<LoraBase>>,
 }
 
 impl Flux {
@@ -698,6 +702,25 @@ impl Flux {
             &mut self.final_layer.ada_ln,
         ));
         v
+    }
+
+    /// Every linear layer with its BFL module name, as it is now (adapters merged or attached):
+    /// for inspection and tests (the clones share the weights' memory).
+    pub fn linears(&self) -> Vec<(String, Linear)> {
+        let mut m = self.clone();
+        m.linears_mut()
+            .into_iter()
+            .map(|(n, l)| (n, l.clone()))
+            .collect()
+    }
+
+    /// Every QK-norm scale with its BFL key, as it is now.
+    pub fn norm_scales(&self) -> Vec<(String, Tensor)> {
+        let mut m = self.clone();
+        m.norm_scales_mut()
+            .into_iter()
+            .map(|(n, t)| (n, t.clone()))
+            .collect()
     }
 
     /// Every QK-norm scale with its BFL key (`double_blocks.0.img_attn.norm.query_norm.scale`).

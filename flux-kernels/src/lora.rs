@@ -132,7 +132,20 @@ pub struct PeftConfig {
 impl PeftConfig {
     fn parse(text: &str) -> Result<Self> {
         let bad = |why: String| Error::InvalidArgument(format!("lora_adapter_metadata: {why}"));
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // a pipeline's `save_lora_weights` prefixes each field with its component
+        if let Some(obj) = v.as_object() {
+            if obj.keys().any(|k| k.starts_with("transformer.")) {
+                v = serde_json::Value::Object(
+                    obj.iter()
+                        .filter_map(|(k, x)| {
+                            Some((k.strip_prefix("transformer.")?.into(), x.clone()))
+                        })
+                        .collect(),
+                );
+            }
+        }
         let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
         let map = |k: &str| -> BTreeMap<String, f64> {
             v.get(k)
@@ -657,6 +670,20 @@ fn swap_halves(t: &Tensor) -> Result<Tensor> {
     )?)
 }
 
+/// `t` with rows `[offset, offset + sub.rows)` replaced by `sub` (any rank; along dim 0).
+fn put_rows(t: &Tensor, offset: usize, sub: &Tensor) -> Result<Tensor> {
+    let (n, k) = (t.dim(0)?, sub.dim(0)?);
+    let mut parts = vec![];
+    if offset > 0 {
+        parts.push(t.narrow(0, 0, offset)?);
+    }
+    parts.push(sub.clone());
+    if offset + k < n {
+        parts.push(t.narrow(0, offset + k, n - offset - k)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 /// `w` `(rows, in)` zero-padded to `inp` columns.
 fn pad_cols(w: &Tensor, inp: usize) -> Result<Tensor> {
     let (r, c) = w.dims2()?;
@@ -741,7 +768,7 @@ impl Patch<'_> {
                     (&sub + ((wc - &sub)? * m)?)?
                 }
             };
-            w = w.slice_assign(&[offset..offset + rows, 0..w.dim(1)?], &new)?;
+            w = put_rows(&w, offset, &new)?;
         }
         if let Some(db) = self.module.bias_delta() {
             let db = db.flatten_all()?;
@@ -750,7 +777,7 @@ impl Patch<'_> {
                 None => Tensor::zeros(out, DType::F32, w.device())?,
             };
             let sub = (base.narrow(0, offset, rows)? + (db * ms)?)?;
-            b = Some(base.slice_assign(&[offset..offset + rows], &sub)?);
+            b = Some(put_rows(&base, offset, &sub)?);
         }
         if swap {
             w = swap_halves(&w)?;
@@ -810,20 +837,16 @@ pub fn runtime_patches(
         };
         let r = down.dim(0)?;
         let ms = p.strength as f64 * p.scale as f64;
-        let mut full = Tensor::zeros((out, r), DType::F32, &Device::Cpu)?.slice_assign(
-            &[p.place.offset..p.place.offset + p.place.rows, 0..r],
-            &(up * ms)?,
-        )?;
+        let zeros = Tensor::zeros((out, r), DType::F32, &Device::Cpu)?;
+        let mut full = put_rows(&zeros, p.place.offset, &(up * ms)?)?;
         if p.place.swap_halves {
             full = swap_halves(&full)?;
         }
         downs.push(pad_cols(down, wide)?);
         ups.push(full);
         if let Some(db) = p.module.bias_delta() {
-            let mut v = Tensor::zeros(out, DType::F32, &Device::Cpu)?.slice_assign(
-                &[p.place.offset..p.place.offset + p.place.rows],
-                &(db.flatten_all()? * ms)?,
-            )?;
+            let zeros = Tensor::zeros(out, DType::F32, &Device::Cpu)?;
+            let mut v = put_rows(&zeros, p.place.offset, &(db.flatten_all()? * ms)?)?;
             if p.place.swap_halves {
                 v = swap_halves(&v)?;
             }

@@ -22,6 +22,7 @@ const GENERATORS: &[(&str, &str, &str)] = &[
     ("kernels", "gen_kernels.py", "flux-kernels"),
     ("sampler", "gen_sampler.py", "flux-sampler"),
     ("dit", "gen_dit.py", "flux-dit"),
+    ("lora", "gen_lora.py", "flux-dit"),
     ("vae", "gen_vae.py", "flux-vae"),
     ("text", "gen_text.py", "flux-text"),
     ("pipeline", "gen_pipeline.py", "flux-pipeline"),
