@@ -486,7 +486,8 @@ fn bad_files_are_typed_errors() {
         "{err}"
     );
     // rank mismatch, half a pair, unsupported kinds, empty and non-adapter files
-    let cases: Vec<(&str, Vec<(&str, Tensor)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, Tensor)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "rank",
             vec![
