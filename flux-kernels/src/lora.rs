@@ -803,7 +803,8 @@ pub fn merge_patches(linear: &mut Linear, patches: &[Patch]) -> Result<()> {
 }
 
 /// Attaches `patches` to `linear` at run time: plain LoRAs as stacked low-rank factors, the rest
-/// (LoKr, LoHa, diffs, DoRA) as one dense difference computed against the decoded weight.
+/// (LoKr, LoHa, diffs, DoRA) as one dense difference computed against the decoded weight (all
+/// of them when a DoRA module is among them, since it rescales what comes before it).
 /// A module wider than the layer's input (a control LoRA's `img_in`) first pads a dense weight
 /// with zero columns. Activations run in `dtype` on `device`.
 pub fn runtime_patches(
@@ -830,8 +831,11 @@ pub fn runtime_patches(
     let (mut downs, mut ups) = (vec![], vec![]);
     let mut rest = vec![];
     let mut bias: Option<Tensor> = None;
+    // DoRA rescales the weight it is given, so it sees the patches before it: then every
+    // patch goes into the dense difference, in order (the others add, in any order)
+    let ordered = patches.iter().any(|p| p.module.dora_scale.is_some());
     for p in patches {
-        let Some((down, up)) = p.module.low_rank() else {
+        let Some((down, up)) = p.module.low_rank().filter(|_| !ordered) else {
             rest.push(*p);
             continue;
         };
