@@ -106,10 +106,10 @@ proptest! {
         // `parts` modules, each on a random slice of rows
         let mut mods = vec![];
         let mut places = vec![];
-        for k in 0..parts {
+        for (k, kind) in kinds.iter().take(parts).enumerate() {
             let rows = 1 + (seed as usize + 7 * k) % out;
             let offset = (seed as usize / 3 + k) % (out - rows + 1);
-            mods.push(random_module(kinds[k], rows, inp, rows_in, seed + 10 * k as u64));
+            mods.push(random_module(*kind, rows, inp, rows_in, seed + 10 * k as u64));
             places.push(Placement { offset, rows, swap_halves: swap && k == 0 });
         }
         let patches: Vec<Patch> = mods
