@@ -354,6 +354,20 @@ impl LoraSet {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Checks the set against a model of `cfg` without touching one (every module placed, every
+    /// shape fitting, as [`Flux::apply_loras`] would), and returns the config the adapted model
+    /// has (a control LoRA widens `in_channels`) and what would be applied.
+    pub fn check(&self, cfg: &Config, opts: LoraOptions) -> Result<(Config, Vec<LoraReport>)> {
+        let p = plan(cfg, self, opts)?;
+        let mut c = cfg.clone();
+        for patch in p.layers.get("img_in").into_iter().flatten() {
+            if let Some((_, i)) = patch.module.delta_dims()? {
+                c.in_channels = c.in_channels.max(i);
+            }
+        }
+        Ok((c, p.reports))
+    }
 }
 
 /// What [`Flux::apply_loras`] did, per adapter.

@@ -13,6 +13,7 @@ mod task;
 
 pub use control::{canny, canny_control, CANNY_HIGH, CANNY_LOW};
 pub use error::{Error, Result};
+pub use flux_dit::{Lora, LoraFormat, LoraMode, LoraOptions, LoraSet};
 pub use flux_sampler::Reference;
 pub use output::{OutputNames, DEFAULT_FILE};
 pub use pipeline::{
@@ -20,8 +21,8 @@ pub use pipeline::{
     StageTimes,
 };
 pub use png::{
-    check_writable, file_sha256, read_png, remove_partial_files, write_png, ImageParams, ReadPng,
-    PARAMS_KEY,
+    check_writable, file_sha256, read_png, remove_partial_files, write_png, ImageParams, LoraParam,
+    ReadPng, PARAMS_KEY,
 };
 pub use redux::Redux;
 pub use resize::{resize, Filter};

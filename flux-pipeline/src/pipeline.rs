@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use candle::{DType, Device, Tensor};
-use flux_dit::{img_ids, txt_ids, unpack, DitInput, Flux, FluxOptions};
+use flux_dit::{img_ids, txt_ids, unpack, DitInput, Flux, FluxOptions, LoraOptions, LoraSet};
 use flux_sampler::{
     diffusers_sigmas, latent_shape, sample_with, schedule, true_cfg, NoiseDtype, NoiseOptions,
     Reference, SampleOptions, SizeRounding, StepInfo, TimestepRounding, TorchCpuKernel,
@@ -13,7 +13,7 @@ use flux_text::{
 };
 use flux_vae::{to_rgb8, AutoEncoder, ByteRounding, Rgb8, TileOptions};
 
-use crate::png::ImageParams;
+use crate::png::{ImageParams, LoraParam};
 use crate::source::{read_transformer_config, ModelFiles, ModelSource, TransformerFiles, VaeFiles};
 use crate::task::{InitImage, ModelKind, Start, Starts};
 use crate::{Error, Result};
@@ -42,6 +42,10 @@ pub struct PipelineOptions {
     /// Results equal one-at-a-time runs up to float rounding; memory for activations grows
     /// with it. Default 1 (one image, one pass at a time, as diffusers' true CFG).
     pub batch: usize,
+    /// LoRAs applied to the transformer when it loads (see [`FluxPipeline::set_loras`]).
+    pub loras: LoraSet,
+    /// How they are applied (merged or at run time; strict or lenient).
+    pub lora: LoraOptions,
 }
 
 impl Default for PipelineOptions {
@@ -54,6 +58,8 @@ impl Default for PipelineOptions {
             tiled_vae: None,
             quantize: None,
             batch: 1,
+            loras: LoraSet::new(),
+            lora: LoraOptions::default(),
         }
     }
 }
@@ -181,7 +187,13 @@ pub struct GenerateOutput {
 pub struct FluxPipeline {
     files: ModelFiles,
     fingerprint: String,
+    /// The transformer's config as loaded, and as the LoRAs make it (`cfg`).
+    base_cfg: flux_dit::Config,
     cfg: flux_dit::Config,
+    /// The LoRAs' records for the images' metadata.
+    lora_params: Vec<LoraParam>,
+    /// What lenient LoRA loading skipped, for the next generation's warnings.
+    lora_warnings: Vec<String>,
     opts: PipelineOptions,
     text: Option<PromptEncoder>,
     dit: Option<Flux>,
@@ -227,6 +239,7 @@ impl FluxPipeline {
             TransformerFiles::Bfl { config, .. } => config.clone(),
         };
         cfg.validate()?;
+        let base_cfg = cfg;
         // every other config too, now rather than when its stage comes
         match &files.vae {
             VaeFiles::Diffusers(dir) => {
@@ -246,22 +259,71 @@ impl FluxPipeline {
         if let Some(d) = clip_dir {
             flux_text::ClipConfig::from_dir(d)?.validate()?;
         }
+        let fingerprint = fingerprint(&files);
+        let (loras, lora) = (opts.loras.clone(), opts.lora);
+        let mut pipe = FluxPipeline {
+            files,
+            fingerprint,
+            cfg: base_cfg.clone(),
+            base_cfg,
+            lora_params: vec![],
+            lora_warnings: vec![],
+            opts,
+            text: None,
+            dit: None,
+            vae: None,
+        };
+        pipe.set_loras(loras, lora)?;
+        Ok(pipe)
+    }
+
+    /// Replaces the LoRAs (an empty set removes them). They are checked against the
+    /// transformer's config first (every module placed, every shape fitting); when the
+    /// transformer is loaded they are applied at once, switching without reloading it, else
+    /// when it loads. Each file's SHA-256 is recorded for the images' metadata.
+    pub fn set_loras(&mut self, set: LoraSet, opts: LoraOptions) -> Result<()> {
+        let (cfg, reports) = set.check(&self.base_cfg, opts)?;
         if ModelKind::of(cfg.in_channels).is_none() {
             return Err(Error::InvalidRequest(format!(
                 "this transformer takes {} input channels; the pipeline runs base models (64), FLUX.1-Canny/Depth (128) and FLUX.1-Fill (384)",
                 cfg.in_channels
             )));
         }
-        let fingerprint = fingerprint(&files);
-        Ok(FluxPipeline {
-            files,
-            fingerprint,
-            cfg,
-            opts,
-            text: None,
-            dit: None,
-            vae: None,
-        })
+        let mut params = vec![];
+        for (lora, strength) in set.entries() {
+            let path = std::fs::canonicalize(lora.path()).unwrap_or_else(|_| lora.path().into());
+            params.push(LoraParam {
+                file: path.display().to_string(),
+                sha256: crate::png::file_sha256(lora.path())?,
+                strength: *strength,
+            });
+        }
+        if let Some(dit) = self.dit.as_mut() {
+            dit.apply_loras(&set, opts)?;
+        }
+        self.lora_warnings = reports
+            .iter()
+            .filter(|r| r.skipped.1 > 0)
+            .map(|r| {
+                format!(
+                    "LoRA {} ({}): {} module(s) match no layer and were skipped: {}",
+                    r.path.display(),
+                    r.format,
+                    r.skipped.1,
+                    r.skipped.0.join(", ")
+                )
+            })
+            .collect();
+        self.cfg = cfg;
+        self.lora_params = params;
+        self.opts.loras = set;
+        self.opts.lora = opts;
+        Ok(())
+    }
+
+    /// The LoRAs applied (file, SHA-256, strength).
+    pub fn loras(&self) -> &[LoraParam] {
+        &self.lora_params
     }
 
     /// Resolves `source` (downloading if needed) and prepares the pipeline.
@@ -353,13 +415,17 @@ impl FluxPipeline {
                 ..Default::default()
             };
             let (d, dt) = (&self.opts.device, self.opts.dtype);
-            self.dit = Some(match &self.files.transformer {
+            let mut dit = match &self.files.transformer {
                 TransformerFiles::Diffusers(dir) => Flux::from_diffusers_folder(dir, dt, d, o)?,
                 TransformerFiles::File(file) => Flux::from_file(file, dt, d, o)?,
                 TransformerFiles::Bfl { file, config } => {
                     Flux::from_bfl_file(file, config, dt, d, o)?
                 }
-            });
+            };
+            if !self.opts.loras.is_empty() {
+                dit.apply_loras(&self.opts.loras, self.opts.lora)?;
+            }
+            self.dit = Some(dit);
         }
         self.dit
             .as_ref()
@@ -419,7 +485,7 @@ impl FluxPipeline {
         if steps == 0 || steps > MAX_STEPS {
             return bad(format!("steps must be in 1..={MAX_STEPS}, got {steps}"));
         }
-        let mut warnings = vec![];
+        let mut warnings = self.lora_warnings.clone();
         let kind = self.kind();
         let fill = kind == ModelKind::Fill;
         if fill && req.image.as_ref().is_none_or(|i| i.mask.is_none()) {
@@ -709,6 +775,7 @@ impl FluxPipeline {
                             reference: (self.opts.reference == Reference::Bfl)
                                 .then(|| "bfl".to_string()),
                             model_fingerprint: Some(self.fingerprint.clone()),
+                            loras: self.lora_params.clone(),
                         },
                     };
                     decode += start.elapsed();

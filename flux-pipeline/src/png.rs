@@ -74,6 +74,20 @@ pub struct ImageParams {
     /// picture changed.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub sha256: std::collections::BTreeMap<String, String>,
+    /// The LoRAs applied, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraParam>,
+}
+
+/// One LoRA of an image: which file, its SHA-256 and strength.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraParam {
+    /// The file (absolute path).
+    pub file: String,
+    /// Its SHA-256, lower-case hex.
+    pub sha256: String,
+    /// The strength it was applied with.
+    pub strength: f32,
 }
 
 /// The SHA-256 of a file's bytes, in lower-case hex (read in blocks; any size).

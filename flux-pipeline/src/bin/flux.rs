@@ -251,6 +251,51 @@ struct Generate {
     /// this CPU has them: faster, about twice the weight memory).
     #[arg(long, value_enum, default_value = "decode")]
     quant_matmul: QuantMatmulArg,
+    /// Apply a LoRA (or LyCORIS LoKr/LoHa, DoRA, full-diff) file with a strength:
+    /// `FILE[:STRENGTH]` [default strength 1; BFL's tools use 0.85 for their control LoRAs].
+    /// Repeat for several; every layout trainers write is read (kohya, ComfyUI, diffusers/PEFT,
+    /// OneTrainer, XLabs, LyCORIS, BFL control, fal Kontext, DiffSynth). Replaces the LoRAs
+    /// a --from-image re-run would apply.
+    #[arg(long, value_parser = parse_lora)]
+    lora: Vec<(PathBuf, f32)>,
+    /// Skip (with a warning) LoRA modules that match no layer of the transformer, instead of
+    /// failing.
+    #[arg(long)]
+    lora_lenient: bool,
+    /// How LoRAs are applied: `auto` (merged into dense weights, at run time on quantized or fp8
+    /// ones), `merge`, or `runtime` (weights untouched).
+    #[arg(long, value_enum, default_value = "auto")]
+    lora_mode: LoraModeArg,
+    /// A --from-image re-run without the LoRAs the image was made with.
+    #[arg(long, conflicts_with = "lora")]
+    no_lora: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LoraModeArg {
+    Auto,
+    Merge,
+    Runtime,
+}
+
+/// `--lora FILE[:STRENGTH]`: the part after the last `:` is the strength when it is a number
+/// (so `C:\x.safetensors` and `a:b.safetensors` stay paths).
+fn parse_lora(s: &str) -> Result<(PathBuf, f32), String> {
+    if let Some((path, m)) = s.rsplit_once(':') {
+        if let Ok(m) = m.trim().parse::<f32>() {
+            if !m.is_finite() {
+                return Err(format!("`{s}`: the strength must be a finite number"));
+            }
+            if path.is_empty() {
+                return Err(format!("`{s}`: no file before the strength"));
+            }
+            return Ok((PathBuf::from(path), m));
+        }
+    }
+    if s.is_empty() {
+        return Err("an empty --lora".into());
+    }
+    Ok((PathBuf::from(s), 1.0))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -607,6 +652,32 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         QuantMatmulArg::Decode => flux_kernels::QuantMatmul::Decode,
         QuantMatmulArg::Integer => flux_kernels::QuantMatmul::Integer,
     });
+    // LoRAs: the flags, else (unless --no-lora) the ones the re-run image records
+    let mut loras = flux_pipeline::LoraSet::new();
+    let recorded_loras = from.as_ref().map(|p| p.loras.clone()).unwrap_or_default();
+    if !args.lora.is_empty() {
+        for (path, m) in &args.lora {
+            loras.add(path, *m)?;
+        }
+    } else if !args.no_lora {
+        for l in &recorded_loras {
+            let path = PathBuf::from(&l.file);
+            if !path.is_file() {
+                return Err(Error::InvalidRequest(format!(
+                    "the image was made with the LoRA {} (strength {}), which is not there: give it with --lora FILE:{}, or re-run without it with --no-lora",
+                    l.file, l.strength, l.strength
+                )));
+            }
+            let sum = flux_pipeline::file_sha256(&path)?;
+            if sum != l.sha256 {
+                warnings.push(format!(
+                    "the LoRA {} changed since the image was made (SHA-256 {}, now {sum})",
+                    l.file, l.sha256
+                ));
+            }
+            loras.add(&path, l.strength)?;
+        }
+    }
     let opts = PipelineOptions {
         dtype,
         device,
@@ -614,6 +685,15 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         tiled_vae: tiled_vae.then(Default::default),
         quantize,
         batch: args.batch as usize,
+        loras,
+        lora: flux_pipeline::LoraOptions {
+            lenient: args.lora_lenient,
+            mode: match args.lora_mode {
+                LoraModeArg::Auto => flux_pipeline::LoraMode::Auto,
+                LoraModeArg::Merge => flux_pipeline::LoraMode::Merge,
+                LoraModeArg::Runtime => flux_pipeline::LoraMode::Runtime,
+            },
+        },
         ..Default::default()
     };
     let mut files = std::collections::BTreeMap::new();
