@@ -312,13 +312,28 @@ pub enum LoraMode {
 }
 
 /// Options of [`Flux::apply_loras`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraOptions {
     /// Keys that map to no module of the model (and text-encoder modules, which the
     /// transformer does not take) are counted and skipped instead of failing.
     pub lenient: bool,
     /// Merged or at run time.
     pub mode: LoraMode,
+    /// Keep each merged layer's weight as loaded, so that [`Flux::remove_loras`] and another
+    /// [`Flux::apply_loras`] can restore it bit for bit (the merged layers' weights are held
+    /// twice meanwhile). `false` merges for good, in no extra memory: for a model that is
+    /// dropped after use (the CLI). Run-time adapters never touch the weights. Default `true`.
+    pub reversible: bool,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        LoraOptions {
+            lenient: false,
+            mode: LoraMode::Auto,
+            reversible: true,
+        }
+    }
 }
 
 /// Several adapters, each with its strength (`--lora FILE[:STRENGTH]`).
@@ -493,7 +508,7 @@ impl Flux {
     /// weights as loaded and rounds once; [`Flux::remove_loras`] restores them bit for bit.
     /// A control LoRA's wider `img_in` widens the model's input (its config's `in_channels`).
     pub fn apply_loras(&mut self, set: &LoraSet, opts: LoraOptions) -> Result<Vec<LoraReport>> {
-        self.remove_loras();
+        self.remove_loras()?;
         let base_cfg = self.config().clone();
         let plan = plan(&base_cfg, set, opts)?;
         let norms = self
@@ -503,6 +518,7 @@ impl Flux {
             .collect();
         self.lora_base = Some(Arc::new((base_cfg, norms)));
         let (dtype, device) = (self.dtype(), self.device().clone());
+        let mut irreversible = false;
         let result = (|| -> Result<()> {
             for (name, lin) in self.linears_mut() {
                 let Some(patches) = plan.layers.get(&name) else {
@@ -516,7 +532,8 @@ impl Flux {
                 if runtime {
                     runtime_patches(lin, patches, dtype, &device)?;
                 } else {
-                    merge_patches(lin, patches)?;
+                    merge_patches(lin, patches, opts.reversible)?;
+                    irreversible |= !opts.reversible;
                 }
             }
             for (key, t) in self.norm_scales_mut() {
@@ -526,8 +543,10 @@ impl Flux {
             }
             Ok(())
         })();
+        self.lora_merged_for_good = irreversible;
         if let Err(e) = result {
-            self.remove_loras();
+            // merged-for-good layers cannot be put back; the error says what failed
+            let _ = self.remove_loras();
             return Err(e);
         }
         let width = self
@@ -541,13 +560,21 @@ impl Flux {
         Ok(plan.reports)
     }
 
-    /// Removes every adapter: the weights, norms and config as loaded, bit for bit.
-    pub fn remove_loras(&mut self) {
+    /// Removes every adapter: the weights, norms and config as loaded, bit for bit. An error
+    /// when adapters were merged with [`LoraOptions::reversible`] off (reload the model).
+    pub fn remove_loras(&mut self) -> Result<()> {
+        if self.lora_merged_for_good {
+            return Err(Error::InvalidConfig(
+                "the LoRAs were merged for good (LoraOptions::reversible = false); reload the \
+                 transformer to change them"
+                    .into(),
+            ));
+        }
         for (_, lin) in self.linears_mut() {
             lin.restore();
         }
         let Some(base) = self.lora_base.take() else {
-            return;
+            return Ok(());
         };
         let (cfg, norms) = &*base;
         let norms: HashMap<&str, &Tensor> = norms.iter().map(|(k, t)| (k.as_str(), t)).collect();
@@ -557,5 +584,6 @@ impl Flux {
             }
         }
         *self.config_mut() = cfg.clone();
+        Ok(())
     }
 }

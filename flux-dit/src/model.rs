@@ -449,6 +449,8 @@ pub struct Flux {
     device: Device,
     /// While adapters are attached: the config and QK-norm scales as loaded.
     pub(crate) lora_base: Option<Arc<LoraBase>>,
+    /// Adapters were merged without keeping the weights as loaded.
+    pub(crate) lora_merged_for_good: bool,
 }
 
 impl Flux {
@@ -482,6 +484,7 @@ impl Flux {
             dtype: w.dtype(),
             device: w.device().clone(),
             lora_base: None,
+            lora_merged_for_good: false,
         };
         w.finish()?;
         for b in &mut model.double_blocks {

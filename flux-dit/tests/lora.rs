@@ -139,7 +139,7 @@ fn every_format_merges_to_the_reference_weights() {
         assert_eq!(rep[0].skipped.1, 0, "{fmt}");
         assert!(rep[0].applied > 0, "{fmt}");
         check_merged(&g, fmt, &weights(&m), &base);
-        m.remove_loras();
+        m.remove_loras().unwrap();
     }
     // removal puts back every tensor bit for bit, and the config
     let after = weights(&m);
@@ -201,7 +201,7 @@ fn runtime_matches_merged_for_every_format() {
             )
             .unwrap();
             let y = forward(&m);
-            m.remove_loras();
+            m.remove_loras().unwrap();
             y
         };
         let merged = run(LoraMode::Merge);
@@ -307,6 +307,32 @@ fn several_adapters_add_and_strength_zero_is_the_base() {
 }
 
 #[test]
+fn merged_for_good_cannot_be_removed() {
+    let mut m = model(OPTS);
+    let reversible = weights(&{
+        let mut r = model(OPTS);
+        r.apply_loras(&set(&[("kohya", M)]), LoraOptions::default())
+            .unwrap();
+        r
+    });
+    let opts = LoraOptions {
+        reversible: false,
+        ..Default::default()
+    };
+    m.apply_loras(&set(&[("kohya", M)]), opts).unwrap();
+    // the same weights, without the originals kept
+    for (k, t) in weights(&m) {
+        assert_eq!(max_abs_diff(&t, &reversible[&k]), 0.0, "{k}");
+    }
+    assert!(m.linears().iter().all(|(_, l)| !l.is_adapted()));
+    let e = m.remove_loras().unwrap_err().to_string();
+    assert!(e.contains("reload"), "{e}");
+    assert!(m
+        .apply_loras(&LoraSet::new(), LoraOptions::default())
+        .is_err());
+}
+
+#[test]
 fn control_lora_widens_the_input_and_replaces_norms() {
     let mut m = model(OPTS);
     let s = set(&[("bfl_control", 0.85)]);
@@ -321,7 +347,7 @@ fn control_lora_widens_the_input_and_replaces_norms() {
         .unwrap();
         assert_eq!(m.config().in_channels, 32, "{mode:?}");
         assert_eq!(forward(&m).dims(), &[2, 15, 16]);
-        m.remove_loras();
+        m.remove_loras().unwrap();
         assert_eq!(m.config().in_channels, 16);
     }
 }
@@ -360,7 +386,7 @@ fn runtime_on_packed_weights_and_merge_refused() {
             .to_scalar::<f32>()
             .unwrap() as f64;
     assert!(rel < 0.2, "fp8 vs dense LoRA change: relative {rel}");
-    m.remove_loras();
+    m.remove_loras().unwrap();
     assert_eq!(max_abs_diff(&forward(&m), &y0), 0.0);
     let err = m
         .apply_loras(
@@ -439,7 +465,7 @@ fn bad_files_are_typed_errors() {
         )
         .unwrap();
     assert_eq!((rep[0].applied, rep[0].skipped.1), (1, 1));
-    m.remove_loras();
+    m.remove_loras().unwrap();
     // text-encoder modules are named as such
     let p = write(
         "te",

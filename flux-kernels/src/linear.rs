@@ -310,47 +310,126 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// Merges adapters into a dense weight: `patch` receives the weight `(out, in)` and bias
-    /// `(out)` **as loaded** (f32 copies, whatever was merged before) and returns the new ones
-    /// (the input width may grow: a control LoRA pads `img_in`); they are rounded once to the
-    /// storage dtype. The loaded weight is kept until [`Linear::restore`], which puts it back
-    /// bit for bit. A packed weight cannot be merged into (use [`Linear::set_runtime`]).
-    pub fn merge(
-        &mut self,
-        patch: impl FnOnce(Tensor, Option<Tensor>) -> Result<(Tensor, Option<Tensor>)>,
-    ) -> Result<()> {
+    /// The dense weight and bias as loaded (before any merge) and their dtype and device.
+    fn loaded_dense(&self) -> Result<(&Tensor, Option<&Tensor>)> {
         let (w, b) = match &self.original {
-            Some(o) => (&o.0, &o.1),
-            None => (&self.weight, &self.bias),
+            Some(o) => (&o.0, o.1.as_ref()),
+            None => (&self.weight, self.bias.as_ref()),
         };
-        let Weight::DenseT(wt) = w else {
-            return Err(Error::InvalidArgument(format!(
+        match w {
+            Weight::DenseT(wt) => Ok((wt, b)),
+            _ => Err(Error::InvalidArgument(format!(
                 "cannot merge an adapter into a {} weight; apply it at run time",
                 self.encoding()
-            )));
-        };
-        let (dtype, device) = (wt.dtype(), wt.device().clone());
-        let w32 = wt.t()?.to_dtype(DType::F32)?;
-        let b32 = b.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let (nw, nb) = patch(w32, b32)?;
-        let out = nw.dim(0)?;
-        check_bias(nb.as_ref(), out)?;
-        let nw = transpose(&nw.to_dtype(dtype)?.to_device(&device)?)?;
-        let bias_dtype = b.as_ref().map_or(dtype, |b| b.dtype());
-        let nb = nb
+            ))),
+        }
+    }
+
+    /// Replaces the dense weight `(in, out)` (as `f32` values) and bias, rounding once to the
+    /// storage dtype; the loaded ones are kept for [`Linear::restore`] when `keep_original`.
+    fn replace_dense(
+        &mut self,
+        wt: Vec<f32>,
+        (inp, out): (usize, usize),
+        bias: Option<Tensor>,
+        keep_original: bool,
+    ) -> Result<()> {
+        let (old, old_b) = self.loaded_dense()?;
+        let (dtype, device) = (old.dtype(), old.device().clone());
+        let bias_dtype = old_b.map_or(dtype, |b| b.dtype());
+        let nw = Tensor::from_vec(wt, (inp, out), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?;
+        let nb = bias
             .map(|b| b.to_dtype(bias_dtype)?.to_device(&device)?.contiguous())
             .transpose()?;
-        if self.original.is_none() {
-            let old = (
-                std::mem::replace(&mut self.weight, Weight::DenseT(nw)),
-                std::mem::replace(&mut self.bias, nb),
-            );
+        let old = (
+            std::mem::replace(&mut self.weight, Weight::DenseT(nw)),
+            std::mem::replace(&mut self.bias, nb),
+        );
+        if keep_original && self.original.is_none() {
             self.original = Some(Box::new(old));
-        } else {
-            self.weight = Weight::DenseT(nw);
-            self.bias = nb;
         }
         Ok(())
+    }
+
+    /// Merges `delta` into a dense weight, from the weight **as loaded** (whatever was merged
+    /// before): `W' = W + U·D + Δ`, `b' = b + c`, computed in f32 (the low-rank part as one
+    /// product accumulated into the weight) and rounded once to the storage dtype. A delta
+    /// wider than the layer's input pads the weight with zero columns (a control LoRA's
+    /// `img_in`). With `keep_original` the loaded weight is kept until [`Linear::restore`],
+    /// which puts it back bit for bit (the adapted layer's weight is held twice meanwhile);
+    /// without, the merge is for good. A packed weight cannot be merged into (use
+    /// [`Linear::set_runtime`]).
+    pub fn merge_delta(&mut self, delta: &RuntimeDelta, keep_original: bool) -> Result<()> {
+        let (wt, b) = self.loaded_dense()?;
+        let (inp, out) = wt.dims2()?;
+        let wide = [
+            delta
+                .down
+                .as_ref()
+                .map(|d| d.dims().get(1).copied().unwrap_or(0)),
+            delta
+                .dense
+                .as_ref()
+                .map(|d| d.dims().get(1).copied().unwrap_or(0)),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(inp, usize::max);
+        // (in, out) row-major f32, zero rows appended for new inputs
+        let mut w = wt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        w.resize(wide * out, 0.0);
+        let cpu32 =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+        match (&delta.down, &delta.up) {
+            (Some(dn), Some(up)) => {
+                let r = dn.dim(0)?;
+                expect_shape("adapter down factors", dn, &[r, wide])?;
+                expect_shape("adapter up factors", up, &[out, r])?;
+                let dn_t = cpu32(dn)?.t()?.contiguous()?; // (wide, R)
+                let up_t = cpu32(up)?.t()?.contiguous()?; // (R, out)
+                let x = dn_t.flatten_all()?.to_vec1::<f32>()?;
+                with_f32(&up_t, |u| {
+                    gemm_into(&mut w, &x, u, (wide, r, out), (out, 1))
+                })?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "an adapter needs both its down and its up factors".into(),
+                ))
+            }
+        }
+        if let Some(d) = &delta.dense {
+            expect_shape("adapter dense delta", d, &[out, wide])?;
+            let dt = transpose(&cpu32(d)?)?.flatten_all()?.to_vec1::<f32>()?;
+            w.iter_mut().zip(&dt).for_each(|(a, b)| *a += b);
+        }
+        check_bias(delta.bias.as_ref(), out)?;
+        let bias = match (b, &delta.bias) {
+            (Some(b), Some(c)) => Some((cpu32(b)? + cpu32(c)?)?),
+            (None, Some(c)) => Some(cpu32(c)?),
+            (b, None) => b.cloned(),
+        };
+        self.replace_dense(w, (wide, out), bias, keep_original)
+    }
+
+    /// Zero-pads a dense weight to `inp` input columns (no change when it has as many), from
+    /// the weight as loaded, kept for [`Linear::restore`] when `keep_original`.
+    pub fn pad_inputs(&mut self, inp: usize, keep_original: bool) -> Result<()> {
+        if inp <= self.dims().0 {
+            return Ok(());
+        }
+        let (wt, b) = self.loaded_dense()?;
+        let (has, out) = wt.dims2()?;
+        if inp <= has {
+            return Ok(());
+        }
+        let mut w = wt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        w.resize(inp * out, 0.0);
+        let b = b.cloned();
+        self.replace_dense(w, (inp, out), b, keep_original)
     }
 
     /// Sets (or with `None` removes) the run-time adapter; the weight itself is untouched.
@@ -372,20 +451,20 @@ impl Linear {
         let low_rank = match (&d.down, &d.up) {
             (Some(dn), Some(up)) => {
                 let r = dn.dim(0)?;
-                expect_shape("run-time adapter down factors", dn, &[r, inp])?;
-                expect_shape("run-time adapter up factors", up, &[out, r])?;
+                expect_shape("adapter down factors", dn, &[r, inp])?;
+                expect_shape("adapter up factors", up, &[out, r])?;
                 Some((prep(dn)?, prep(up)?))
             }
             (None, None) => None,
             _ => {
                 return Err(Error::InvalidArgument(
-                    "a run-time adapter needs both its down and its up factors".into(),
+                    "an adapter needs both its down and its up factors".into(),
                 ))
             }
         };
         let dense_t = match &d.dense {
             Some(t) => {
-                expect_shape("run-time adapter dense delta", t, &[out, inp])?;
+                expect_shape("adapter dense delta", t, &[out, inp])?;
                 Some(prep(t)?)
             }
             None => None,

@@ -787,52 +787,23 @@ impl Patch<'_> {
     }
 }
 
-/// Merges `patches` (in order, in f32, one rounding to the storage dtype) into a dense `linear`,
-/// from its weight as loaded; an empty list restores it.
-pub fn merge_patches(linear: &mut Linear, patches: &[Patch]) -> Result<()> {
-    if patches.is_empty() {
-        linear.restore();
-        return Ok(());
-    }
-    linear.merge(|mut w, mut b| {
-        for p in patches {
-            (w, b) = p.apply(w, b)?;
-        }
-        Ok((w, b))
-    })
-}
-
-/// Attaches `patches` to `linear` at run time: plain LoRAs as stacked low-rank factors, the rest
-/// (LoKr, LoHa, diffs, DoRA) as one dense difference computed against the decoded weight (all
-/// of them when a DoRA module is among them, since it rescales what comes before it).
-/// A module wider than the layer's input (a control LoRA's `img_in`) first pads a dense weight
-/// with zero columns. Activations run in `dtype` on `device`.
-pub fn runtime_patches(
-    linear: &mut Linear,
-    patches: &[Patch],
-    dtype: DType,
-    device: &Device,
-) -> Result<()> {
-    linear.restore();
-    if patches.is_empty() {
-        return Ok(());
-    }
-    let (inp, out) = linear.dims();
-    let mut wide = inp;
-    for p in patches {
-        p.check(out)?;
-        if let Some((_, i)) = p.module.delta_dims()? {
-            wide = wide.max(i);
-        }
-    }
-    if wide > inp {
-        linear.merge(|w, b| Ok((pad_cols(&w, wide)?, b)))?;
-    }
+/// The change `patches` make to `linear` (whose weight is as loaded, input padded to `wide`):
+/// plain LoRAs as stacked low-rank factors `U·D` (each up factor scaled by strength × scale
+/// and placed at its rows, zeros elsewhere), the rest (LoKr, LoHa, diffs, DoRA) as one dense
+/// difference computed against the decoded weight (all of them when a DoRA module is among
+/// them, since it rescales what comes before it), and the bias change.
+fn delta_of(linear: &Linear, patches: &[Patch], wide: usize) -> Result<RuntimeDelta> {
+    let (_, out) = linear.dims();
     let (mut downs, mut ups) = (vec![], vec![]);
     let mut rest = vec![];
     let mut bias: Option<Tensor> = None;
-    // DoRA rescales the weight it is given, so it sees the patches before it: then every
-    // patch goes into the dense difference, in order (the others add, in any order)
+    let mut add_bias = |v: Tensor| -> Result<()> {
+        bias = Some(match bias.take() {
+            Some(b) => (b + v)?,
+            None => v,
+        });
+        Ok(())
+    };
     let ordered = patches.iter().any(|p| p.module.dora_scale.is_some());
     for p in patches {
         let Some((down, up)) = p.module.low_rank().filter(|_| !ordered) else {
@@ -854,10 +825,7 @@ pub fn runtime_patches(
             if p.place.swap_halves {
                 v = swap_halves(&v)?;
             }
-            bias = Some(match bias {
-                Some(b) => (b + v)?,
-                None => v,
-            });
+            add_bias(v)?;
         }
     }
     let mut dense = None;
@@ -866,19 +834,16 @@ pub fn runtime_patches(
             .weight()?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?;
-        let b0 = Some(Tensor::zeros(out, DType::F32, &Device::Cpu)?);
-        let (mut w, mut b) = (w0.clone(), b0);
+        let w0 = pad_cols(&w0, wide)?;
+        let zero_b = Tensor::zeros(out, DType::F32, &Device::Cpu)?;
+        let (mut w, mut b) = (w0.clone(), Some(zero_b));
         for p in &rest {
             (w, b) = p.apply(w, b)?;
         }
         dense = Some((w - w0)?);
-        let b = b.expect("started as zeros");
-        bias = Some(match bias {
-            Some(x) => (x + b)?,
-            None => b,
-        });
+        add_bias(b.expect("started as zeros"))?;
     }
-    let delta = RuntimeDelta {
+    Ok(RuntimeDelta {
         down: (!downs.is_empty())
             .then(|| Tensor::cat(&downs, 0))
             .transpose()?,
@@ -887,6 +852,58 @@ pub fn runtime_patches(
             .transpose()?,
         dense,
         bias,
-    };
+    })
+}
+
+/// Checks `patches` against `linear` (as loaded) and returns the input width they need (a
+/// module wider than the layer: a control LoRA's `img_in`).
+fn width_for(linear: &Linear, patches: &[Patch]) -> Result<usize> {
+    let (inp, out) = linear.dims();
+    let mut wide = inp;
+    for p in patches {
+        p.check(out)?;
+        if let Some((_, i)) = p.module.delta_dims()? {
+            wide = wide.max(i);
+        }
+    }
+    Ok(wide)
+}
+
+/// Merges `patches` (in order, in f32, one rounding to the storage dtype) into a dense `linear`,
+/// from its weight as loaded (see [`Linear::merge_delta`]; `keep_original` keeps that weight
+/// for [`Linear::restore`]); an empty list restores it.
+pub fn merge_patches(linear: &mut Linear, patches: &[Patch], keep_original: bool) -> Result<()> {
+    linear.restore();
+    if patches.is_empty() {
+        return Ok(());
+    }
+    if !linear.is_dense() {
+        return Err(Error::InvalidArgument(format!(
+            "cannot merge an adapter into a {} weight; apply it at run time",
+            linear.encoding()
+        )));
+    }
+    let wide = width_for(linear, patches)?;
+    let delta = delta_of(linear, patches, wide)?;
+    linear.merge_delta(&delta, keep_original)
+}
+
+/// Attaches `patches` to `linear` at run time: the same change as [`merge_patches`], kept as
+/// factors beside the weight (`y = W·x + b + U·(D·x) + Δ·x + c`); the weight is untouched but
+/// for a control LoRA's wider `img_in`, whose dense weight is first padded with zero columns.
+/// Activations run in `dtype` on `device`.
+pub fn runtime_patches(
+    linear: &mut Linear,
+    patches: &[Patch],
+    dtype: DType,
+    device: &Device,
+) -> Result<()> {
+    linear.restore();
+    if patches.is_empty() {
+        return Ok(());
+    }
+    let wide = width_for(linear, patches)?;
+    linear.pad_inputs(wide, true)?;
+    let delta = delta_of(linear, patches, wide)?;
     linear.set_runtime(Some(delta), dtype, device)
 }

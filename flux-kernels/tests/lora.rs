@@ -119,7 +119,7 @@ proptest! {
             .map(|(k, (m, p))| Patch { module: m, place: *p, scale: 0.5 + k as f32, strength })
             .collect();
         let mut merged = base.clone();
-        merge_patches(&mut merged, &patches).unwrap();
+        merge_patches(&mut merged, &patches, true).unwrap();
         let mut runtime = base.clone();
         runtime_patches(&mut runtime, &patches, DType::F32, &Device::Cpu).unwrap();
         let ym = merged.forward(&x).unwrap();
@@ -159,9 +159,9 @@ proptest! {
             scale: 0.7,
             strength: 0.9,
         }];
-        prop_assert!(merge_patches(&mut fp8.clone(), &p).is_err());
+        prop_assert!(merge_patches(&mut fp8.clone(), &p, true).is_err());
         runtime_patches(&mut fp8, &p, DType::F32, &Device::Cpu).unwrap();
-        merge_patches(&mut dense, &p).unwrap();
+        merge_patches(&mut dense, &p, true).unwrap();
         let x = randn(&[4, inp], seed + 2);
         close(&fp8.forward(&x).unwrap(), &dense.forward(&x).unwrap(), "fp8 run time")?;
     }
@@ -183,7 +183,7 @@ fn wider_module_pads_the_input() {
         strength: 0.85,
     }];
     let mut merged = Linear::new(w.clone(), None).unwrap();
-    merge_patches(&mut merged, &p).unwrap();
+    merge_patches(&mut merged, &p, true).unwrap();
     let mut runtime = Linear::new(w.clone(), None).unwrap();
     runtime_patches(&mut runtime, &p, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(merged.dims(), (6, 4));
@@ -226,7 +226,7 @@ fn bad_placements_and_shapes_are_errors() {
         strength: 1.0,
     };
     // rows past the end, and a module of 3 rows placed on 4
-    assert!(merge_patches(&mut l, &[at(2, 3)]).is_err());
+    assert!(merge_patches(&mut l, &[at(2, 3)], true).is_err());
     assert!(runtime_patches(&mut l, &[at(0, 4)], DType::F32, &Device::Cpu).is_err());
     assert!(!l.is_adapted());
     // a run-time delta of the wrong shape

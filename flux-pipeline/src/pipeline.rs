@@ -44,7 +44,9 @@ pub struct PipelineOptions {
     pub batch: usize,
     /// LoRAs applied to the transformer when it loads (see [`FluxPipeline::set_loras`]).
     pub loras: LoraSet,
-    /// How they are applied (merged or at run time; strict or lenient).
+    /// How they are applied (merged or at run time; strict or lenient). Whether merges keep
+    /// the weights as loaded is the pipeline's choice: only with `keep_loaded` (a transformer
+    /// dropped after each call is reloaded with the LoRAs instead).
     pub lora: LoraOptions,
 }
 
@@ -298,8 +300,10 @@ impl FluxPipeline {
                 strength: *strength,
             });
         }
+        self.opts.lora = opts;
+        let o = self.lora_options();
         if let Some(dit) = self.dit.as_mut() {
-            dit.apply_loras(&set, opts)?;
+            dit.apply_loras(&set, o)?;
         }
         self.lora_warnings = reports
             .iter()
@@ -319,6 +323,14 @@ impl FluxPipeline {
         self.opts.loras = set;
         self.opts.lora = opts;
         Ok(())
+    }
+
+    /// The LoRA options as applied: merges are reversible only when the transformer is kept.
+    fn lora_options(&self) -> LoraOptions {
+        LoraOptions {
+            reversible: self.opts.keep_loaded,
+            ..self.opts.lora
+        }
     }
 
     /// The LoRAs applied (file, SHA-256, strength).
@@ -423,7 +435,7 @@ impl FluxPipeline {
                 }
             };
             if !self.opts.loras.is_empty() {
-                dit.apply_loras(&self.opts.loras, self.opts.lora)?;
+                dit.apply_loras(&self.opts.loras, self.lora_options())?;
             }
             self.dit = Some(dit);
         }

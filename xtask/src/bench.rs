@@ -20,6 +20,7 @@ struct Opts {
     quant: Vec<String>,
     full_depth: bool,
     cfg_batch: bool,
+    lora: bool,
 }
 
 fn parse(args: &[&str]) -> Result<Opts> {
@@ -35,6 +36,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
         quant: vec![],
         full_depth: false,
         cfg_batch: false,
+        lora: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -56,6 +58,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
             "--quant" => o.quant = val()?.split(',').map(String::from).collect(),
             "--full-depth" => o.full_depth = true,
             "--cfg-batch" => o.cfg_batch = true,
+            "--lora" => o.lora = true,
             other => bail!("unknown option {other}; see `cargo xtask help`"),
         }
     }
@@ -343,6 +346,123 @@ fn cfg_batch_bench(o: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// Weight values of the linear layers of a FLUX transformer of width `h` with `d` double and
+/// `s` single blocks (dev's embedders).
+fn linear_params(h: f64, d: f64, s: f64) -> f64 {
+    let double = 2.0 * (6.0 + 3.0 + 1.0 + 4.0 + 4.0) * h * h;
+    let single = (7.0 + 5.0 + 3.0) * h * h;
+    let top = h * (64.0 + 2.0 * 256.0 + 768.0 + 4096.0 + 64.0) + 3.0 * h * h + 2.0 * h * h;
+    d * double + s * single + top
+}
+
+/// `cargo xtask bench --lora`: the time to merge a rank-16 and a rank-64 LoRA (every linear
+/// layer) into the full-width transformer (reduced depth; extrapolated to 19+38 blocks by
+/// weight count), and the per-forward cost of run-time LoRA against the same model without
+/// one, in the same run.
+fn lora_bench(o: &Opts) -> Result<()> {
+    build(&["build", "--release", "-p", "flux-bench"])?;
+    let bench = root().join("target/release/flux-bench");
+    let dir = root().join(format!(
+        "target/bench/d{}s{}h{}n{}",
+        o.depth, o.single, o.hidden, o.heads
+    ));
+    bench_weights(o, &bench, &dir)?;
+    let (threads, iters) = (o.threads.to_string(), o.iters.to_string());
+    let ranks = [16usize, 64];
+    let mut files = vec![];
+    for r in ranks {
+        let out = Command::new(&bench)
+            .arg("lora-file")
+            .arg(&dir)
+            .args(["--rank", &r.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("writing the rank-{r} LoRA failed");
+        }
+        files.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let full = linear_params(o.hidden as f64, 19.0, 38.0)
+        / linear_params(o.hidden as f64, o.depth as f64, o.single as f64);
+    println!("mode              rank   res  s/forward  vs none  merge s  (19+38 est.)  peak RSS");
+    let mut lines = vec![];
+    for res in &o.res {
+        let rs = res.to_string();
+        let timed = |lora: Option<(&str, &str)>| -> Result<(Run, f64)> {
+            let mut c = Command::new(&bench);
+            c.arg("run")
+                .arg(&dir)
+                .args(["--res", &rs, "--iters", &iters, "--out"])
+                .arg(dir.join(format!("out_lora_{res}.safetensors")));
+            if let Some((f, mode)) = lora {
+                c.args(["--lora", f, "--lora-mode", mode]);
+            }
+            threads_env(&mut c, &threads);
+            let out = c.output()?;
+            if !out.status.success() {
+                bail!("{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with('{'))
+                .context("no JSON line")?;
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            Ok((
+                Run {
+                    secs: v["secs"].as_f64().context("secs")?,
+                    peak_rss: v["peak_rss"].as_f64().unwrap_or(0.0),
+                },
+                v["lora_secs"].as_f64().unwrap_or(0.0),
+            ))
+        };
+        // the model without a LoRA before and after the others (the faster of the two: these
+        // machines are noisy)
+        let (first, _) = timed(None)?;
+        let mut rows = vec![];
+        for (r, f) in ranks.iter().zip(&files) {
+            for mode in ["runtime", "merge", "merge-once"] {
+                rows.push((*r, mode, timed(Some((f, mode)))?));
+            }
+        }
+        let (last, _) = timed(None)?;
+        let none = if first.secs <= last.secs { first } else { last };
+        println!(
+            "none                     {res:>4}  {:>9.3}  {:>7}  {:>7}  {:>12}  {:>6.2} GB",
+            none.secs,
+            "1.000",
+            "-",
+            "-",
+            none.peak_rss / 1e9
+        );
+        {
+            for (r, mode, (run, apply)) in rows {
+                let ratio = run.secs / none.secs;
+                println!(
+                    "{mode:<17} {r:>4}  {res:>4}  {:>9.3}  {ratio:>7.3}  {apply:>7.2}  {:>12.1}  {:>6.2} GB",
+                    run.secs,
+                    apply * full,
+                    run.peak_rss / 1e9
+                );
+                lines.push(format!(
+                    "bench: dit-cpu-lora res={res} rank={r} mode={mode} s_forward={:.3} none={:.3} ratio={ratio:.3} apply_s={apply:.2} apply_s_19x38_est={:.1}",
+                    run.secs,
+                    none.secs,
+                    apply * full
+                ));
+            }
+        }
+    }
+    println!(
+        "({} threads; median of {} forwards; transformer depth {}+{}, width {}; every linear layer adapted;\n merge and run-time set-up times measured on this depth, the 19+38 column scales them by weight count ({full:.1}x);\n merge keeps the weights as loaded for removal, merge-once does not (the CLI's))",
+        o.threads, o.iters, o.depth, o.single, o.hidden
+    );
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
 fn threads_env(c: &mut Command, threads: &str) {
     c.env("RAYON_NUM_THREADS", threads)
         .env("OMP_NUM_THREADS", threads);
@@ -602,6 +722,9 @@ pub fn bench(args: &[&str]) -> Result<()> {
     }
     if o.cfg_batch {
         return cfg_batch_bench(&o);
+    }
+    if o.lora {
+        return lora_bench(&o);
     }
     build(&["build", "--release", "-p", "flux-bench"])?;
     let ours_bin = root().join("target/release/flux-bench");

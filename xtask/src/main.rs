@@ -14,7 +14,7 @@ cargo xtask <command>
 Commands:
   golden [--crate NAME]            run every crate's golden tests and print one row per case
   golden gen [COMPONENT] [--verify] regenerate goldens with the pinned Python reference
-                                   (COMPONENT: kernels, sampler, dit, vae,
+                                   (COMPONENT: kernels, sampler, dit, lora, vae,
                                    text, pipeline, tasks; default all). --verify regenerates
                                    into a temporary folder and checks the committed files are
                                    byte-identical.
@@ -26,6 +26,8 @@ Commands:
                                    text-to-image and every image task
   bench --cfg-batch                true CFG's two transformer passes one after the other
                                    against one batch of two (full width, reduced depth)
+  bench --lora [--res 512]         merging a rank-16 and a rank-64 LoRA into the full-width
+                                   transformer, and the per-forward cost of run-time LoRA
   bench --quant q8_0,q4_k          the transformer from GGUF (ours, decode and integer
                                    kernels) against stable-diffusion.cpp on the same file
   bench --quant q8_0,q4_k --full-depth

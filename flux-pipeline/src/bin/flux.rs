@@ -693,6 +693,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
                 LoraModeArg::Merge => flux_pipeline::LoraMode::Merge,
                 LoraModeArg::Runtime => flux_pipeline::LoraMode::Runtime,
             },
+            ..Default::default()
         },
         ..Default::default()
     };

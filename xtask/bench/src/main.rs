@@ -4,8 +4,12 @@
 //!   seeded random weights (std 0.02) of a full- or reduced-size FLUX transformer as a BFL file
 //!   (`flux.safetensors`, for candle-transformers) and a diffusers folder (`transformer/`, for
 //!   PyTorch), plus the inputs for each resolution (`inputs_R.safetensors`).
-//! - `flux-bench run DIR --res R --iters N --out FILE`: loads our transformer from the BFL file,
-//!   runs one warm-up and N timed forwards, writes the output, prints one JSON line.
+//! - `flux-bench run DIR --res R --iters N --out FILE [--lora FILE --lora-mode merge|runtime]`:
+//!   loads our transformer from the BFL file (and applies the LoRA, timed; `merge-once`: not
+//!   reversible), runs one warm-up and
+//!   N timed forwards, writes the output, prints one JSON line.
+//! - `flux-bench lora-file DIR --rank R`: writes a seeded kohya LoRA of rank R on every linear
+//!   layer of the bench model (`lora_rR.safetensors`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -158,11 +162,18 @@ pub(crate) fn peak_rss() -> u64 {
 
 /// Times the forward at `res` (median of `iters`), on `batch` copies of the inputs in one batch
 /// (2: true CFG's positive and negative rows in one pass).
-fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str, batch: usize) -> Result<()> {
-    let cfg_text = std::fs::read_to_string(dir.join("transformer/config.json"))?;
-    let cfg = Config::from_diffusers_json(&cfg_text)?;
+fn run(
+    dir: &Path,
+    res: usize,
+    iters: usize,
+    out: &Path,
+    file: &str,
+    batch: usize,
+    lora: Option<(&Path, (flux_dit::LoraMode, bool))>,
+) -> Result<()> {
+    let cfg = bench_config(dir)?;
     let start = Instant::now();
-    let model = Flux::from_bfl_file(
+    let mut model = Flux::from_bfl_file(
         dir.join(file),
         &cfg,
         DType::F32,
@@ -170,6 +181,22 @@ fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str, batch: usiz
         FluxOptions::default(),
     )?;
     let load = start.elapsed().as_secs_f64();
+    let mut lora_secs = 0.0;
+    if let Some((path, mode)) = lora {
+        let mut set = flux_dit::LoraSet::new();
+        set.add(path, 1.0)?;
+        let t = Instant::now();
+        let (mode, reversible) = mode;
+        model.apply_loras(
+            &set,
+            flux_dit::LoraOptions {
+                mode,
+                reversible,
+                ..Default::default()
+            },
+        )?;
+        lora_secs = t.elapsed().as_secs_f64();
+    }
     let mut inp =
         candle::safetensors::load(dir.join(format!("inputs_{res}.safetensors")), &Device::Cpu)?;
     if batch > 1 {
@@ -202,9 +229,46 @@ fn run(dir: &Path, res: usize, iters: usize, out: &Path, file: &str, batch: usiz
     candle::safetensors::save(&o, out)?;
     println!(
         "{}",
-        serde_json::json!({"secs": median, "all": times, "load_secs": load, "peak_rss": peak_rss()})
+        serde_json::json!({"secs": median, "all": times, "load_secs": load, "lora_secs": lora_secs, "peak_rss": peak_rss()})
     );
     Ok(())
+}
+
+fn bench_config(dir: &Path) -> Result<Config> {
+    let cfg_text = std::fs::read_to_string(dir.join("transformer/config.json"))?;
+    Ok(Config::from_diffusers_json(&cfg_text)?)
+}
+
+/// A kohya-layout LoRA of `rank` on every linear layer of the bench model (factors std 0.01,
+/// alpha = rank), seeded.
+fn write_lora(dir: &Path, rank: usize) -> Result<PathBuf> {
+    let path = dir.join(format!("lora_r{rank}.safetensors"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let cfg = bench_config(dir)?;
+    let mut t = HashMap::new();
+    for (i, (key, shape)) in bfl_tensor_shapes(&cfg).into_iter().enumerate() {
+        let Some(stem) = key.strip_suffix(".weight").filter(|_| shape.len() == 2) else {
+            continue;
+        };
+        let k = format!("lora_unet_{}", stem.replace('.', "_"));
+        let seed = 7_000_000 + 2 * i as u64;
+        t.insert(
+            format!("{k}.lora_down.weight"),
+            random(seed, &[rank, shape[1]], 0.01)?,
+        );
+        t.insert(
+            format!("{k}.lora_up.weight"),
+            random(seed + 1, &[shape[0], rank], 0.01)?,
+        );
+        t.insert(
+            format!("{k}.alpha"),
+            Tensor::new(rank as f32, &Device::Cpu)?,
+        );
+    }
+    candle::safetensors::save(&t, &path)?;
+    Ok(path)
 }
 
 fn main() -> Result<()> {
@@ -249,7 +313,23 @@ fn main() -> Result<()> {
             &PathBuf::from(arg::<String>(&args, "--out", "ours.safetensors".into())?),
             &arg::<String>(&args, "--file", "flux.safetensors".into())?,
             arg(&args, "--batch", 1)?,
+            match arg::<String>(&args, "--lora", String::new())?.as_str() {
+                "" => None,
+                f => Some((
+                    Path::new(f),
+                    match arg::<String>(&args, "--lora-mode", "runtime".into())?.as_str() {
+                        "merge" => (flux_dit::LoraMode::Merge, true),
+                        "merge-once" => (flux_dit::LoraMode::Merge, false),
+                        "runtime" => (flux_dit::LoraMode::Runtime, true),
+                        m => bail!("--lora-mode {m}: merge, merge-once or runtime"),
+                    },
+                )),
+            },
         ),
+        "lora-file" => {
+            println!("{}", write_lora(&dir, arg(&args, "--rank", 16)?)?.display());
+            Ok(())
+        }
         "quantize" => {
             let to: String = arg(&args, "--to", "q8_0".to_string())?;
             let ty = flux_kernels::QuantType::parse(&to)
