@@ -387,7 +387,7 @@ fn lora_bench(o: &Opts) -> Result<()> {
     let mut lines = vec![];
     for res in &o.res {
         let rs = res.to_string();
-        let timed = |lora: Option<(&str, &str)>| -> Result<(Run, f64)> {
+        let timed = |lora: Option<(&str, &str)>| -> Result<(Run, f64, f64)> {
             let mut c = Command::new(&bench);
             c.arg("run")
                 .arg(&dir)
@@ -414,18 +414,19 @@ fn lora_bench(o: &Opts) -> Result<()> {
                     peak_rss: v["peak_rss"].as_f64().unwrap_or(0.0),
                 },
                 v["lora_secs"].as_f64().unwrap_or(0.0),
+                v["secs_without_lora"].as_f64().unwrap_or(0.0),
             ))
         };
         // the model without a LoRA before and after the others (the faster of the two: these
         // machines are noisy)
-        let (first, _) = timed(None)?;
+        let (first, _, _) = timed(None)?;
         let mut rows = vec![];
         for (r, f) in ranks.iter().zip(&files) {
             for mode in ["runtime", "merge", "merge-once"] {
                 rows.push((*r, mode, timed(Some((f, mode)))?));
             }
         }
-        let (last, _) = timed(None)?;
+        let (last, _, _) = timed(None)?;
         let none = if first.secs <= last.secs { first } else { last };
         println!(
             "none                     {res:>4}  {:>9.3}  {:>7}  {:>7}  {:>12}  {:>6.2} GB",
@@ -436,8 +437,10 @@ fn lora_bench(o: &Opts) -> Result<()> {
             none.peak_rss / 1e9
         );
         {
-            for (r, mode, (run, apply)) in rows {
-                let ratio = run.secs / none.secs;
+            for (r, mode, (run, apply, alternate)) in rows {
+                // run time: against the same model without it, timed alternately in its
+                // process; merges: against the runs without a LoRA
+                let ratio = run.secs / if alternate > 0.0 { alternate } else { none.secs };
                 println!(
                     "{mode:<17} {r:>4}  {res:>4}  {:>9.3}  {ratio:>7.3}  {apply:>7.2}  {:>12.1}  {:>6.2} GB",
                     run.secs,
@@ -447,14 +450,14 @@ fn lora_bench(o: &Opts) -> Result<()> {
                 lines.push(format!(
                     "bench: dit-cpu-lora res={res} rank={r} mode={mode} s_forward={:.3} none={:.3} ratio={ratio:.3} apply_s={apply:.2} apply_s_19x38_est={:.1}",
                     run.secs,
-                    none.secs,
+                    if alternate > 0.0 { alternate } else { none.secs },
                     apply * full
                 ));
             }
         }
     }
     println!(
-        "({} threads; median of {} forwards; transformer depth {}+{}, width {}; every linear layer adapted;\n merge and run-time set-up times measured on this depth, the 19+38 column scales them by weight count ({full:.1}x);\n merge keeps the weights as loaded for removal, merge-once does not (the CLI's))",
+        "({} threads; median of {} forwards; transformer depth {}+{}, width {}; every linear layer adapted;\n merge and run-time set-up times measured on this depth, the 19+38 column scales them by weight count ({full:.1}x);\n merge keeps the weights as loaded for removal, merge-once does not (the CLI's);\n run time's \"vs none\" is against the same model with the LoRA taken off, timed alternately in one process)",
         o.threads, o.iters, o.depth, o.single, o.hidden
     );
     for l in lines {

@@ -182,8 +182,9 @@ fn run(
     )?;
     let load = start.elapsed().as_secs_f64();
     let mut lora_secs = 0.0;
+    let mut set = flux_dit::LoraSet::new();
+    let runtime = matches!(lora, Some((_, (flux_dit::LoraMode::Runtime, _))));
     if let Some((path, mode)) = lora {
-        let mut set = flux_dit::LoraSet::new();
         set.add(path, 1.0)?;
         let t = Instant::now();
         let (mode, reversible) = mode;
@@ -216,20 +217,38 @@ fn run(
         guidance: Some(&inp["guidance"]),
     };
     let mut out_t = model.forward(&input)?; // warm-up
-    let mut times = vec![];
+    let (mut times, mut plain) = (vec![], vec![]);
     for _ in 0..iters {
         let t = Instant::now();
         out_t = model.forward(&input)?;
         times.push(t.elapsed().as_secs_f64());
+        if runtime {
+            // a run-time LoRA comes off and back on in no time: the same model without it,
+            // timed alternately in this process
+            model.remove_loras()?;
+            let t = Instant::now();
+            model.forward(&input)?;
+            plain.push(t.elapsed().as_secs_f64());
+            model.apply_loras(
+                &set,
+                flux_dit::LoraOptions {
+                    mode: flux_dit::LoraMode::Runtime,
+                    ..Default::default()
+                },
+            )?;
+        }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (median, plain) = (median(&mut times), median(&mut plain));
     let mut o = HashMap::new();
     o.insert("out".to_string(), out_t);
     candle::safetensors::save(&o, out)?;
     println!(
         "{}",
-        serde_json::json!({"secs": median, "all": times, "load_secs": load, "lora_secs": lora_secs, "peak_rss": peak_rss()})
+        serde_json::json!({"secs": median, "all": times, "secs_without_lora": plain, "load_secs": load, "lora_secs": lora_secs, "peak_rss": peak_rss()})
     );
     Ok(())
 }
