@@ -16,13 +16,15 @@ use std::sync::Arc;
 
 use candle::Tensor;
 use flux_kernels::lora::{
-    merge_patches, runtime_patches, AdapterFile, AdapterKind, AdapterModule, LoraNaming, Patch,
-    Placement,
+    attach, plan_file, AdapterFile, AdapterKind, AdapterModule, KeyMap, LoraNaming, Patch,
+    Placement, Target, T5_PREFIXES,
 };
+pub use flux_kernels::lora::{LoraMode, LoraOptions, CLIP_PREFIXES};
 
 use crate::config::Config;
 use crate::model::Flux;
 use crate::weights::{bfl_tensor_shapes, diffusers_recipe, Recipe};
+
 use crate::{Error, Result};
 
 /// The layouts an adapter file may be in (detected from its keys).
@@ -79,17 +81,6 @@ const PREFIXES: &[&str] = &[
     "lycoris_",
 ];
 
-/// Prefixes of text-encoder modules (CLIP-L, T5), which this transformer map does not place.
-const TEXT_PREFIXES: &[&str] = &[
-    "lora_te1_",
-    "lora_te2_",
-    "lora_te3_",
-    "lora_te_",
-    "text_encoder.",
-    "text_encoder_2.",
-    "text_encoders.",
-];
-
 /// An adapter file with its detected format.
 #[derive(Debug)]
 pub struct Lora {
@@ -121,19 +112,20 @@ impl Lora {
         &self.file
     }
 
-    /// The number of text-encoder modules (`lora_te1_…`, `text_encoder.…`): the transformer does
-    /// not take them (see [`LoraOptions::lenient`]).
-    pub fn text_encoder_modules(&self) -> usize {
+    /// The number of CLIP modules (`lora_te1_…`, `text_encoder.…`), which the text encoder
+    /// takes, not the transformer.
+    pub fn clip_modules(&self) -> usize {
         self.file
             .modules()
             .iter()
-            .filter(|m| is_text_encoder(&m.stem))
+            .filter(|m| is_clip(&m.stem))
             .count()
     }
 }
 
-fn is_text_encoder(stem: &str) -> bool {
-    TEXT_PREFIXES.iter().any(|p| stem.starts_with(p))
+/// Whether a module stem names a CLIP-L layer (placed by the text encoder, not here).
+pub fn is_clip(stem: &str) -> bool {
+    CLIP_PREFIXES.iter().any(|p| stem.starts_with(p))
 }
 
 fn detect(file: &AdapterFile) -> LoraFormat {
@@ -187,80 +179,56 @@ fn detect(file: &AdapterFile) -> LoraFormat {
     LoraFormat::Kohya
 }
 
-/// What a stem names in the model.
-#[derive(Debug, Clone)]
-enum Target {
-    /// A linear layer (BFL name) and the rows the module covers.
-    Linear(String, Placement),
-    /// A QK-norm scale (BFL key), replaced.
-    Norm(String),
-}
-
-/// The alias table for `cfg`: normalised name (`.` → `_`) → target.
-fn alias_table(cfg: &Config) -> HashMap<String, Target> {
+/// The transformer's key map for `cfg`: each layer under its BFL name, its diffusers name(s)
+/// (through [`diffusers_recipe`]: row slices of the fused `qkv`/`linear1`, `norm_out`'s
+/// swapped halves) and XLabs' processor names; the QK-norm scales as replaceable.
+pub fn key_map(cfg: &Config) -> KeyMap {
     let h = cfg.hidden_size;
-    let mut t = HashMap::new();
-    let norm = |s: &str| s.replace('.', "_");
-    let mut add = |name: &str, target: Target| {
-        t.insert(norm(name), target);
-    };
+    let mut map = KeyMap::new(PREFIXES);
+    map.widenable("img_in");
     for (key, shape) in bfl_tensor_shapes(cfg) {
         if let Some(stem) = key.strip_suffix(".weight").filter(|_| shape.len() == 2) {
-            let rows = shape[0];
-            let whole = Placement {
-                offset: 0,
+            let (rows, inp) = (shape[0], shape[1]);
+            map.linear(stem, rows, inp);
+            let place = |offset, rows, swap_halves| Placement {
+                offset,
                 rows,
-                swap_halves: false,
+                swap_halves,
             };
-            add(stem, Target::Linear(stem.into(), whole));
+            let to = |p| Target::Linear(stem.to_string(), p);
             match diffusers_recipe(&key) {
                 Some(Recipe::Rename(s)) => {
-                    add(
-                        s.trim_end_matches(".weight"),
-                        Target::Linear(stem.into(), whole),
-                    );
+                    map.alias(s.trim_end_matches(".weight"), to(place(0, rows, false)));
                 }
                 Some(Recipe::SwapHalves(s)) => {
-                    let place = Placement {
-                        swap_halves: true,
-                        ..whole
-                    };
-                    add(
-                        s.trim_end_matches(".weight"),
-                        Target::Linear(stem.into(), place),
-                    );
+                    map.alias(s.trim_end_matches(".weight"), to(place(0, rows, true)));
                 }
                 Some(Recipe::Concat(parts)) => {
                     let mut offset = 0;
                     for (k, s) in parts.iter().enumerate() {
                         let n = if k < 3 { h } else { rows - 3 * h };
-                        let place = Placement {
-                            offset,
-                            rows: n,
-                            swap_halves: false,
-                        };
-                        add(
-                            s.trim_end_matches(".weight"),
-                            Target::Linear(stem.into(), place),
-                        );
+                        map.alias(s.trim_end_matches(".weight"), to(place(offset, n, false)));
                         offset += n;
                     }
                 }
                 None => {}
             }
         } else if key.ends_with("_norm.scale") {
-            add(&key, Target::Norm(key.clone()));
+            map.replaceable(&key, &shape);
             if let Some(Recipe::Rename(s)) = diffusers_recipe(&key) {
-                // diffusers' `norm_q.weight` as a module would be `norm_q` + param `weight`
-                add(&s, Target::Norm(key.clone()));
+                map.alias(&s, Target::Replace(key.clone()));
             }
         }
     }
-    // XLabs' processor names
-    let whole = |rows| Placement {
-        offset: 0,
-        rows,
-        swap_halves: false,
+    let whole = |layer: String, rows| {
+        Target::Linear(
+            layer,
+            Placement {
+                offset: 0,
+                rows,
+                swap_halves: false,
+            },
+        )
     };
     for i in 0..cfg.depth {
         let b = format!("double_blocks.{i}");
@@ -270,70 +238,24 @@ fn alias_table(cfg: &Config) -> HashMap<String, Target> {
             ("proj_lora1", "img_attn.proj", h),
             ("proj_lora2", "txt_attn.proj", h),
         ] {
-            add(
+            map.alias(
                 &format!("{b}.processor.{x}"),
-                Target::Linear(format!("{b}.{bfl}"), whole(rows)),
+                whole(format!("{b}.{bfl}"), rows),
             );
         }
     }
     for j in 0..cfg.depth_single_blocks {
         let b = format!("single_blocks.{j}");
-        add(
+        map.alias(
             &format!("{b}.processor.qkv_lora"),
-            Target::Linear(format!("{b}.linear1"), whole(3 * h)),
+            whole(format!("{b}.linear1"), 3 * h),
         );
-        add(
+        map.alias(
             &format!("{b}.processor.proj_lora"),
-            Target::Linear(format!("{b}.linear2"), whole(h)),
+            whole(format!("{b}.linear2"), h),
         );
     }
-    t
-}
-
-/// The stem with every trainer prefix removed.
-fn strip_prefixes(stem: &str) -> &str {
-    let mut s = stem;
-    while let Some(p) = PREFIXES.iter().find(|p| s.starts_with(*p)) {
-        s = &s[p.len()..];
-    }
-    s
-}
-
-/// How adapters are attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LoraMode {
-    /// Merged into dense weights, at run time on packed (GGUF, fp8) ones. The default.
-    #[default]
-    Auto,
-    /// Merged everywhere (an error on packed weights).
-    Merge,
-    /// At run time everywhere (cheap switching; the weights are never touched).
-    Runtime,
-}
-
-/// Options of [`Flux::apply_loras`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoraOptions {
-    /// Keys that map to no module of the model (and text-encoder modules, which the
-    /// transformer does not take) are counted and skipped instead of failing.
-    pub lenient: bool,
-    /// Merged or at run time.
-    pub mode: LoraMode,
-    /// Keep each merged layer's weight as loaded, so that [`Flux::remove_loras`] and another
-    /// [`Flux::apply_loras`] can restore it bit for bit (the merged layers' weights are held
-    /// twice meanwhile). `false` merges for good, in no extra memory: for a model that is
-    /// dropped after use (the CLI). Run-time adapters never touch the weights. Default `true`.
-    pub reversible: bool,
-}
-
-impl Default for LoraOptions {
-    fn default() -> Self {
-        LoraOptions {
-            lenient: false,
-            mode: LoraMode::Auto,
-            reversible: true,
-        }
-    }
+    map
 }
 
 /// Several adapters, each with its strength (`--lora FILE[:STRENGTH]`).
@@ -406,76 +328,22 @@ struct Plan<'a> {
 }
 
 fn plan<'a>(cfg: &Config, set: &'a LoraSet, opts: LoraOptions) -> Result<Plan<'a>> {
-    let table = alias_table(cfg);
-    let shapes: HashMap<String, Vec<usize>> = bfl_tensor_shapes(cfg).into_iter().collect();
+    let map = key_map(cfg);
     let mut p = Plan {
         layers: HashMap::new(),
         norms: HashMap::new(),
         reports: vec![],
     };
     for (lora, strength) in &set.entries {
-        if !strength.is_finite() {
-            return Err(Error::InvalidConfig(format!(
-                "{}: strength {strength} is not a finite number",
-                lora.path().display()
-            )));
-        }
-        let mut unmatched = vec![];
-        let mut applied = 0;
-        for m in lora.file.modules() {
-            let key = strip_prefixes(&m.stem).replace('.', "_");
-            let target = match &m.kind {
-                AdapterKind::Replace { param, .. } => table.get(&format!("{key}_{param}")),
-                _ => table.get(&key),
-            };
-            match (target, &m.kind) {
-                (Some(Target::Linear(layer, place)), k)
-                    if !matches!(k, AdapterKind::Replace { .. }) =>
-                {
-                    let inp = shapes[&format!("{layer}.weight")][1];
-                    if let Some((_, i)) = m.delta_dims()? {
-                        // only img_in may differ: a control LoRA widens it, a regular LoRA on
-                        // a widened model is padded
-                        if i != inp && layer != "img_in" {
-                            return Err(flux_kernels::LoadError::TensorShape {
-                                name: format!("{} ({} → {layer})", m.stem, lora.format),
-                                expected: vec![place.rows, inp],
-                                got: vec![m.delta_dims()?.map_or(0, |d| d.0), i],
-                            }
-                            .into());
-                        }
-                    }
-                    p.layers.entry(layer.clone()).or_default().push(Patch {
-                        module: m,
-                        place: *place,
-                        scale: lora.file.scale_of(m)?,
-                        strength: *strength,
-                    });
-                    applied += 1;
-                }
-                (Some(Target::Norm(key)), AdapterKind::Replace { value, .. }) => {
-                    let want = &shapes[key];
-                    if value.dims() != want.as_slice() {
-                        return Err(flux_kernels::LoadError::TensorShape {
-                            name: m.stem.clone(),
-                            expected: want.clone(),
-                            got: value.dims().to_vec(),
-                        }
-                        .into());
-                    }
-                    p.norms.insert(key.clone(), value);
-                    applied += 1;
-                }
-                _ => unmatched.push(m.stem.clone()),
-            }
-        }
+        let fp = plan_file(&lora.file, *strength, &map, |stem| !is_clip(stem))?;
+        let mut unmatched = fp.unmatched;
         if !unmatched.is_empty() && !opts.lenient {
-            let te = unmatched.iter().filter(|s| is_text_encoder(s)).count();
-            let note = if te > 0 {
-                format!(
-                    " ({te} of them text-encoder modules, which are not applied to the text \
-                     encoders yet)"
-                )
+            let t5 = unmatched
+                .iter()
+                .filter(|s| T5_PREFIXES.iter().any(|p| s.starts_with(p)))
+                .count();
+            let note = if t5 > 0 {
+                format!(" ({t5} of them T5 modules, which are not applied yet)")
             } else {
                 String::new()
             };
@@ -489,6 +357,11 @@ fn plan<'a>(cfg: &Config, set: &'a LoraSet, opts: LoraOptions) -> Result<Plan<'a
                 flux_kernels::preview(&unmatched)
             )));
         }
+        let applied = fp.patches.len() + fp.replacements.len();
+        for (layer, patch) in fp.patches {
+            p.layers.entry(layer).or_default().push(patch);
+        }
+        p.norms.extend(fp.replacements);
         let n = unmatched.len();
         unmatched.truncate(8);
         p.reports.push(LoraReport {
@@ -520,22 +393,7 @@ impl Flux {
         let (dtype, device) = (self.dtype(), self.device().clone());
         let mut irreversible = false;
         let result = (|| -> Result<()> {
-            for (name, lin) in self.linears_mut() {
-                let Some(patches) = plan.layers.get(&name) else {
-                    continue;
-                };
-                let runtime = match opts.mode {
-                    LoraMode::Auto => !lin.is_dense(),
-                    LoraMode::Merge => false,
-                    LoraMode::Runtime => true,
-                };
-                if runtime {
-                    runtime_patches(lin, patches, dtype, &device)?;
-                } else {
-                    merge_patches(lin, patches, opts.reversible)?;
-                    irreversible |= !opts.reversible;
-                }
-            }
+            irreversible = attach(self.linears_mut(), &plan.layers, &opts, dtype, &device)?;
             for (key, t) in self.norm_scales_mut() {
                 if let Some(v) = plan.norms.get(&key) {
                     *t = v.to_dtype(t.dtype())?.to_device(t.device())?;

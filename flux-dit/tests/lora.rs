@@ -466,7 +466,7 @@ fn bad_files_are_typed_errors() {
         .unwrap();
     assert_eq!((rep[0].applied, rep[0].skipped.1), (1, 1));
     m.remove_loras().unwrap();
-    // text-encoder modules are named as such
+    // CLIP modules are the text encoder's (the transformer leaves them); T5 ones are named
     let p = write(
         "te",
         &[
@@ -482,11 +482,29 @@ fn bad_files_are_typed_errors() {
     );
     let mut s = LoraSet::new();
     s.add(&p, 1.0).unwrap();
+    assert_eq!(s.entries()[0].0.clip_modules(), 1);
+    let rep = m.apply_loras(&s, LoraOptions::default()).unwrap();
+    assert_eq!((rep[0].applied, rep[0].skipped.1), (0, 0));
+    let p = write(
+        "t5",
+        &[
+            (
+                "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+                zeros(&[2, 8]),
+            ),
+            (
+                "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight",
+                zeros(&[8, 2]),
+            ),
+        ],
+    );
+    let mut s = LoraSet::new();
+    s.add(&p, 1.0).unwrap();
     let err = m
         .apply_loras(&s, LoraOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("text-encoder"), "{err}");
+    assert!(err.contains("T5"), "{err}");
     // a shape that does not fit names the key, expected and found
     let p = write(
         "shape",

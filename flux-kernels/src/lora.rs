@@ -8,7 +8,7 @@
 //! [`runtime_patches`] attach a layer's patches to a [`Linear`], merged or at run time; both
 //! compute the same `W + m·s·ΔW` (`m` the user's strength, `s` the format's scale).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor, D};
@@ -906,4 +906,255 @@ pub fn runtime_patches(
     linear.pad_inputs(wide, true)?;
     let delta = delta_of(linear, patches, wide)?;
     linear.set_runtime(Some(delta), dtype, device)
+}
+
+/// Where a module lands in a model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A linear layer (the model's name for it) and the rows the module covers.
+    Linear(String, Placement),
+    /// A tensor replaced as a whole (a BFL control LoRA's QK-norm scales), by the model's key.
+    Replace(String),
+}
+
+/// A model's layers as adapter files name them: every alias of every layer, looked up after
+/// the trainers' prefixes are stripped and with `_` for `.` (kohya writes
+/// `double_blocks_0_img_attn_qkv` for `double_blocks.0.img_attn.qkv`).
+#[derive(Debug, Clone, Default)]
+pub struct KeyMap {
+    aliases: HashMap<String, Target>,
+    /// layer → `(out, in)`.
+    linears: HashMap<String, (usize, usize)>,
+    /// replaceable tensor → shape.
+    replaceable: HashMap<String, Vec<usize>>,
+    prefixes: Vec<&'static str>,
+    /// The layer a module may be wider than (its input grows: `img_in`).
+    widenable: Option<String>,
+}
+
+fn normalise(name: &str) -> String {
+    name.replace('.', "_")
+}
+
+impl KeyMap {
+    /// An empty map stripping `prefixes` (repeatedly, in any order) from module stems.
+    pub fn new(prefixes: &[&'static str]) -> Self {
+        KeyMap {
+            prefixes: prefixes.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Declares linear layer `name` of `(out, in)` (under its own name too).
+    pub fn linear(&mut self, name: &str, out: usize, inp: usize) -> &mut Self {
+        self.linears.insert(name.to_string(), (out, inp));
+        let whole = Placement {
+            offset: 0,
+            rows: out,
+            swap_halves: false,
+        };
+        self.alias(name, Target::Linear(name.to_string(), whole))
+    }
+
+    /// Declares a tensor that a module may replace (under its own key too).
+    pub fn replaceable(&mut self, key: &str, shape: &[usize]) -> &mut Self {
+        self.replaceable.insert(key.to_string(), shape.to_vec());
+        self.alias(key, Target::Replace(key.to_string()))
+    }
+
+    /// Another name for a target.
+    pub fn alias(&mut self, name: &str, target: Target) -> &mut Self {
+        self.aliases.insert(normalise(name), target);
+        self
+    }
+
+    /// Allows modules wider than `layer`'s input (its weight is zero-padded).
+    pub fn widenable(&mut self, layer: &str) -> &mut Self {
+        self.widenable = Some(layer.to_string());
+        self
+    }
+
+    /// `stem` without the trainers' prefixes.
+    pub fn strip<'s>(&self, stem: &'s str) -> &'s str {
+        let mut s = stem;
+        while let Some(p) = self.prefixes.iter().find(|p| s.starts_with(*p)) {
+            s = &s[p.len()..];
+        }
+        s
+    }
+
+    /// The target of module `m`, if any.
+    pub fn target(&self, m: &AdapterModule) -> Option<&Target> {
+        let key = normalise(self.strip(&m.stem));
+        match &m.kind {
+            AdapterKind::Replace { param, .. } => self
+                .aliases
+                .get(&format!("{key}_{param}"))
+                .filter(|t| matches!(t, Target::Replace(_))),
+            _ => self
+                .aliases
+                .get(&key)
+                .filter(|t| matches!(t, Target::Linear(..))),
+        }
+    }
+
+    /// Whether the map has no layers.
+    pub fn is_empty(&self) -> bool {
+        self.linears.is_empty()
+    }
+}
+
+/// What one file does to a model: patches per layer, replacements, and the stems (of modules
+/// the model claims) that match nothing.
+#[derive(Debug, Default)]
+pub struct FilePlan<'a> {
+    /// `(layer, patch)`, in the file's order.
+    pub patches: Vec<(String, Patch<'a>)>,
+    /// `(key, value)`.
+    pub replacements: Vec<(String, &'a Tensor)>,
+    /// Stems that match no layer.
+    pub unmatched: Vec<String>,
+}
+
+/// Places every module of `file` that `claims` (by stem) on `map`'s model with `strength`,
+/// checking each against its layer's shape (a module wider than the layer only on the
+/// widenable one). Modules not claimed are left to other models (the text encoders').
+pub fn plan_file<'a>(
+    file: &'a AdapterFile,
+    strength: f32,
+    map: &KeyMap,
+    claims: impl Fn(&str) -> bool,
+) -> Result<FilePlan<'a>> {
+    if !strength.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: strength {strength} is not a finite number",
+            file.path().display()
+        )));
+    }
+    let mut plan = FilePlan::default();
+    for m in file.modules().iter().filter(|m| claims(&m.stem)) {
+        match (map.target(m), &m.kind) {
+            (Some(Target::Linear(layer, place)), _) => {
+                let (out, inp) = map.linears[layer];
+                let patch = Patch {
+                    module: m,
+                    place: *place,
+                    scale: file.scale_of(m)?,
+                    strength,
+                };
+                patch.check(out)?;
+                if let Some((o, i)) = m.delta_dims()? {
+                    let wider_ok = map.widenable.as_deref() == Some(layer.as_str());
+                    if i != inp && !wider_ok {
+                        return Err(LoadError::TensorShape {
+                            name: format!("{} (on {layer})", m.stem),
+                            expected: vec![place.rows, inp],
+                            got: vec![o, i],
+                        }
+                        .into());
+                    }
+                }
+                plan.patches.push((layer.clone(), patch));
+            }
+            (Some(Target::Replace(key)), AdapterKind::Replace { value, .. }) => {
+                let want = &map.replaceable[key];
+                if value.dims() != want.as_slice() {
+                    return Err(LoadError::TensorShape {
+                        name: m.stem.clone(),
+                        expected: want.clone(),
+                        got: value.dims().to_vec(),
+                    }
+                    .into());
+                }
+                plan.replacements.push((key.clone(), value));
+            }
+            _ => plan.unmatched.push(m.stem.clone()),
+        }
+    }
+    Ok(plan)
+}
+
+/// Prefixes of CLIP-L modules in adapter files (kohya, ComfyUI, diffusers): the text encoder's
+/// key map places them, the transformer's leaves them.
+pub const CLIP_PREFIXES: &[&str] = &[
+    "lora_te1_",
+    "lora_te_",
+    "text_encoder.",
+    "text_encoders.clip_l.transformer.",
+];
+
+/// Prefixes of T5 modules in adapter files (sd-scripts' `lora_te2_`/`lora_te3_`, ComfyUI's
+/// `text_encoders.t5xxl.`), which no model here applies yet.
+pub const T5_PREFIXES: &[&str] = &[
+    "lora_te2_",
+    "lora_te3_",
+    "text_encoder_2.",
+    "text_encoders.t5xxl.",
+];
+
+/// How adapters are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMode {
+    /// Merged into dense weights, at run time on packed (GGUF, fp8) ones. The default.
+    #[default]
+    Auto,
+    /// Merged everywhere (an error on packed weights).
+    Merge,
+    /// At run time everywhere (cheap switching; the weights are never touched).
+    Runtime,
+}
+
+/// Options of applying adapters to a model (`flux_dit::Flux::apply_loras`,
+/// `flux_text::ClipTextModel::apply_loras`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraOptions {
+    /// Modules that map to no layer of the model are counted and skipped instead of failing.
+    pub lenient: bool,
+    /// Merged or at run time.
+    pub mode: LoraMode,
+    /// Keep each merged layer's weight as loaded, so that removing the adapters (or applying
+    /// others) can restore it bit for bit (the merged layers' weights are held
+    /// twice meanwhile). `false` merges for good, in no extra memory: for a model that is
+    /// dropped after use (the CLI). Run-time adapters never touch the weights. Default `true`.
+    pub reversible: bool,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        LoraOptions {
+            lenient: false,
+            mode: LoraMode::Auto,
+            reversible: true,
+        }
+    }
+}
+
+/// Attaches each layer's patches (by the layer's name) per `opts.mode`: merged into dense
+/// weights, at run time on packed ones (`Auto`); activations in `dtype` on `device`. Returns
+/// whether anything was merged for good (`opts.reversible` off).
+pub fn attach(
+    layers: Vec<(String, &mut Linear)>,
+    patches: &HashMap<String, Vec<Patch>>,
+    opts: &LoraOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<bool> {
+    let mut for_good = false;
+    for (name, lin) in layers {
+        let Some(p) = patches.get(&name) else {
+            continue;
+        };
+        let runtime = match opts.mode {
+            LoraMode::Auto => !lin.is_dense(),
+            LoraMode::Merge => false,
+            LoraMode::Runtime => true,
+        };
+        if runtime {
+            runtime_patches(lin, p, dtype, device)?;
+        } else {
+            merge_patches(lin, p, opts.reversible)?;
+            for_good |= !opts.reversible;
+        }
+    }
+    Ok(for_good)
 }

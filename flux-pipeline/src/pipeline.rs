@@ -185,6 +185,11 @@ pub struct GenerateOutput {
     pub times: StageTimes,
 }
 
+/// Each LoRA's file and strength, for the text encoder.
+fn clip_files(set: &LoraSet) -> Vec<(&flux_kernels::lora::AdapterFile, f32)> {
+    set.entries().iter().map(|(l, m)| (l.file(), *m)).collect()
+}
+
 /// The FLUX.1 text-to-image pipeline.
 pub struct FluxPipeline {
     files: ModelFiles,
@@ -196,6 +201,8 @@ pub struct FluxPipeline {
     lora_params: Vec<LoraParam>,
     /// What lenient LoRA loading skipped, for the next generation's warnings.
     lora_warnings: Vec<String>,
+    /// CLIP modules among the LoRAs (applied to the text encoder when it loads).
+    clip_loras: usize,
     opts: PipelineOptions,
     text: Option<PromptEncoder>,
     dit: Option<Flux>,
@@ -270,6 +277,7 @@ impl FluxPipeline {
             base_cfg,
             lora_params: vec![],
             lora_warnings: vec![],
+            clip_loras: 0,
             opts,
             text: None,
             dit: None,
@@ -285,6 +293,9 @@ impl FluxPipeline {
     /// when it loads. Each file's SHA-256 is recorded for the images' metadata.
     pub fn set_loras(&mut self, set: LoraSet, opts: LoraOptions) -> Result<()> {
         let (cfg, reports) = set.check(&self.base_cfg, opts)?;
+        let files = clip_files(&set);
+        let clip_reports = ClipTextModel::check_loras(&self.clip_config()?, &files, &opts)?;
+        let clip_loras: usize = clip_reports.iter().map(|r| r.0).sum();
         if ModelKind::of(cfg.in_channels).is_none() {
             return Err(Error::InvalidRequest(format!(
                 "this transformer takes {} input channels; the pipeline runs base models (64), FLUX.1-Canny/Depth (128) and FLUX.1-Fill (384)",
@@ -305,6 +316,9 @@ impl FluxPipeline {
         if let Some(dit) = self.dit.as_mut() {
             dit.apply_loras(&set, o)?;
         }
+        if let Some(clip) = self.text.as_mut().and_then(|t| t.clip_mut()) {
+            clip.apply_loras(&files, &o)?;
+        }
         self.lora_warnings = reports
             .iter()
             .filter(|r| r.skipped.1 > 0)
@@ -317,12 +331,38 @@ impl FluxPipeline {
                     r.skipped.0.join(", ")
                 )
             })
+            .chain(
+                clip_reports
+                    .iter()
+                    .zip(set.entries())
+                    .filter(|(r, _)| !r.1.is_empty())
+                    .map(|(r, (lora, _))| {
+                        format!(
+                            "LoRA {}: {} CLIP module(s) match no layer and were skipped: {}",
+                            lora.path().display(),
+                            r.1.len(),
+                            flux_kernels::preview(&r.1)
+                        )
+                    }),
+            )
             .collect();
+        self.clip_loras = clip_loras;
         self.cfg = cfg;
         self.lora_params = params;
         self.opts.loras = set;
         self.opts.lora = opts;
         Ok(())
+    }
+
+    /// The CLIP config the text encoder will have (for checking LoRAs before it loads).
+    fn clip_config(&self) -> Result<flux_text::ClipConfig> {
+        let f = &self.files;
+        Ok(match &f.text_encoder_config {
+            Some(dir) => flux_text::ClipConfig::from_dir(dir)?,
+            None if f.text_encoder.is_dir() => flux_text::ClipConfig::from_dir(&f.text_encoder)?,
+            // a single file is CLIP-L (its width is checked when it loads)
+            None => flux_text::ClipConfig::vit_l_14(),
+        })
     }
 
     /// The LoRA options as applied: merges are reversible only when the transformer is kept.
@@ -397,14 +437,21 @@ impl FluxPipeline {
             self.text = Some(PromptEncoder::new(
                 ClipTokenizer::from_dir(&f.tokenizer)?,
                 T5Tokenizer::from_dir(&f.tokenizer_2, max_len)?,
-                if f.text_encoder.is_file() {
-                    let cfg = match &f.text_encoder_config {
-                        Some(dir) => Some(flux_text::ClipConfig::from_dir(dir)?),
-                        None => None,
+                {
+                    let mut clip = if f.text_encoder.is_file() {
+                        let cfg = match &f.text_encoder_config {
+                            Some(dir) => Some(flux_text::ClipConfig::from_dir(dir)?),
+                            None => None,
+                        };
+                        ClipTextModel::from_file(&f.text_encoder, cfg.as_ref(), dt, d)?
+                    } else {
+                        ClipTextModel::from_dir(&f.text_encoder, dt, d)?
                     };
-                    ClipTextModel::from_file(&f.text_encoder, cfg.as_ref(), dt, d)?
-                } else {
-                    ClipTextModel::from_dir(&f.text_encoder, dt, d)?
+                    if self.clip_loras > 0 {
+                        let files = clip_files(&self.opts.loras);
+                        clip.apply_loras(&files, &self.lora_options())?;
+                    }
+                    clip
                 },
                 T5Encoder::from_path(&f.text_encoder_2, dt, d, self.opts.quantize)?,
                 d,

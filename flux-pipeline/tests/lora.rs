@@ -327,3 +327,66 @@ fn switching_loras_without_reloading() {
     );
     assert!(p.loras().is_empty());
 }
+
+/// A LoRA of CLIP modules only (kohya's `lora_te1_`): the text encoder takes it.
+fn clip_lora(path: &Path) {
+    let mut t = HashMap::new();
+    for i in 0..2 {
+        for (m, o, inp) in [
+            ("self_attn_q_proj", 8, 8),
+            ("mlp_fc1", 37, 8),
+            ("mlp_fc2", 8, 37),
+        ] {
+            let k = format!("lora_te1_text_model_encoder_layers_{i}_{m}");
+            let down = Tensor::randn(0f32, 0.5, (2, inp), &Device::Cpu).unwrap();
+            let up = Tensor::randn(0f32, 0.5, (o, 2), &Device::Cpu).unwrap();
+            t.insert(format!("{k}.lora_down.weight"), down);
+            t.insert(format!("{k}.lora_up.weight"), up);
+        }
+    }
+    candle::safetensors::save(&t, path).unwrap();
+}
+
+#[test]
+fn clip_loras_reach_the_text_encoder() {
+    let d = tmp("clip");
+    clip_lora(&d.join("te.safetensors"));
+    let req = GenerateRequest {
+        prompts: vec!["a".into()],
+        width: 64,
+        height: 48,
+        steps: Some(1),
+        seeds: vec![1],
+        ..Default::default()
+    };
+    let run = |m: Option<f32>, keep: bool| {
+        let mut loras = LoraSet::new();
+        if let Some(m) = m {
+            loras.add(d.join("te.safetensors"), m).unwrap();
+        }
+        let opts = PipelineOptions {
+            loras,
+            keep_loaded: keep,
+            ..Default::default()
+        };
+        let mut p = FluxPipeline::from_source(&ModelSource::Folder(dir("tiny-dev")), opts).unwrap();
+        let y = p.generate(&req, |_, _| {}).unwrap().images[0]
+            .latents
+            .clone();
+        (p, y)
+    };
+    let (_, base) = run(None, false);
+    let (_, zero) = run(Some(0.0), false);
+    assert_eq!(max_abs_diff(&zero, &base), 0.0);
+    let (mut p, with) = run(Some(1.0), true);
+    assert!(
+        max_abs_diff(&with, &base) > 1e-4,
+        "the CLIP LoRA changes the embedding"
+    );
+    // switching on the loaded encoders
+    p.set_loras(LoraSet::new(), LoraOptions::default()).unwrap();
+    let back = p.generate(&req, |_, _| {}).unwrap().images[0]
+        .latents
+        .clone();
+    assert_eq!(max_abs_diff(&back, &base), 0.0);
+}

@@ -4,6 +4,11 @@
 use std::path::Path;
 
 use candle::{DType, Device, IndexOp, Tensor};
+use std::collections::HashMap;
+
+use flux_kernels::lora::{
+    attach, plan_file, AdapterFile, KeyMap, LoraOptions, Patch, CLIP_PREFIXES,
+};
 use flux_kernels::{quick_gelu, Checkpoint, Linear};
 
 use crate::encoder::{EncoderLayer, Norm};
@@ -156,6 +161,8 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: Norm,
     cfg: ClipConfig,
+    /// LoRAs were merged without keeping the weights as loaded.
+    merged_for_good: bool,
 }
 
 /// What [`ClipTextModel::forward`] returns.
@@ -256,6 +263,7 @@ impl ClipTextModel {
             layers,
             final_layer_norm: norm("text_model.final_layer_norm")?,
             cfg: cfg.clone(),
+            merged_for_good: false,
         };
         ck.finish(ignorable)?;
         Ok(model)
@@ -332,6 +340,122 @@ impl ClipTextModel {
             last_hidden_state: last,
         })
     }
+}
+
+impl ClipTextModel {
+    /// The key map adapter files' CLIP modules are placed with: transformers'
+    /// `CLIPTextModel` names (`text_model.encoder.layers.0.self_attn.q_proj`), after the
+    /// prefixes of kohya (`lora_te1_`, `lora_te_`), diffusers (`text_encoder.`) and ComfyUI
+    /// (`text_encoders.clip_l.transformer.`).
+    pub fn lora_key_map(cfg: &ClipConfig) -> KeyMap {
+        let mut map = KeyMap::new(CLIP_PREFIXES);
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("text_model.encoder.layers.{i}");
+            for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                map.linear(&format!("{p}.self_attn.{n}"), d, d);
+            }
+            map.linear(&format!("{p}.mlp.fc1"), f, d);
+            map.linear(&format!("{p}.mlp.fc2"), d, f);
+        }
+        map
+    }
+
+    /// Checks the CLIP modules of `files` (each with its strength) against a model of `cfg`:
+    /// every module with a CLIP prefix must match a layer and fit it (unless `opts.lenient`).
+    /// Returns, per file, the modules placed and the stems skipped.
+    pub fn check_loras(
+        cfg: &ClipConfig,
+        files: &[(&AdapterFile, f32)],
+        opts: &LoraOptions,
+    ) -> Result<Vec<(usize, Vec<String>)>> {
+        let map = Self::lora_key_map(cfg);
+        let mut out = vec![];
+        for (file, m) in files {
+            let fp = plan_file(file, *m, &map, is_clip)?;
+            if !fp.unmatched.is_empty() && !opts.lenient {
+                return Err(Error::InvalidConfig(format!(
+                    "{}: {} CLIP module(s) match no layer of this text encoder: {} (use lenient mode to skip them)",
+                    file.path().display(),
+                    fp.unmatched.len(),
+                    flux_kernels::preview(&fp.unmatched)
+                )));
+            }
+            out.push((fp.patches.len(), fp.unmatched));
+        }
+        Ok(out)
+    }
+
+    /// Applies the CLIP modules of `files` (a LoRA's `lora_te1_…` part), replacing any applied
+    /// before, merged or at run time per `opts` (see [`ClipTextModel::check_loras`] for the
+    /// checks). Returns the number of modules placed.
+    pub fn apply_loras(
+        &mut self,
+        files: &[(&AdapterFile, f32)],
+        opts: &LoraOptions,
+    ) -> Result<usize> {
+        self.remove_loras()?;
+        Self::check_loras(&self.cfg, files, opts)?;
+        let map = Self::lora_key_map(&self.cfg);
+        let mut layers: HashMap<String, Vec<Patch>> = HashMap::new();
+        let mut n = 0;
+        for (file, m) in files {
+            for (layer, patch) in plan_file(file, *m, &map, is_clip)?.patches {
+                layers.entry(layer).or_default().push(patch);
+                n += 1;
+            }
+        }
+        let (dtype, device) = (self.dtype(), self.token_embedding.device().clone());
+        let linears = self.linears_mut();
+        match attach(linears, &layers, opts, dtype, &device) {
+            Ok(for_good) => {
+                self.merged_for_good = for_good;
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = self.remove_loras();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Removes every adapter: the weights as loaded, bit for bit (an error when they were
+    /// merged for good).
+    pub fn remove_loras(&mut self) -> Result<()> {
+        if self.merged_for_good {
+            return Err(Error::InvalidConfig(
+                "the CLIP LoRAs were merged for good; reload the text encoder to change them"
+                    .into(),
+            ));
+        }
+        for (_, l) in self.linears_mut() {
+            l.restore();
+        }
+        Ok(())
+    }
+
+    /// Every linear layer with its transformers name, as it is now (adapters merged or
+    /// attached): for inspection and tests (the clones share the weights' memory).
+    pub fn linears(&self) -> Vec<(String, Linear)> {
+        let mut m = self.clone();
+        m.linears_mut()
+            .into_iter()
+            .map(|(n, l)| (n, l.clone()))
+            .collect()
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, l)| l.linears_mut(&format!("text_model.encoder.layers.{i}")))
+            .collect()
+    }
+}
+
+/// Whether an adapter module stem is a CLIP one.
+fn is_clip(stem: &str) -> bool {
+    CLIP_PREFIXES.iter().any(|p| stem.starts_with(p))
 }
 
 /// The CLIP part of an all-in-one file (ComfyUI's layout).

@@ -61,6 +61,18 @@ impl EncoderLayer {
         })
     }
 
+    /// The layer's linear layers under their names below `p`, for adapters.
+    pub fn linears_mut(&mut self, p: &str) -> Vec<(String, &mut Linear)> {
+        vec![
+            (format!("{p}.self_attn.q_proj"), &mut self.q_proj),
+            (format!("{p}.self_attn.k_proj"), &mut self.k_proj),
+            (format!("{p}.self_attn.v_proj"), &mut self.v_proj),
+            (format!("{p}.self_attn.out_proj"), &mut self.out_proj),
+            (format!("{p}.mlp.fc1"), &mut self.fc1),
+            (format!("{p}.mlp.fc2"), &mut self.fc2),
+        ]
+    }
+
     /// Every tensor of the layer under `p`, with its shape.
     pub fn tensor_shapes(p: &str, d: usize, f: usize) -> Vec<(String, Vec<usize>)> {
         let mut v = vec![];

@@ -114,6 +114,11 @@ impl PromptEncoder {
         self.t5 = None;
     }
 
+    /// The CLIP model, while loaded (to change its LoRAs).
+    pub fn clip_mut(&mut self) -> Option<&mut ClipTextModel> {
+        self.clip.as_mut()
+    }
+
     /// Whether the encoders are loaded.
     pub fn is_loaded(&self) -> bool {
         self.clip.is_some() && self.t5.is_some()

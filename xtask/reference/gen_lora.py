@@ -361,14 +361,16 @@ def bfl_control(base, e):
 
 
 # ---- diffusers cross-check ---------------------------------------------------------------------
-def diffusers_fused(model_dir, lora_sd, meta, tmp):
+def diffusers_fused_pipe(model_dir, lora_sd, meta, tmp, text_encoder=None):
+    """A FluxPipeline of the tiny transformer (and `text_encoder`) with `lora_sd` loaded by
+    diffusers' load_lora_weights and fused at strength M, the LoRA layers then unloaded."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     model = FluxTransformer2DModel.from_pretrained(model_dir).float().eval()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=None,
-        text_encoder=None,
+        text_encoder=text_encoder,
         tokenizer=None,
         text_encoder_2=None,
         tokenizer_2=None,
@@ -377,9 +379,16 @@ def diffusers_fused(model_dir, lora_sd, meta, tmp):
     path = os.path.join(tmp, "lora.safetensors")
     save_file({k: v.contiguous() for k, v in lora_sd.items()}, path, metadata=meta)
     pipe.load_lora_weights(path, adapter_name="x")
-    pipe.fuse_lora(lora_scale=M, components=["transformer"])
+    components = ["transformer"] + (["text_encoder"] if text_encoder is not None else [])
+    pipe.fuse_lora(lora_scale=M, components=components)
     pipe.unload_lora_weights()
-    return model, to_bfl(model.state_dict(), DEPTH, SINGLE)
+    os.remove(path)
+    return pipe
+
+
+def diffusers_fused(model_dir, lora_sd, meta, tmp):
+    pipe = diffusers_fused_pipe(model_dir, lora_sd, meta, tmp)
+    return pipe.transformer, to_bfl(pipe.transformer.state_dict(), DEPTH, SINGLE)
 
 
 def main():

@@ -440,7 +440,12 @@ fn lora_bench(o: &Opts) -> Result<()> {
             for (r, mode, (run, apply, alternate)) in rows {
                 // run time: against the same model without it, timed alternately in its
                 // process; merges: against the runs without a LoRA
-                let ratio = run.secs / if alternate > 0.0 { alternate } else { none.secs };
+                let ratio = run.secs
+                    / if alternate > 0.0 {
+                        alternate
+                    } else {
+                        none.secs
+                    };
                 println!(
                     "{mode:<17} {r:>4}  {res:>4}  {:>9.3}  {ratio:>7.3}  {apply:>7.2}  {:>12.1}  {:>6.2} GB",
                     run.secs,

@@ -23,6 +23,7 @@ const GENERATORS: &[(&str, &str, &str)] = &[
     ("sampler", "gen_sampler.py", "flux-sampler"),
     ("dit", "gen_dit.py", "flux-dit"),
     ("lora", "gen_lora.py", "flux-dit"),
+    ("lora-text", "gen_lora_text.py", "flux-text"),
     ("vae", "gen_vae.py", "flux-vae"),
     ("text", "gen_text.py", "flux-text"),
     ("pipeline", "gen_pipeline.py", "flux-pipeline"),

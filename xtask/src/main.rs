@@ -14,7 +14,7 @@ cargo xtask <command>
 Commands:
   golden [--crate NAME]            run every crate's golden tests and print one row per case
   golden gen [COMPONENT] [--verify] regenerate goldens with the pinned Python reference
-                                   (COMPONENT: kernels, sampler, dit, lora, vae,
+                                   (COMPONENT: kernels, sampler, dit, lora, lora-text, vae,
                                    text, pipeline, tasks; default all). --verify regenerates
                                    into a temporary folder and checks the committed files are
                                    byte-identical.
