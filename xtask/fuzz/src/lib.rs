@@ -44,6 +44,54 @@ fn exercise_checkpoint(p: &Path) {
     let _ = flux_text::T5Config::detect(&ck);
 }
 
+/// The tiny dev transformer of flux-dit's goldens (the LoRA seeds' model), zero weights.
+fn tiny_dit() -> Option<flux_dit::Flux> {
+    let cfg = flux_dit::Config {
+        in_channels: 16,
+        out_channels: 16,
+        vec_in_dim: 20,
+        context_in_dim: 24,
+        hidden_size: 16,
+        mlp_ratio: 4.0,
+        num_heads: 2,
+        depth: 2,
+        depth_single_blocks: 2,
+        axes_dim: vec![2, 2, 4],
+        theta: 10_000.0,
+        qkv_bias: true,
+        guidance_embed: true,
+    };
+    let t = flux_dit::bfl_tensor_shapes(&cfg)
+        .into_iter()
+        .map(|(k, s)| Ok((k, candle::Tensor::zeros(s, DType::F32, &Device::Cpu)?)))
+        .collect::<candle::Result<std::collections::HashMap<_, _>>>()
+        .ok()?;
+    let ck = flux_kernels::Checkpoint::from_tensors(t, DType::F32, &Device::Cpu, "tiny").ok()?;
+    let w = flux_dit::Weights::from_checkpoint(ck, flux_dit::Layout::Bfl);
+    flux_dit::Flux::load(&cfg, &w, Default::default()).ok()
+}
+
+/// A LoRA file read, checked against the tiny transformer and applied to it both ways.
+fn exercise_lora(p: &Path) {
+    let Ok(lora) = flux_dit::Lora::open(p) else {
+        return;
+    };
+    let mut set = flux_dit::LoraSet::new();
+    set.push(std::sync::Arc::new(lora), 0.7);
+    let Some(mut m) = tiny_dit() else {
+        return;
+    };
+    for mode in [flux_dit::LoraMode::Merge, flux_dit::LoraMode::Runtime] {
+        let opts = flux_dit::LoraOptions {
+            mode,
+            lenient: true,
+            ..Default::default()
+        };
+        let _ = set.check(m.config(), opts);
+        let _ = m.apply_loras(&set, opts);
+    }
+}
+
 fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
@@ -61,6 +109,10 @@ pub fn targets() -> Vec<Target> {
                 let _ = flux_kernels::gguf::parse(b);
                 exercise_checkpoint(&write(s, "in.gguf", b));
             },
+        },
+        Target {
+            name: "lora",
+            run: |b, s| exercise_lora(&write(s, "in.safetensors", b)),
         },
         Target {
             name: "png",
