@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle::{DType, Device, Tensor};
 use flux_dit::*;
-use flux_golden::{max_abs_diff, Golden, Tolerance};
+use flux_golden::{max_abs, max_abs_diff, Golden, Tolerance};
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -207,13 +207,7 @@ fn runtime_matches_merged_for_every_format() {
         let merged = run(LoraMode::Merge);
         let runtime = run(LoraMode::Runtime);
         let d = max_abs_diff(&merged, &runtime);
-        let scale = merged
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let scale = max_abs(&merged);
         assert!(
             d <= 4e-6 * scale.max(1.0),
             "{fmt}: run time vs merged differ by {d} (outputs up to {scale})"
@@ -377,14 +371,7 @@ fn runtime_on_packed_weights_and_merge_refused() {
     let d1 = forward(&dense);
     let change_fp8 = (&y - &y0).unwrap();
     let change_dense = (&d1 - &d0).unwrap();
-    let rel = max_abs_diff(&change_fp8, &change_dense)
-        / change_dense
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+    let rel = max_abs_diff(&change_fp8, &change_dense) / max_abs(&change_dense);
     assert!(rel < 0.2, "fp8 vs dense LoRA change: relative {rel}");
     m.remove_loras().unwrap();
     assert_eq!(max_abs_diff(&forward(&m), &y0), 0.0);
@@ -467,39 +454,27 @@ fn bad_files_are_typed_errors() {
     assert_eq!((rep[0].applied, rep[0].skipped.1), (1, 1));
     m.remove_loras().unwrap();
     // CLIP modules are the text encoder's (the transformer leaves them); T5 ones are named
-    let p = write(
-        "te",
-        &[
-            (
-                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-                zeros(&[2, 8]),
-            ),
-            (
-                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
-                zeros(&[8, 2]),
-            ),
-        ],
-    );
-    let mut s = LoraSet::new();
-    s.add(&p, 1.0).unwrap();
+    let one_module = |name: &str, stem: &str| {
+        let (down, up) = (
+            format!("{stem}.lora_down.weight"),
+            format!("{stem}.lora_up.weight"),
+        );
+        let p = write(
+            name,
+            &[
+                (down.as_str(), zeros(&[2, 8])),
+                (up.as_str(), zeros(&[8, 2])),
+            ],
+        );
+        let mut s = LoraSet::new();
+        s.add(&p, 1.0).unwrap();
+        s
+    };
+    let s = one_module("te", "lora_te1_text_model_encoder_layers_0_mlp_fc1");
     assert_eq!(s.entries()[0].0.clip_modules(), 1);
     let rep = m.apply_loras(&s, LoraOptions::default()).unwrap();
     assert_eq!((rep[0].applied, rep[0].skipped.1), (0, 0));
-    let p = write(
-        "t5",
-        &[
-            (
-                "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
-                zeros(&[2, 8]),
-            ),
-            (
-                "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight",
-                zeros(&[8, 2]),
-            ),
-        ],
-    );
-    let mut s = LoraSet::new();
-    s.add(&p, 1.0).unwrap();
+    let s = one_module("t5", "lora_te2_encoder_block_0_layer_0_SelfAttention_q");
     let err = m
         .apply_loras(&s, LoraOptions::default())
         .unwrap_err()

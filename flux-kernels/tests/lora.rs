@@ -2,7 +2,7 @@
 //! placements and kinds, on dense and packed (fp8) weights; restoring is bit for bit.
 
 use candle::{DType, Device, Tensor};
-use flux_golden::max_abs_diff;
+use flux_golden::{max_abs, max_abs_diff};
 use flux_kernels::lora::{
     merge_patches, runtime_patches, AdapterKind, AdapterModule, LoraNaming, Patch, Placement,
 };
@@ -10,19 +10,7 @@ use flux_kernels::{Encoding, Fp8Kind, Linear, LinearWeight, PackedWeight};
 use proptest::prelude::*;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    flux_golden::uniform(shape, seed)
 }
 
 fn module(kind: AdapterKind, bias: Option<Tensor>, dora: Option<Tensor>) -> AdapterModule {
@@ -129,7 +117,7 @@ proptest! {
         let mut half = Linear::new(w.to_dtype(DType::BF16).unwrap(), b.as_ref().map(|b| b.to_dtype(DType::BF16).unwrap())).unwrap();
         runtime_patches(&mut half, &patches, DType::BF16, &Device::Cpu).unwrap();
         let yh = half.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap().to_dtype(DType::F32).unwrap();
-        let scale = ym.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let scale = max_abs(&ym);
         let d = max_abs_diff(&yh, &ym);
         prop_assert!(d <= 3e-2 * scale.max(1.0), "bf16 run time: {} (scale {})", d, scale);
         // restoring gives the weights as loaded, bit for bit

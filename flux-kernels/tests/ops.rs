@@ -7,20 +7,11 @@ use flux_kernels::*;
 use proptest::prelude::*;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    // A small deterministic generator keeps the tests independent of candle's RNG.
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    flux_golden::uniform(
+        shape,
+        seed.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407),
+    )
 }
 
 fn ids(l: usize, seed: u64) -> Tensor {

@@ -17,29 +17,9 @@ fn dir(p: &str) -> PathBuf {
 /// As the text-to-image pipeline goldens.
 const TOL: Tolerance = Tolerance::new(1e-4, 0.0);
 
-/// The request of a golden case: every field its record has (pictures by file name).
+/// The request of a golden case.
 fn request(g: &Golden, case: &str) -> GenerateRequest {
-    let m = g.case_meta(case);
-    let picture = |key: &str| m[key].as_str().map(|f| read_png(&dir(f)).unwrap().image);
-    GenerateRequest {
-        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
-        width: m["width"].as_u64().unwrap() as usize,
-        height: m["height"].as_u64().unwrap() as usize,
-        steps: Some(m["steps"].as_u64().unwrap() as usize),
-        guidance: m["guidance"].as_f64().map(|g| g as f32),
-        seeds: vec![m["seed"].as_u64().unwrap()],
-        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
-        image: picture("image").map(|image| InitImage {
-            image,
-            strength: m["strength"].as_f64().unwrap(),
-            mask: picture("mask"),
-        }),
-        edit_image: picture("edit_image"),
-        control_image: picture("control_image"),
-        negative_prompt: m["negative_prompt"].as_str().map(String::from),
-        true_cfg: m["true_cfg"].as_f64().unwrap_or(1.0) as f32,
-        ..Default::default()
-    }
+    common::task_request(g, case)
 }
 
 /// Runs golden `case` and checks its final latents and decoded image.

@@ -82,22 +82,7 @@ fn control_lora_on_the_base_model_matches_the_control_model() {
     let d = tmp("control");
     let file = d.join("control-lora.safetensors");
     control_lora(&file);
-    let m = g.case_meta("control");
-    let req = GenerateRequest {
-        prompts: vec![m["prompt"].as_str().unwrap().to_string()],
-        width: m["width"].as_u64().unwrap() as usize,
-        height: m["height"].as_u64().unwrap() as usize,
-        steps: Some(m["steps"].as_u64().unwrap() as usize),
-        guidance: m["guidance"].as_f64().map(|g| g as f32),
-        seeds: vec![m["seed"].as_u64().unwrap()],
-        max_sequence_length: Some(m["max_sequence_length"].as_u64().unwrap() as usize),
-        control_image: Some(
-            read_png(&dir(m["control_image"].as_str().unwrap()))
-                .unwrap()
-                .image,
-        ),
-        ..Default::default()
-    };
+    let req = common::task_request(&g, "control");
     for mode in [LoraMode::Merge, LoraMode::Runtime] {
         let mut loras = LoraSet::new();
         loras.add(&file, 1.0).unwrap();

@@ -12,17 +12,8 @@ fn model() -> AutoEncoder {
 }
 
 /// Deterministic uniform values in [−1, 1).
-fn uniform(shape: &[usize], mut seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+fn uniform(shape: &[usize], seed: u64) -> Tensor {
+    flux_golden::uniform(shape, seed)
 }
 
 /// Max-abs error and PSNR over the reference's peak-to-peak range (random tiny weights give

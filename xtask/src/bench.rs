@@ -291,10 +291,9 @@ fn bench_weights(o: &Opts, bench: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench --cfg-batch`: true CFG's two transformer passes per step, one after the
-/// other (diffusers; `--batch 1`) against one pass over a batch of two (`--batch 2`), on the
-/// full-width transformer (reduced depth).
-fn cfg_batch_bench(o: &Opts) -> Result<()> {
+/// Builds `flux-bench` and writes (once) the seeded weights and inputs of `o`'s model: the
+/// binary and the folder.
+fn bench_model(o: &Opts) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     build(&["build", "--release", "-p", "flux-bench"])?;
     let bench = root().join("target/release/flux-bench");
     let dir = root().join(format!(
@@ -302,6 +301,14 @@ fn cfg_batch_bench(o: &Opts) -> Result<()> {
         o.depth, o.single, o.hidden, o.heads
     ));
     bench_weights(o, &bench, &dir)?;
+    Ok((bench, dir))
+}
+
+/// `cargo xtask bench --cfg-batch`: true CFG's two transformer passes per step, one after the
+/// other (diffusers; `--batch 1`) against one pass over a batch of two (`--batch 2`), on the
+/// full-width transformer (reduced depth).
+fn cfg_batch_bench(o: &Opts) -> Result<()> {
+    let (bench, dir) = bench_model(o)?;
     let (threads, iters) = (o.threads.to_string(), o.iters.to_string());
     println!("mode                 res   s/step  peak RSS");
     let mut lines = vec![];
@@ -360,13 +367,7 @@ fn linear_params(h: f64, d: f64, s: f64) -> f64 {
 /// weight count), and the per-forward cost of run-time LoRA against the same model without
 /// one, in the same run.
 fn lora_bench(o: &Opts) -> Result<()> {
-    build(&["build", "--release", "-p", "flux-bench"])?;
-    let bench = root().join("target/release/flux-bench");
-    let dir = root().join(format!(
-        "target/bench/d{}s{}h{}n{}",
-        o.depth, o.single, o.hidden, o.heads
-    ));
-    bench_weights(o, &bench, &dir)?;
+    let (bench, dir) = bench_model(o)?;
     let (threads, iters) = (o.threads.to_string(), o.iters.to_string());
     let ranks = [16usize, 64];
     let mut files = vec![];

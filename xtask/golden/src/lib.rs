@@ -432,11 +432,17 @@ pub fn manifest(manifest_dir: &str, name: &str) -> std::collections::BTreeMap<St
 /// for tests that need one number; panics (a test failure) on a shape mismatch.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "max_abs_diff: shapes differ");
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    if d.elem_count() == 0 {
+    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
+}
+
+/// The largest `|value|` of `t` (0 for an empty tensor).
+pub fn max_abs(t: &Tensor) -> f64 {
+    if t.elem_count() == 0 {
         return 0.0;
     }
-    d.abs()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -444,6 +450,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// Deterministic values uniform in [−1, 1) from a 64-bit LCG (test inputs independent of
+/// candle's RNG), f32 on the CPU.
+pub fn uniform(shape: &[usize], mut seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 /// Asserts that `ours` names exactly the tensors of `want` with the same shapes, listing what is
