@@ -402,6 +402,20 @@ fn write(name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
     path
 }
 
+/// A set of the one file written from `tensors`.
+fn set_of(name: &str, tensors: &[(&str, Tensor)]) -> LoraSet {
+    let mut s = LoraSet::new();
+    s.add(write(name, tensors), 1.0).unwrap();
+    s
+}
+
+/// The strict error of applying `s`.
+fn strict_error(m: &mut Flux, s: &LoraSet) -> String {
+    m.apply_loras(s, LoraOptions::default())
+        .unwrap_err()
+        .to_string()
+}
+
 fn zeros(shape: &[usize]) -> Tensor {
     Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
 }
@@ -411,7 +425,7 @@ fn bad_files_are_typed_errors() {
     let mut m = model(OPTS);
     let y0 = forward(&m);
     // a key that matches nothing: strict names it and the format; lenient skips and counts
-    let p = write(
+    let s = set_of(
         "unmatched",
         &[
             (
@@ -432,12 +446,7 @@ fn bad_files_are_typed_errors() {
             ),
         ],
     );
-    let mut s = LoraSet::new();
-    s.add(&p, 1.0).unwrap();
-    let err = m
-        .apply_loras(&s, LoraOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = strict_error(&mut m, &s);
     assert!(
         err.contains("lora_unet_double_blocks_7_img_attn_qkv") && err.contains("kohya"),
         "{err}"
@@ -475,13 +484,10 @@ fn bad_files_are_typed_errors() {
     let rep = m.apply_loras(&s, LoraOptions::default()).unwrap();
     assert_eq!((rep[0].applied, rep[0].skipped.1), (0, 0));
     let s = one_module("t5", "lora_te2_encoder_block_0_layer_0_SelfAttention_q");
-    let err = m
-        .apply_loras(&s, LoraOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = strict_error(&mut m, &s);
     assert!(err.contains("T5"), "{err}");
     // a shape that does not fit names the key, expected and found
-    let p = write(
+    let s = set_of(
         "shape",
         &[
             (
@@ -494,12 +500,7 @@ fn bad_files_are_typed_errors() {
             ),
         ],
     );
-    let mut s = LoraSet::new();
-    s.add(&p, 1.0).unwrap();
-    let err = m
-        .apply_loras(&s, LoraOptions::default())
-        .unwrap_err()
-        .to_string();
+    let err = strict_error(&mut m, &s);
     assert!(
         err.contains("to_q") && err.contains("[16, 16]") && err.contains("[16, 12]"),
         "{err}"
