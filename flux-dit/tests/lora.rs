@@ -567,3 +567,37 @@ fn bad_files_are_typed_errors() {
     // none of it touched the model
     assert_eq!(max_abs_diff(&forward(&m), &y0), 0.0);
 }
+
+/// Every linear layer of the real FLUX.1-dev and -schnell, named as diffusers/PEFT and kohya
+/// name them (from the manifests of the released checkpoints' names and shapes), has a place
+/// of the right shape: rank-1 adapters on all of them pass the strict check.
+#[test]
+fn every_layer_of_the_real_models_has_a_place() {
+    for (name, cfg) in [("dev", Config::dev()), ("schnell", Config::schnell())] {
+        for (layout, prefix, down, up) in [
+            ("diffusers", "transformer.", "lora_A", "lora_B"),
+            ("bfl", "lora_unet_", "lora_down", "lora_up"),
+        ] {
+            let manifest =
+                flux_golden::manifest(env!("CARGO_MANIFEST_DIR"), &format!("{name}_{layout}"));
+            let mut t = vec![];
+            for (key, shape) in &manifest {
+                let Some(stem) = key.strip_suffix(".weight").filter(|_| shape.len() == 2) else {
+                    continue;
+                };
+                let stem = match layout {
+                    "bfl" => format!("{prefix}{}", stem.replace('.', "_")),
+                    _ => format!("{prefix}{stem}"),
+                };
+                t.push((format!("{stem}.{down}.weight"), zeros(&[1, shape[1]])));
+                t.push((format!("{stem}.{up}.weight"), zeros(&[shape[0], 1])));
+            }
+            let named: Vec<(&str, Tensor)> =
+                t.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            let s = set_of(&format!("real-{name}-{layout}"), &named);
+            let (c, rep) = s.check(&cfg, LoraOptions::default()).unwrap();
+            assert_eq!(rep[0].applied, t.len() / 2, "{name} {layout}");
+            assert_eq!(c, cfg, "{name} {layout}: a regular LoRA leaves the config");
+        }
+    }
+}

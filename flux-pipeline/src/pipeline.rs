@@ -40,7 +40,10 @@ pub struct PipelineOptions {
     /// Transformer rows per pass: images denoised together, with true CFG counting each
     /// image's negative row too (so 2 runs the positive and negative passes as one batch).
     /// Results equal one-at-a-time runs up to float rounding; memory for activations grows
-    /// with it. Default 1 (one image, one pass at a time, as diffusers' true CFG).
+    /// with it. 0: as many as the request has that fit in 80 % of the memory available now
+    /// (on the CPU; elsewhere 1, as free device memory is not queried), estimated per row from
+    /// the token count and the model's widths. Default 1 (one image, one pass at a time, as
+    /// diffusers' true CFG).
     pub batch: usize,
     /// LoRAs applied to the transformer when it loads (see [`FluxPipeline::set_loras`]).
     pub loras: LoraSet,
@@ -183,6 +186,36 @@ pub struct GenerateOutput {
     pub warnings: Vec<String>,
     /// Time per stage.
     pub times: StageTimes,
+}
+
+/// Activation bytes one transformer row needs at its peak, estimated: the single blocks' fused
+/// `[q, k, v, mlp]` projection of every token and its neighbours in flight, about four such
+/// tensors (measured at 512² on the full-width model: 0.37 GB per extra row, this gives 0.44).
+pub(crate) fn row_bytes(cfg: &flux_dit::Config, tokens: usize, dtype: DType) -> u64 {
+    let width = 3 * cfg.hidden_size + cfg.mlp_hidden();
+    (tokens as u64) * (width as u64) * 4 * dtype.size_in_bytes() as u64
+}
+
+/// Rows per pass for `batch: 0`: as many of `wanted` as fit in 80 % of `available` bytes at
+/// `per_row` each (at least 1, at most 64); 1 when the memory is unknown.
+pub(crate) fn auto_rows(available: Option<u64>, per_row: u64, wanted: usize) -> usize {
+    let Some(avail) = available else {
+        return 1;
+    };
+    let fit = (avail as f64 * 0.8 / per_row.max(1) as f64) as usize;
+    fit.clamp(1, 64).min(wanted.max(1))
+}
+
+/// Memory available for new allocations: `MemAvailable` of `/proc/meminfo` on the CPU (Linux);
+/// `None` elsewhere and on other devices.
+fn available_memory(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Each LoRA's file and strength, for the text encoder.
@@ -779,14 +812,29 @@ impl FluxPipeline {
                 ids_txt: ids_txt.clone(),
                 latents: req.latents.as_ref(),
                 num_images: req.num_images,
-                joint_cfg: self.opts.batch >= 2,
+                joint_cfg: false,
                 dtype,
                 device: dev.clone(),
             };
+            // transformer rows per pass: as asked, or (0) as many as free memory allows
+            let tokens = group.ids_img.dim(1)? + ids_txt.dim(1)?;
+            let rows_wanted = n * if cfg.is_some() { 2 } else { 1 };
+            let batch = match self.opts.batch {
+                0 => auto_rows(
+                    available_memory(&dev),
+                    row_bytes(&self.cfg, tokens, dtype),
+                    rows_wanted,
+                ),
+                b => b,
+            };
+            let group = Group {
+                joint_cfg: batch >= 2,
+                ..group
+            };
             // images per transformer pass: with true CFG the negative rows count too
             let per_pass = match cfg {
-                Some(_) if self.opts.batch >= 2 => self.opts.batch / 2,
-                _ => self.opts.batch,
+                Some(_) if batch >= 2 => batch / 2,
+                _ => batch,
             }
             .max(1);
             let all: Vec<(usize, u64)> = seeds.iter().copied().enumerate().collect();
@@ -1205,4 +1253,25 @@ pub fn peak_rss() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_batch_fits_the_memory() {
+        let gb = 1u64 << 30;
+        // 10 GB available, 1 GB a row: 8 rows fit (80 %), capped by what the request has
+        assert_eq!(auto_rows(Some(10 * gb), gb, 16), 8);
+        assert_eq!(auto_rows(Some(10 * gb), gb, 3), 3);
+        // never below one, never above 64; unknown memory: one at a time
+        assert_eq!(auto_rows(Some(gb / 2), gb, 4), 1);
+        assert_eq!(auto_rows(Some(1000 * gb), 1, 500), 64);
+        assert_eq!(auto_rows(None, gb, 4), 1);
+        // FLUX.1 at 1024² in f32: 4096 + 512 tokens, (3·3072 + 12288)·4·4 bytes each
+        let row = row_bytes(&flux_dit::Config::dev(), 4608, DType::F32);
+        assert_eq!(row, 4608 * 21504 * 16);
+        assert_eq!(auto_rows(Some(24 * gb), row, 2), 2);
+    }
 }

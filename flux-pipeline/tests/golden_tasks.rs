@@ -773,6 +773,8 @@ fn batches_equal_one_at_a_time() {
         (None, "kontext", 4),
         (None, "true_cfg", 2),
         (None, "true_cfg", 4),
+        // auto: as many rows as fit (all eight here)
+        (None, "true_cfg", 0),
         (Some("tiny-fill/transformer"), "fill", 3),
         (Some("tiny-control/transformer"), "control", 2),
     ];

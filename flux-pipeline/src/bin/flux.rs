@@ -198,9 +198,10 @@ struct Generate {
     #[arg(long, default_value_t = 1)]
     num_images: usize,
     /// Transformer rows per pass: images denoised together (true CFG's negative rows count
-    /// too, so 2 runs its two passes as one batch). Same images as one at a time; more memory.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    batch: u16,
+    /// too, so 2 runs its two passes as one batch), 1 to 64, or `auto`: as many as fit in the
+    /// memory available now (CPU). Same images as one at a time; more memory.
+    #[arg(long, default_value = "1", value_parser = parse_batch)]
+    batch: usize,
     /// Output file or pattern ({seed}, {index} in the file name), or a folder. An existing file
     /// is never replaced: the new one gets a numbered name (`name-1.png`), unless --overwrite.
     #[arg(long, short, default_value = "flux-{seed}.png")]
@@ -276,6 +277,17 @@ enum LoraModeArg {
     Auto,
     Merge,
     Runtime,
+}
+
+/// `--batch`: 1..=64, or `auto` (0 for the pipeline).
+fn parse_batch(s: &str) -> Result<usize, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(0);
+    }
+    match s.parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("`{s}`: 1 to 64, or auto")),
+    }
 }
 
 /// `--lora FILE[:STRENGTH]`: the part after the last `:` is the strength when it is a number
@@ -684,7 +696,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         reference,
         tiled_vae: tiled_vae.then(Default::default),
         quantize,
-        batch: args.batch as usize,
+        batch: args.batch,
         loras,
         lora: flux_pipeline::LoraOptions {
             lenient: args.lora_lenient,
