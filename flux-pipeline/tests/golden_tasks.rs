@@ -27,19 +27,16 @@ fn check_case(g: &Golden, p: &mut FluxPipeline, case: &str) -> (GenerateRequest,
     let req = request(g, case);
     let out = p.generate(&req, |_, _| {}).unwrap();
     let img = out.images[0].clone();
-    g.check(
-        &format!("{case}/latents_out"),
-        &img.latents,
-        &g.tensor(&format!("{case}/latents_out")),
-        TOL,
-    );
-    g.check(
-        &format!("{case}/image"),
-        &img.image,
-        &g.tensor(&format!("{case}/image")),
-        TOL,
-    );
+    check_image(g, case, &img);
     (req, img)
+}
+
+/// An image's final latents and decoded picture against golden `case`'s.
+fn check_image(g: &Golden, case: &str, img: &Generated) {
+    for (what, t) in [("latents_out", &img.latents), ("image", &img.image)] {
+        let name = format!("{case}/{what}");
+        g.check(&name, t, &g.tensor(&name), TOL);
+    }
 }
 
 /// diffusers' FluxImg2ImgPipeline: posterior sample and noise from one generator, the schedule
@@ -897,19 +894,7 @@ fn redux_matches_diffusers() {
             ..request(&g, case)
         };
         let out = p.generate(&req, |_, _| {}).unwrap();
-        let img = &out.images[0];
-        g.check(
-            &format!("{case}/latents_out"),
-            &img.latents,
-            &g.tensor(&format!("{case}/latents_out")),
-            TOL,
-        );
-        g.check(
-            &format!("{case}/image"),
-            &img.image,
-            &g.tensor(&format!("{case}/image")),
-            TOL,
-        );
+        check_image(&g, case, &out.images[0]);
     }
     // with true CFG the negative has no image tokens: two passes (also when batching allows
     // one), the same either way
