@@ -505,6 +505,16 @@ fn bad_files_are_typed_errors() {
         err.contains("to_q") && err.contains("[16, 16]") && err.contains("[16, 12]"),
         "{err}"
     );
+    // img_in may be widened (a control LoRA), but not without bound
+    let s = set_of(
+        "wide",
+        &[
+            ("img_in.lora_A.weight", zeros(&[1, 16 * 9])),
+            ("img_in.lora_B.weight", zeros(&[16, 1])),
+        ],
+    );
+    let err = strict_error(&mut m, &s);
+    assert!(err.contains("img_in") && err.contains("144"), "{err}");
     // rank mismatch, half a pair, unsupported kinds, empty and non-adapter files
     type Case<'a> = (&'a str, Vec<(&'a str, Tensor)>, &'a str);
     let cases: Vec<Case> = vec![

@@ -1044,8 +1044,10 @@ pub fn plan_file<'a>(
                 };
                 patch.check(out)?;
                 if let Some((o, i)) = m.delta_dims()? {
-                    let wider_ok = map.widenable.as_deref() == Some(layer.as_str());
-                    if i != inp && !wider_ok {
+                    // only the widenable layer may differ: wider (a control LoRA's img_in,
+                    // at most 8× its input) or narrower (a regular LoRA on a widened model)
+                    let widenable = map.widenable.as_deref() == Some(layer.as_str());
+                    if i != inp && !(widenable && i <= 8 * inp) {
                         return Err(LoadError::TensorShape {
                             name: format!("{} (on {layer})", m.stem),
                             expected: vec![place.rows, inp],
