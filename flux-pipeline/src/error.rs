@@ -43,6 +43,9 @@ pub enum Error {
         /// its own, [`flux_vae::Error`]).
         stage: &'static str,
     },
+    /// The request's [`crate::Cancel`] flag was raised.
+    #[error("cancelled")]
+    Cancelled,
     /// From the sampler.
     #[error(transparent)]
     Sampler(#[from] flux_sampler::Error),

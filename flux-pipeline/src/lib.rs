@@ -8,6 +8,8 @@ mod pipeline;
 mod png;
 mod redux;
 mod resize;
+#[cfg(feature = "serve")]
+pub mod serve;
 mod source;
 mod task;
 
@@ -17,12 +19,12 @@ pub use flux_dit::{Lora, LoraFormat, LoraMode, LoraOptions, LoraSet};
 pub use flux_sampler::Reference;
 pub use output::{OutputNames, DEFAULT_FILE};
 pub use pipeline::{
-    peak_rss, FluxPipeline, GenerateOutput, GenerateRequest, Generated, PipelineOptions, Progress,
-    StageTimes,
+    peak_rss, Cancel, FluxPipeline, GenerateOutput, GenerateRequest, Generated, PipelineOptions,
+    Progress, StageTimes,
 };
 pub use png::{
-    check_writable, file_sha256, read_png, remove_partial_files, write_png, ImageParams, LoraParam,
-    ReadPng, PARAMS_KEY,
+    check_writable, file_sha256, png_bytes, read_png, remove_partial_files, write_png, ImageParams,
+    LoraParam, ReadPng, PARAMS_KEY,
 };
 pub use redux::Redux;
 pub use resize::{resize, Filter};

@@ -113,6 +113,37 @@ pub struct GenerateRequest {
     /// diffusers' `true_cfg_scale`: > 1 with a negative prompt runs the transformer twice per
     /// step and uses `neg + scale·(pos − neg)`. Default 1 (off).
     pub true_cfg: f32,
+    /// Stops the generation when cancelled (before the next step or image):
+    /// [`FluxPipeline::generate`] then returns [`Error::Cancelled`], images already handed to
+    /// `on_image` stay handed.
+    pub cancel: Option<Cancel>,
+}
+
+/// A flag that stops a running generation ([`GenerateRequest::cancel`]); clones share it, so
+/// another thread can cancel.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    /// A flag not yet raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Raises the flag: the generation stops before its next step.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// `Err(Error::Cancelled)` once raised.
+    fn check(flag: Option<&Cancel>) -> Result<()> {
+        match flag {
+            Some(c) if c.is_cancelled() => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for GenerateRequest {
@@ -134,6 +165,7 @@ impl Default for GenerateRequest {
             edit_image: None,
             control_image: None,
             redux: None,
+            cancel: None,
         }
     }
 }
@@ -750,6 +782,7 @@ impl FluxPipeline {
         let n = seeds.len();
         // 1. text: encode every prompt (and the negative one), then release the encoders
         let start = Instant::now();
+        Cancel::check(req.cancel.as_ref())?;
         let (mut emb, negative_emb) = self.encode_prompts(req, cfg, max_len, &mut warnings)?;
         if let Some(r) = &req.redux {
             let (rows, width) = (emb.t5.dim(0)?, emb.t5.dim(2)?);
@@ -812,6 +845,7 @@ impl FluxPipeline {
                 ids_txt: ids_txt.clone(),
                 latents: req.latents.as_ref(),
                 num_images: req.num_images,
+                cancel: req.cancel.as_ref(),
                 joint_cfg: false,
                 dtype,
                 device: dev.clone(),
@@ -840,6 +874,7 @@ impl FluxPipeline {
             let all: Vec<(usize, u64)> = seeds.iter().copied().enumerate().collect();
             all.chunks(per_pass).try_for_each(|items| -> Result<()> {
                 let start = Instant::now();
+                Cancel::check(req.cancel.as_ref())?;
                 let lat = group.run(items, steps, n, &mut on_step)?;
                 denoise += start.elapsed();
                 for (k, &(i, seed)) in items.iter().enumerate() {
@@ -895,6 +930,10 @@ impl FluxPipeline {
         if !self.opts.keep_loaded {
             self.dit = None;
             self.vae = None;
+        }
+        // a cancelled step reaches here as the sampler's error naming that step
+        if run.is_err() && req.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Err(Error::Cancelled);
         }
         run?;
         Ok(GenerateOutput {
@@ -1020,6 +1059,8 @@ struct Group<'a> {
     ids_txt: Tensor,
     latents: Option<&'a Tensor>,
     num_images: usize,
+    /// Checked before every step.
+    cancel: Option<&'a Cancel>,
     /// True CFG's negative rows go through the transformer in the same pass as the positive.
     joint_cfg: bool,
     dtype: DType,
@@ -1075,6 +1116,7 @@ impl Group<'_> {
             _ => None,
         };
         let mut denoiser = |x: &Tensor, info: &StepInfo| -> Result<Tensor> {
+            Cancel::check(self.cancel)?;
             let img = self.starts.tokens(x)?;
             let predict = |img: &Tensor, txt: &Tensor, y: &Tensor, rows: usize| -> Result<Tensor> {
                 let txt_ids = match &ids_neg {

@@ -141,11 +141,23 @@ pub(crate) fn encode_png(
 ) -> std::result::Result<(), String> {
     partial_list().push(tmp.to_path_buf());
     let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
-    let mut enc = png::Encoder::new(
-        BufWriter::new(file),
-        image.width as u32,
-        image.height as u32,
-    );
+    encode_to(BufWriter::new(file), image, params)
+}
+
+/// The PNG of `image` with the parameters' chunks, as [`write_png`] writes it, in memory.
+pub fn png_bytes(image: &Rgb8, params: &ImageParams) -> Result<Vec<u8>> {
+    let mut out = vec![];
+    encode_to(&mut out, image, params).map_err(Error::InvalidRequest)?;
+    Ok(out)
+}
+
+/// Encodes `image` with the parameters' iTXt chunks into `w`.
+fn encode_to<W: std::io::Write>(
+    w: W,
+    image: &Rgb8,
+    params: &ImageParams,
+) -> std::result::Result<(), String> {
+    let mut enc = png::Encoder::new(w, image.width as u32, image.height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let json = serde_json::to_string(params).map_err(|e| e.to_string())?;

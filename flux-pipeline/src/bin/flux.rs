@@ -45,6 +45,135 @@ enum Command {
     Control(Box<Generate>),
     /// Convert a transformer file (any supported format) to GGUF, as city96's converter does.
     Convert(Convert),
+    /// Serve images over HTTP (OpenAI-compatible `/v1/images/generations`, a jobs API with
+    /// progress events, `/health`, `/metrics`), keeping the model loaded.
+    Serve(Serve),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Model: `schnell`, `dev`, a hub id (owner/name) or a local diffusers folder.
+    #[arg(long, short, default_value = SCHNELL_REPO)]
+    model: String,
+    /// Use only the local Hugging Face cache.
+    #[arg(long)]
+    offline: bool,
+    /// Address to listen on; anything but loopback needs --token.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free one, printed).
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// The bearer token clients must send (`Authorization: Bearer TOKEN`) [env: FLUX_API_TOKEN].
+    #[arg(long)]
+    token: Option<String>,
+    /// Compute dtype (f32 on CPU; bf16 suits GPUs).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Quantize the transformer and T5 while loading (as flux generate --quantize).
+    #[arg(long, value_parser = parse_encoding)]
+    quantize: Option<flux_kernels::Encoding>,
+    /// Release the models after every job (the CLI's memory policy: T5 and the transformer are
+    /// never resident together) instead of keeping them loaded.
+    #[arg(long)]
+    low_memory: bool,
+    /// Image side when a request gives no size.
+    #[arg(long, default_value_t = 1024)]
+    default_size: usize,
+    /// Jobs that may wait; one more is refused with 429.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// Largest width or height a request may ask for.
+    #[arg(long, default_value_t = 2048)]
+    max_side: usize,
+    /// Most steps a request may ask for.
+    #[arg(long, default_value_t = 100)]
+    max_steps: usize,
+    /// Most images per request.
+    #[arg(long, default_value_t = 4)]
+    max_images: usize,
+    /// Seconds a running job may take to finish at shutdown before it is cancelled.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+/// `flux serve`: until Ctrl-C or SIGTERM, then a graceful shutdown.
+fn serve(args: Serve) -> Result<(), Error> {
+    use flux_pipeline::serve::{Limits, ServeOptions, Server};
+    let device = open_device(args.device)?;
+    let dtype = match args.dtype {
+        Some(DtypeArg::F32) => DType::F32,
+        Some(DtypeArg::Bf16) => DType::BF16,
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    };
+    let token = args
+        .token
+        .or_else(|| std::env::var("FLUX_API_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    let located = ModelSource::parse(&args.model, args.offline)?.resolve()?;
+    // a local folder is named by its last component only (no path of this machine is shown)
+    let model_id = match Path::new(&args.model).file_name() {
+        Some(n) if Path::new(&args.model).is_dir() => n.to_string_lossy().into_owned(),
+        _ => args.model.clone(),
+    };
+    let opts = PipelineOptions {
+        dtype,
+        device,
+        keep_loaded: !args.low_memory,
+        quantize: args.quantize,
+        ..Default::default()
+    };
+    let pipe = FluxPipeline::new(located, opts)?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let _ = ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    });
+    let server = Server::start(
+        pipe,
+        ServeOptions {
+            addr: std::net::SocketAddr::new(args.host, args.port),
+            token,
+            limits: Limits {
+                queue: args.queue,
+                max_side: args.max_side,
+                max_steps: args.max_steps,
+                max_images: args.max_images,
+                ..Default::default()
+            },
+            model_id,
+            files: Default::default(),
+            default_size: args.default_size,
+        },
+    )?;
+    say(format_args!(
+        "serving {} on http://{}",
+        args.model,
+        server.addr()
+    ));
+    let _ = rx.recv();
+    note(format_args!("shutting down: finishing the running job"));
+    server.shutdown(std::time::Duration::from_secs(args.shutdown_grace));
+    Ok(())
+}
+
+/// The device a `--device` flag names.
+fn open_device(arg: DeviceArg) -> Result<Device, Error> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Device(
+                    "this flux was built without CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)".into(),
+                ));
+            }
+            Device::new_cuda(0)
+                .map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}")))
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -422,18 +551,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             "--canny and --depth are for FLUX.1-Canny/Depth (flux control), not for editing".into(),
         ));
     }
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => {
-            if !cfg!(feature = "cuda") {
-                return Err(Error::Device(
-                    "this flux was built without CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)".into(),
-                ));
-            }
-            Device::new_cuda(0)
-                .map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}")))?
-        }
-    };
+    let device = open_device(args.device)?;
     // Request: from a previous image, then the flags.
     let mut req = GenerateRequest::default();
     let mut from = None;
@@ -938,12 +1056,15 @@ fn convert(args: Convert) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    // Ctrl-C: no temporary PNG is left behind (images already written stay)
-    let _ = ctrlc::set_handler(|| {
-        remove_partial_files();
-        std::process::exit(130);
-    });
     let cli = Cli::parse();
+    // Ctrl-C: no temporary PNG is left behind (images already written stay); `flux serve`
+    // shuts down gracefully instead
+    if !matches!(cli.command, Command::Serve(_)) {
+        let _ = ctrlc::set_handler(|| {
+            remove_partial_files();
+            std::process::exit(130);
+        });
+    }
     let result = match cli.command {
         Command::Generate(g) => run(*g, Mode::Generate),
         Command::Edit(g) => run(*g, Mode::Edit),
@@ -951,6 +1072,7 @@ fn main() -> ExitCode {
         Command::Control(g) => run(*g, Mode::Control),
         Command::Redux(g) => run(*g, Mode::Redux),
         Command::Convert(c) => convert(c),
+        Command::Serve(s) => serve(s),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

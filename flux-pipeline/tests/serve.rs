@@ -1,0 +1,704 @@
+//! `flux serve` on the committed tiny model: every route, every class of bad input, the queue
+//! limit, cancellation, the token, graceful shutdown, and a bounded load run.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use flux_pipeline::serve::{Limits, ServeOptions, Server};
+use flux_pipeline::{FluxPipeline, ModelSource, PipelineOptions};
+use serde_json::{json, Value};
+
+fn tiny() -> FluxPipeline {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev");
+    let files = ModelSource::Folder(dir).resolve().unwrap();
+    let opts = PipelineOptions {
+        keep_loaded: true,
+        ..Default::default()
+    };
+    FluxPipeline::new(files, opts).unwrap()
+}
+
+fn start(limits: Limits, token: Option<&str>) -> Server {
+    Server::start(
+        tiny(),
+        ServeOptions {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            token: token.map(String::from),
+            limits,
+            model_id: "tiny-dev".into(),
+            files: Default::default(),
+            default_size: 64,
+        },
+    )
+    .unwrap()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// (status, headers' Retry-After, body bytes)
+fn call(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    token: Option<&str>,
+) -> (u16, Option<String>, Vec<u8>) {
+    let url = format!("http://{}{path}", server.addr());
+    let req = ureq::http::Request::builder().method(method).uri(&url);
+    let req = match token {
+        Some(t) => req.header("authorization", format!("Bearer {t}")),
+        None => req,
+    };
+    let resp = match body {
+        Some((ct, b)) => agent().run(req.header("content-type", ct).body(b.to_vec()).unwrap()),
+        None => agent().run(req.body(()).unwrap()),
+    };
+    let mut resp = resp.unwrap();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .unwrap();
+    (status, retry, bytes)
+}
+
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let text = body.to_string();
+    let (s, _, b) = call(
+        server,
+        "POST",
+        path,
+        Some(("application/json", text.as_bytes())),
+        None,
+    );
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn get(server: &Server, path: &str) -> (u16, Value) {
+    let (s, _, b) = call(server, "GET", path, None, None);
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn wait_done(server: &Server, id: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, v) = get(server, &format!("/api/v1/jobs/{id}"));
+        assert_eq!(s, 200, "{v}");
+        if ["succeeded", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < until, "job {id} did not finish: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The PNG decodes and carries the CLI's metadata.
+fn check_png(bytes: &[u8], prompt: &str, seed: u64) {
+    let dir = std::env::temp_dir().join(format!("flux-serve-{}-{seed}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("x.png");
+    std::fs::write(&path, bytes).unwrap();
+    let png = flux_pipeline::read_png(&path).unwrap();
+    let p = png.params.expect("the PNG records its parameters");
+    assert_eq!((p.prompt.as_str(), p.seed), (prompt, seed));
+    assert_eq!((png.image.width, png.image.height), (64, 64));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn openai_and_jobs_routes() {
+    let server = start(Limits::default(), None);
+    let (s, h) = get(&server, "/health");
+    assert_eq!((s, h["status"].as_str()), (200, Some("ok")));
+    let (s, m) = get(&server, "/v1/models");
+    assert_eq!((s, m["data"][0]["id"].as_str()), (200, Some("tiny-dev")));
+
+    // OpenAI: b64_json (default) and url
+    let (s, v) = post(
+        &server,
+        "/v1/images/generations",
+        &json!({"prompt": "a cat", "size": "64x64", "seed": 7, "steps": 2, "n": 2, "model": "tiny-dev", "quality": "hd"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    use base64::Engine as _;
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for (k, item) in data.iter().enumerate() {
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(item["b64_json"].as_str().unwrap())
+            .unwrap();
+        check_png(&png, "a cat", 7 + k as u64);
+    }
+    let (s, v) = post(
+        &server,
+        "/v1/images/generations",
+        &json!({"prompt": "a dog", "seed": 3, "steps": 2, "response_format": "url"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let url = v["data"][0]["url"].as_str().unwrap();
+    let path = &url[url.find("/api/").unwrap()..];
+    let (s, _, png) = call(&server, "GET", path, None, None);
+    assert_eq!(s, 200);
+    check_png(&png, "a dog", 3);
+
+    // native jobs: submit, progress events, result
+    let (s, v) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "a boat", "seed": 11, "steps": 3}),
+    );
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let url = format!("http://{}/api/v1/jobs/{id}/events", server.addr());
+    let resp = agent().get(&url).call().unwrap();
+    let mut steps = vec![];
+    let mut last = Value::Null;
+    for line in BufReader::new(resp.into_body().into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(d) = line.strip_prefix("data:") {
+            last = serde_json::from_str(d.trim()).unwrap();
+            steps.push(last["step"].as_u64().unwrap());
+        }
+        if line.starts_with("event: done") || line.starts_with("event:done") {
+            // the data line follows
+            continue;
+        }
+        if last["state"] == "succeeded" {
+            break;
+        }
+    }
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    assert_eq!(*steps.last().unwrap(), 3);
+    let v = wait_done(&server, &id);
+    assert_eq!(v["images"].as_array().unwrap().len(), 1);
+    let (s, _, png) = call(&server, "GET", v["images"][0].as_str().unwrap(), None, None);
+    assert_eq!(s, 200);
+    check_png(&png, "a boat", 11);
+    let (s, list) = get(&server, "/api/v1/jobs");
+    assert_eq!(s, 200);
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+
+    // idempotent by id
+    let body = json!({"id": "mine-1", "prompt": "a hat", "seed": 1, "steps": 1});
+    let (s, a) = post(&server, "/api/v1/jobs", &body);
+    assert_eq!(s, 202, "{a}");
+    let (s, b) = post(&server, "/api/v1/jobs", &body);
+    assert_eq!((s, &b["id"]), (200, &a["id"]));
+    let (s, c) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"id": "mine-1", "prompt": "another", "steps": 1}),
+    );
+    assert_eq!((s, c["error"]["code"].as_str()), (409, Some("id_in_use")));
+    assert_eq!(wait_done(&server, "mine-1")["state"], "succeeded");
+
+    let (s, _, metrics) = call(&server, "GET", "/metrics", None, None);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert_eq!(s, 200);
+    for name in [
+        "flux_queue_depth 0",
+        "flux_jobs{state=\"succeeded\"} 4",
+        "flux_step_seconds_count",
+        "flux_rejected_total 0",
+    ] {
+        assert!(metrics.contains(name), "{name} in {metrics}");
+    }
+    server.shutdown(Duration::from_secs(10));
+}
+
+#[test]
+fn bad_requests_get_json_errors() {
+    let server = start(
+        Limits {
+            max_body: 4096,
+            max_prompt: 1000,
+            ..Default::default()
+        },
+        None,
+    );
+    let json_ct = "application/json";
+    let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(5000));
+    let long = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(1001));
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a [u8])>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, b"{")),
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, b"[1]")),
+            422,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, b"{}")),
+            422,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","colour":1}"#)),
+            422,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","width":"wide"}"#)),
+            422,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","width":-16}"#)),
+            422,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","width":65}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","height":100000}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","steps":0}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","steps":1000}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","n":0}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","n":99}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","guidance":1e9}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","true_cfg_scale":0.5}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"  "}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a\u0000b"}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, br#"{"prompt":"a","id":"../../etc"}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, long.as_bytes())),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some((json_ct, big.as_bytes())),
+            413,
+            "body_too_large",
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some(("text/plain", br#"{"prompt":"a"}"#)),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/v1/images/generations",
+            Some((json_ct, br#"{"prompt":"a","size":"big"}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/images/generations",
+            Some((json_ct, br#"{"prompt":"a","size":"64x65"}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/images/generations",
+            Some((json_ct, br#"{"prompt":"a","response_format":"gif"}"#)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/images/generations",
+            Some((json_ct, br#"{"prompt":"a","model":"dall-e-3"}"#)),
+            404,
+            "model_not_found",
+        ),
+        ("GET", "/api/v1/jobs/nope", None, 404, "not_found"),
+        ("DELETE", "/api/v1/jobs/nope", None, 404, "not_found"),
+        ("GET", "/api/v1/jobs/nope/images/0", None, 404, "not_found"),
+        ("GET", "/api/v1/jobs/nope/events", None, 404, "not_found"),
+        ("GET", "/nothing/here", None, 404, "not_found"),
+        ("GET", "/../../etc/passwd", None, 404, "not_found"),
+        ("PUT", "/api/v1/jobs", None, 405, "method_not_allowed"),
+        (
+            "GET",
+            "/v1/images/generations",
+            None,
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (s, _, b) = call(&server, method, path, body, None);
+        let v: Value = serde_json::from_slice(&b).unwrap_or_else(|_| {
+            panic!("{method} {path}: not JSON: {}", String::from_utf8_lossy(&b))
+        });
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path} {:?}: {v}",
+            body.map(|b| String::from_utf8_lossy(&b.1[..b.1.len().min(60)]).into_owned())
+        );
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // an image index that is not a number, on a real job
+    let (_, v) = post(&server, "/api/v1/jobs", &json!({"prompt": "a", "steps": 1}));
+    let id = v["id"].as_str().unwrap();
+    let (s, v) = get(&server, &format!("/api/v1/jobs/{id}/images/abc"));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    // the service still works
+    assert_eq!(wait_done(&server, id)["state"], "succeeded");
+    server.shutdown(Duration::from_secs(10));
+}
+
+#[test]
+fn full_queue_is_429_and_cancelling_frees_it() {
+    let server = start(
+        Limits {
+            queue: 1,
+            ..Default::default()
+        },
+        None,
+    );
+    let long = json!({"prompt": "slow", "steps": 100, "n": 4});
+    let (s, running) = post(&server, "/api/v1/jobs", &long);
+    assert_eq!(s, 202);
+    let running = running["id"].as_str().unwrap().to_string();
+    // wait until it runs, so the next one waits
+    let until = Instant::now() + Duration::from_secs(60);
+    while get(&server, &format!("/api/v1/jobs/{running}")).1["state"] != "running" {
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (s, waiting) = post(&server, "/api/v1/jobs", &long);
+    assert_eq!(s, 202);
+    let waiting = waiting["id"].as_str().unwrap().to_string();
+    let text = long.to_string();
+    let (s, retry, b) = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(("application/json", text.as_bytes())),
+        None,
+    );
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (429, Some("queue_full")));
+    assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
+    // the OpenAI route is refused the same way
+    let (s, v) = post(&server, "/v1/images/generations", &long);
+    assert_eq!((s, v["error"]["code"].as_str()), (429, Some("queue_full")));
+
+    // cancelling the waiting job frees its place at once
+    let (s, _, _) = call(
+        &server,
+        "DELETE",
+        &format!("/api/v1/jobs/{waiting}"),
+        None,
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(
+        get(&server, &format!("/api/v1/jobs/{waiting}")).1["state"],
+        "cancelled"
+    );
+    let (s, next) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "quick", "steps": 1}),
+    );
+    assert_eq!(s, 202, "{next}");
+    // cancelling the running one stops it at its next step, and the queue moves on
+    let (s, _, _) = call(
+        &server,
+        "DELETE",
+        &format!("/api/v1/jobs/{running}"),
+        None,
+        None,
+    );
+    assert_eq!(s, 200);
+    let v = wait_done(&server, &running);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert!(v["step"].as_u64().unwrap() < 400, "{v}");
+    assert_eq!(
+        wait_done(&server, next["id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+    let (_, _, m) = call(&server, "GET", "/metrics", None, None);
+    assert!(String::from_utf8(m)
+        .unwrap()
+        .contains("flux_rejected_total 2"));
+    server.shutdown(Duration::from_secs(10));
+}
+
+#[test]
+fn token_is_required_when_set_and_off_loopback() {
+    let server = start(Limits::default(), Some("s3cret"));
+    let (s, _, b) = call(&server, "GET", "/v1/models", None, None);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (s, _, _) = call(&server, "GET", "/v1/models", None, Some("wrong"));
+    assert_eq!(s, 401);
+    let (s, _, _) = call(&server, "GET", "/metrics", None, None);
+    assert_eq!(s, 401);
+    let (s, _, _) = call(&server, "GET", "/v1/models", None, Some("s3cret"));
+    assert_eq!(s, 200);
+    let (s, _, _) = call(&server, "GET", "/health", None, None);
+    assert_eq!(s, 200);
+    server.shutdown(Duration::from_secs(10));
+
+    let err = Server::start(
+        tiny(),
+        ServeOptions {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            token: None,
+            limits: Limits::default(),
+            model_id: "tiny-dev".into(),
+            files: Default::default(),
+            default_size: 64,
+        },
+    )
+    .err()
+    .expect("no token off loopback");
+    assert!(err.to_string().contains("needs a token"), "{err}");
+}
+
+#[test]
+fn shutdown_finishes_the_running_job_and_cancels_the_waiting() {
+    let server = start(Limits::default(), None);
+    let (_, a) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "a", "steps": 20}),
+    );
+    let (_, b) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "b", "steps": 20}),
+    );
+    let a = a["id"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(60);
+    while get(&server, &format!("/api/v1/jobs/{a}")).1["state"] != "running" {
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let addr = server.addr();
+    // watch both jobs' ends from the events route while the server shuts down
+    let watch = |id: String| {
+        std::thread::spawn(move || {
+            let url = format!("http://{addr}/api/v1/jobs/{id}/events");
+            let resp = agent().get(&url).call().unwrap();
+            let mut last = Value::Null;
+            for line in BufReader::new(resp.into_body().into_reader()).lines() {
+                let Ok(line) = line else { break };
+                if let Some(d) = line.strip_prefix("data:") {
+                    last = serde_json::from_str(d.trim()).unwrap();
+                }
+            }
+            last
+        })
+    };
+    let (wa, wb) = (watch(a), watch(b["id"].as_str().unwrap().to_string()));
+    std::thread::sleep(Duration::from_millis(50));
+    server.shutdown(Duration::from_secs(60));
+    assert_eq!(wa.join().unwrap()["state"], "succeeded");
+    assert_eq!(wb.join().unwrap()["state"], "cancelled");
+    // and the port is closed
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
+/// 8 clients × 25 requests through the OpenAI route against a queue of 4: every request ends
+/// in an image or a 429, memory does not grow with the jobs.
+#[test]
+fn bounded_load() {
+    let server = start(
+        Limits {
+            queue: 4,
+            keep_jobs: 16,
+            ..Default::default()
+        },
+        None,
+    );
+    let addr = server.addr();
+    let rss = current_rss;
+    let started = Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut out = vec![];
+                for r in 0..25 {
+                    let t = Instant::now();
+                    let body =
+                        json!({"prompt": format!("client {c} request {r}"), "steps": 1, "seed": r})
+                            .to_string();
+                    let mut resp = agent()
+                        .post(format!("http://{addr}/v1/images/generations"))
+                        .header("content-type", "application/json")
+                        .send(body.as_bytes())
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    let v: Value = serde_json::from_slice(
+                        &resp
+                            .body_mut()
+                            .with_config()
+                            .limit(64 << 20)
+                            .read_to_vec()
+                            .unwrap(),
+                    )
+                    .unwrap();
+                    match status {
+                        200 => assert!(v["data"][0]["b64_json"].as_str().unwrap().len() > 100),
+                        429 => assert_eq!(v["error"]["code"], "queue_full"),
+                        s => panic!("status {s}: {v}"),
+                    }
+                    out.push((status, t.elapsed()));
+                    if status == 429 {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut early = None;
+    let mut all = vec![];
+    for c in clients {
+        all.extend(c.join().unwrap());
+        early.get_or_insert_with(rss);
+    }
+    let wall = started.elapsed();
+    let ok: Vec<Duration> = all.iter().filter(|r| r.0 == 200).map(|r| r.1).collect();
+    let refused = all.len() - ok.len();
+    assert_eq!(all.len(), 200);
+    assert!(!ok.is_empty());
+    let mut sorted = ok.clone();
+    sorted.sort();
+    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+    let (_, h) = get(&server, "/api/v1/jobs");
+    assert!(
+        h.as_array().unwrap().len() <= 16 + 4 + 1,
+        "finished jobs are forgotten"
+    );
+    let end = rss();
+    assert!(
+        end < early.unwrap_or(0) + (64 << 20),
+        "memory grew over the run"
+    );
+    eprintln!(
+        "load: 200 requests, 8 clients, {} images, {refused} × 429, p50 {:.0} ms, p95 {:.0} ms, wall {:.1} s, RSS {:.0} → {:.0} MiB",
+        ok.len(),
+        pct(0.5),
+        pct(0.95),
+        wall.as_secs_f64(),
+        early.unwrap_or(0) as f64 / 1048576.0,
+        end as f64 / 1048576.0
+    );
+    server.shutdown(Duration::from_secs(10));
+}
+
+/// Resident memory now (Linux), bytes.
+fn current_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
