@@ -6,6 +6,7 @@ mod error;
 mod output;
 mod pipeline;
 mod png;
+mod preview;
 mod redux;
 mod resize;
 #[cfg(feature = "serve")]
@@ -23,9 +24,10 @@ pub use pipeline::{
     Progress, StageTimes,
 };
 pub use png::{
-    check_writable, file_sha256, png_bytes, read_png, remove_partial_files, write_png, ImageParams,
-    LoraParam, ReadPng, PARAMS_KEY,
+    check_writable, file_sha256, plain_png, png_bytes, read_png, remove_partial_files, write_png,
+    ImageParams, LoraParam, ReadPng, PARAMS_KEY,
 };
+pub use preview::latent_preview;
 pub use redux::Redux;
 pub use resize::{resize, Filter};
 pub use source::{

@@ -141,25 +141,46 @@ pub(crate) fn encode_png(
 ) -> std::result::Result<(), String> {
     partial_list().push(tmp.to_path_buf());
     let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
-    encode_to(BufWriter::new(file), image, params)
+    encode_to(BufWriter::new(file), image, Some(params))
 }
 
 /// The PNG of `image` with the parameters' chunks, as [`write_png`] writes it, in memory.
 pub fn png_bytes(image: &Rgb8, params: &ImageParams) -> Result<Vec<u8>> {
     let mut out = vec![];
-    encode_to(&mut out, image, params).map_err(Error::InvalidRequest)?;
+    encode_to(&mut out, image, Some(params)).map_err(Error::InvalidRequest)?;
     Ok(out)
 }
 
-/// Encodes `image` with the parameters' iTXt chunks into `w`.
+/// The PNG of `image` alone, without parameter chunks (latent previews).
+pub fn plain_png(image: &Rgb8) -> Result<Vec<u8>> {
+    let mut out = vec![];
+    encode_to(&mut out, image, None).map_err(Error::InvalidRequest)?;
+    Ok(out)
+}
+
+/// Encodes `image` into `w`, with the parameters' iTXt chunks when given.
 fn encode_to<W: std::io::Write>(
     w: W,
     image: &Rgb8,
-    params: &ImageParams,
+    params: Option<&ImageParams>,
 ) -> std::result::Result<(), String> {
     let mut enc = png::Encoder::new(w, image.width as u32, image.height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
+    if let Some(params) = params {
+        add_chunks(&mut enc, params)?;
+    }
+    let mut w = enc.write_header().map_err(|e| e.to_string())?;
+    w.write_image_data(&image.data).map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One iTXt chunk per parameter, plus [`PARAMS_KEY`] with all of them as JSON.
+fn add_chunks<W: std::io::Write>(
+    enc: &mut png::Encoder<'_, W>,
+    params: &ImageParams,
+) -> std::result::Result<(), String> {
     let json = serde_json::to_string(params).map_err(|e| e.to_string())?;
     let mut chunks = vec![
         (PARAMS_KEY.to_string(), json),
@@ -179,9 +200,6 @@ fn encode_to<W: std::io::Write>(
     for (k, v) in chunks {
         enc.add_itxt_chunk(k, v).map_err(|e| e.to_string())?;
     }
-    let mut w = enc.write_header().map_err(|e| e.to_string())?;
-    w.write_image_data(&image.data).map_err(|e| e.to_string())?;
-    w.finish().map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -113,7 +113,7 @@ pub struct JobRequest {
 }
 
 /// A job's state.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting in the queue.
@@ -154,7 +154,7 @@ impl JobState {
 }
 
 /// What `GET /api/v1/jobs/{id}` returns, and every progress event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobStatus {
     /// The job's id.
     pub id: String,
@@ -178,6 +178,18 @@ pub struct JobStatus {
     pub error: Option<ApiErrorBody>,
     /// The request.
     pub request: JobRequest,
+    /// The latest step's preview, a `data:image/png;base64,…` URL of an eighth of the image's
+    /// side (only in progress events asked for with `?preview=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+}
+
+impl JobStatus {
+    /// The status without its preview (what status routes return).
+    fn public(mut self) -> JobStatus {
+        self.preview = None;
+        self
+    }
 }
 
 struct Job {
@@ -240,7 +252,7 @@ struct Defaults {
 }
 
 /// The JSON body of an error.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiErrorBody {
     /// A stable code (`invalid_request`, `not_found`, `queue_full`, …).
     pub code: String,
@@ -441,9 +453,11 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
     };
     let mut last = Instant::now();
     let mut step_time = (0.0f64, 0u64);
+    let (width, height) = (req.width, req.height);
     let result = pipe.generate_each(
         &req,
-        |p, _| {
+        |p, latent| {
+            let preview = preview_url(latent, height, width);
             let done = p.image * p.steps + p.step + 1;
             let dt = last.elapsed().as_secs_f64();
             last = Instant::now();
@@ -455,6 +469,7 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
                 s.steps = p.steps * p.images;
                 s.eta_seconds = started
                     .map(|t| t.elapsed().as_secs_f64() / done as f64 * (s.steps - done) as f64);
+                s.preview = preview;
             });
         },
         |g| {
@@ -477,6 +492,7 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
     }
     match result {
         Ok(out) => job.update(|s| {
+            s.preview = None;
             s.state = JobState::Succeeded;
             s.eta_seconds = Some(0.0);
             s.warnings = out.warnings;
@@ -496,6 +512,17 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
     }
 }
 
+/// A step's latent preview as a PNG data URL (none when it cannot be made).
+fn preview_url(latent: &candle::Tensor, height: usize, width: usize) -> Option<String> {
+    use base64::Engine as _;
+    let img = crate::latent_preview(latent, height, width).ok()?;
+    let png = crate::plain_png(&img).ok()?;
+    Some(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    ))
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(models))
@@ -507,6 +534,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .merge(api)
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -549,6 +577,18 @@ async fn auth(
     next.run(req).await
 }
 
+/// The web page (the API calls it makes carry the token the user types).
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../web/index.html"),
+    )
+        .into_response()
+}
+
 async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let q = lock(&shared.queue);
     Json(serde_json::json!({
@@ -557,6 +597,14 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "queued": q.waiting.len(),
         "running": q.running.is_some(),
         "auth": shared.opts.token.is_some(),
+        "default_size": shared.opts.default_size,
+        "default_steps": shared.defaults.steps,
+        "limits": {
+            "max_side": shared.opts.limits.max_side,
+            "max_steps": shared.opts.limits.max_steps,
+            "max_images": shared.opts.limits.max_images,
+            "max_prompt": shared.opts.limits.max_prompt,
+        },
     }))
 }
 
@@ -689,6 +737,7 @@ fn enqueue(shared: &Shared, r: JobRequest) -> Result<(Arc<Job>, bool), ApiError>
         warnings: vec![],
         error: None,
         request: r,
+        preview: None,
     };
     let job = Arc::new(Job {
         status: Mutex::new(status),
@@ -746,7 +795,7 @@ async fn submit(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(job.snapshot())).into_response())
+    Ok((status, Json(job.snapshot().public())).into_response())
 }
 
 fn find(shared: &Shared, id: &str) -> Result<Arc<Job>, ApiError> {
@@ -765,7 +814,7 @@ async fn list_jobs(State(shared): State<Arc<Shared>>) -> Json<Vec<JobStatus>> {
         q.order
             .iter()
             .filter_map(|i| q.jobs.get(i))
-            .map(|j| j.snapshot())
+            .map(|j| j.snapshot().public())
             .collect(),
     )
 }
@@ -774,7 +823,7 @@ async fn job_status(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
-    Ok(Json(find(&shared, &id)?.snapshot()))
+    Ok(Json(find(&shared, &id)?.snapshot().public()))
 }
 
 async fn cancel_job(
@@ -791,19 +840,29 @@ async fn cancel_job(
         }
     }
     job.cancel.cancel();
-    Ok(Json(job.snapshot()))
+    Ok(Json(job.snapshot().public()))
+}
+
+/// `?preview=true` on the events route.
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    preview: bool,
 }
 
 async fn job_events(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(EventsQuery { preview }) =
+        query.map_err(|e| bad(format!("the query: {}", e.body_text())))?;
     let job = find(&shared, &id)?;
     let rx = job.events.subscribe();
     let first = job.snapshot();
     let stream = futures_util::stream::unfold(
         (Some(first), rx, false),
-        |(first, mut rx, over)| async move {
+        move |(first, mut rx, over)| async move {
             if over {
                 return None;
             }
@@ -818,6 +877,7 @@ async fn job_events(
                 },
             };
             let done = snap.state.done();
+            let snap = if preview { snap } else { snap.public() };
             let ev = SseEvent::default()
                 .event(if done { "done" } else { "progress" })
                 .json_data(&snap)

@@ -122,6 +122,10 @@ fn openai_and_jobs_routes() {
     let server = start(Limits::default(), None);
     let (s, h) = get(&server, "/health");
     assert_eq!((s, h["status"].as_str()), (200, Some("ok")));
+    assert_eq!(
+        (h["default_size"].as_u64(), h["auth"].as_bool()),
+        (Some(64), Some(false))
+    );
     let (s, m) = get(&server, "/v1/models");
     assert_eq!((s, m["data"][0]["id"].as_str()), (200, Some("tiny-dev")));
 
@@ -161,19 +165,30 @@ fn openai_and_jobs_routes() {
     );
     assert_eq!(s, 202, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let url = format!("http://{}/api/v1/jobs/{id}/events", server.addr());
+    let url = format!(
+        "http://{}/api/v1/jobs/{id}/events?preview=true",
+        server.addr()
+    );
     let resp = agent().get(&url).call().unwrap();
     let mut steps = vec![];
+    let mut previews = std::collections::BTreeSet::new();
     let mut last = Value::Null;
     for line in BufReader::new(resp.into_body().into_reader()).lines() {
         let line = line.unwrap();
         if let Some(d) = line.strip_prefix("data:") {
             last = serde_json::from_str(d.trim()).unwrap();
             steps.push(last["step"].as_u64().unwrap());
-        }
-        if line.starts_with("event: done") || line.starts_with("event:done") {
-            // the data line follows
-            continue;
+            if let Some(p) = last["preview"].as_str() {
+                // a PNG of an eighth of the image's side
+                let png = base64::engine::general_purpose::STANDARD
+                    .decode(p.strip_prefix("data:image/png;base64,").unwrap())
+                    .unwrap();
+                let info = png::Decoder::new(std::io::Cursor::new(png))
+                    .read_info()
+                    .unwrap();
+                assert_eq!((info.info().width, info.info().height), (8, 8));
+                previews.insert(last["step"].as_u64().unwrap());
+            }
         }
         if last["state"] == "succeeded" {
             break;
@@ -182,7 +197,13 @@ fn openai_and_jobs_routes() {
     assert_eq!(last["state"], "succeeded", "{last}");
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
     assert_eq!(*steps.last().unwrap(), 3);
+    assert_eq!(previews, [1, 2, 3].into(), "a preview every step");
+    assert!(
+        last.get("preview").is_none(),
+        "the final event has no preview"
+    );
     let v = wait_done(&server, &id);
+    assert!(v.get("preview").is_none(), "status routes carry no preview");
     assert_eq!(v["images"].as_array().unwrap().len(), 1);
     let (s, _, png) = call(&server, "GET", v["images"][0].as_str().unwrap(), None, None);
     assert_eq!(s, 200);
@@ -701,4 +722,218 @@ fn current_rss() -> u64 {
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map(|pages| pages * 4096)
         .unwrap_or(0)
+}
+
+/// A headless Chromium driven over the DevTools protocol (one page).
+struct Browser {
+    child: std::process::Child,
+    page: tungstenite::WebSocket<std::net::TcpStream>,
+    next: u64,
+    dir: std::path::PathBuf,
+}
+
+impl Browser {
+    /// Starts Chromium (`FLUX_CHROMIUM`, else the first of Debian's names on `PATH`); `None`
+    /// when there is none, unless `FLUX_REQUIRE_E2E` is set (CI), where that is a failure.
+    fn launch() -> Option<Browser> {
+        let names = ["chromium-headless-shell", "chromium", "google-chrome"];
+        let found = std::env::var("FLUX_CHROMIUM").ok().or_else(|| {
+            let path = std::env::var_os("PATH")?;
+            names.iter().find_map(|n| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(n))
+                    .find(|p| p.is_file())
+                    .map(|p| p.display().to_string())
+            })
+        });
+        let Some(bin) = found else {
+            assert!(
+                std::env::var_os("FLUX_REQUIRE_E2E").is_none(),
+                "FLUX_REQUIRE_E2E is set but no Chromium was found ({names:?} or FLUX_CHROMIUM)"
+            );
+            eprintln!(
+                "skipped: no Chromium (install chromium-headless-shell, or set FLUX_CHROMIUM)"
+            );
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("flux-browser-{}", std::process::id()));
+        let mut child = std::process::Command::new(&bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+            ])
+            .arg(format!("--user-data-dir={}", dir.display()))
+            .arg("about:blank")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/…"
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("ws://").nth(1) {
+                    let _ = tx.send(rest.split('/').next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let host = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("Chromium did not print its DevTools address");
+        let targets: Value = agent()
+            .get(&format!("http://{host}/json/list"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        let ws = targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            .expect("a page target")
+            .to_string();
+        let stream = std::net::TcpStream::connect(&host).unwrap();
+        let (page, _) = tungstenite::client(ws.as_str(), stream).unwrap();
+        Some(Browser {
+            child,
+            page,
+            next: 0,
+            dir,
+        })
+    }
+
+    /// One DevTools command; its result (events in between are skipped).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        self.page.send(tungstenite::Message::text(msg)).unwrap();
+        loop {
+            let m = self.page.read().unwrap();
+            let Ok(text) = m.to_text() else { continue };
+            let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression in the page (awaiting a promise) and returns its value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expr, "awaitPromise": true, "returnByValue": true}),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `expr` is truthy.
+    fn wait_for(&mut self, expr: &str, secs: u64) {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while !self.eval(&format!("!!({expr})")).as_bool().unwrap() {
+            assert!(Instant::now() < until, "timed out waiting for {expr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Types `text` into the element `#id`, as a user would.
+    fn type_into(&mut self, id: &str, text: &str) {
+        self.eval(&format!("document.getElementById('{id}').focus()"));
+        self.call("Input.insertText", json!({ "text": text }));
+    }
+
+    /// Clicks the middle of the element `#id` with the mouse.
+    fn click(&mut self, id: &str) {
+        let r = self.eval(&format!(
+            "(() => {{ const r = document.getElementById('{id}').getBoundingClientRect(); \
+             return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+        ));
+        let (x, y) = (r[0].as_f64().unwrap(), r[1].as_f64().unwrap());
+        for kind in ["mousePressed", "mouseReleased"] {
+            self.call(
+                "Input.dispatchMouseEvent",
+                json!({"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}),
+            );
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn web_page_in_a_headless_browser() {
+    let Some(mut browser) = Browser::launch() else {
+        return;
+    };
+    let server = start(Limits::default(), Some("page-token"));
+    let url = format!("http://{}/", server.addr());
+    browser.call("Page.navigate", json!({ "url": url }));
+    browser.wait_for("document.body && document.body.dataset.ready === '1'", 30);
+    // the service wants a token: the page shows its field
+    assert_eq!(
+        browser.eval("document.getElementById('token-row').hidden"),
+        json!(false)
+    );
+    assert_eq!(browser.eval("document.getElementById('width').value"), "64");
+    browser.type_into("token", "page-token");
+    browser.type_into("prompt", "a lighthouse at dusk");
+    browser.eval("document.getElementById('seed').value = ''");
+    browser.type_into("seed", "5");
+    browser.type_into("steps", "3");
+    browser.click("go");
+    browser.wait_for("document.querySelector('#gallery img')", 120);
+    // the image decodes in the browser, its caption has its parameters, and the page showed
+    // previews while it ran
+    let r = browser.eval(
+        "(async () => { const img = document.querySelector('#gallery img'); await img.decode(); \
+         return [img.naturalWidth, img.naturalHeight, \
+                 document.querySelector('#gallery figcaption').textContent, \
+                 document.querySelector('#gallery a[download]').getAttribute('download'), \
+                 Number(document.body.dataset.previews || 0), \
+                 document.getElementById('status').textContent]; })()",
+    );
+    assert_eq!((&r[0], &r[1]), (&json!(64), &json!(64)), "{r}");
+    let caption = r[2].as_str().unwrap();
+    assert!(
+        caption.contains("a lighthouse at dusk") && caption.contains("seed 5"),
+        "{r}"
+    );
+    assert_eq!(r[3], "flux-5.png");
+    assert!(
+        r[4].as_u64().unwrap() >= 1,
+        "no preview reached the page: {r}"
+    );
+    assert!(r[5].as_str().unwrap().starts_with("done"), "{r}");
+    // the service made exactly that job, and its PNG is the CLI's
+    let (s, _, b) = call(&server, "GET", "/api/v1/jobs", None, Some("page-token"));
+    assert_eq!(s, 200);
+    let jobs: Value = serde_json::from_slice(&b).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["request"]["steps"], 3);
+    let img = jobs[0]["images"][0].as_str().unwrap();
+    let (s, _, png) = call(&server, "GET", img, None, Some("page-token"));
+    assert_eq!(s, 200);
+    check_png(&png, "a lighthouse at dusk", 5);
+    // a reload shows the earlier result in the gallery
+    browser.call("Page.reload", json!({}));
+    browser.wait_for("document.body && document.body.dataset.ready === '1'", 30);
+    browser.wait_for("document.querySelectorAll('#gallery img').length === 1", 30);
+    server.shutdown(Duration::from_secs(5));
 }
