@@ -43,6 +43,9 @@ pub enum Error {
         /// its own, [`flux_vae::Error`]).
         stage: &'static str,
     },
+    /// The job queue (Redis) cannot be reached or answered with an error.
+    #[error("job queue: {0}")]
+    Queue(String),
     /// The request's [`crate::Cancel`] flag was raised.
     #[error("cancelled")]
     Cancelled,

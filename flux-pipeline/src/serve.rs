@@ -25,6 +25,9 @@ use tokio::sync::broadcast;
 
 use crate::{Cancel, Error, FluxPipeline, GenerateRequest};
 
+mod queue;
+pub use queue::{run_worker, WorkerOptions};
+
 /// What the service accepts. Every size in a request is checked against these before a job is
 /// queued.
 #[derive(Debug, Clone)]
@@ -201,6 +204,18 @@ struct Job {
 }
 
 impl Job {
+    fn new(status: JobStatus) -> Arc<Job> {
+        Arc::new(Job {
+            status: Mutex::new(status),
+            pngs: Mutex::new(vec![]),
+            cancel: Cancel::new(),
+            events: broadcast::channel(64).0,
+            started: Mutex::new(None),
+        })
+    }
+    fn state(&self) -> JobState {
+        lock(&self.status).state
+    }
     fn snapshot(&self) -> JobStatus {
         lock(&self.status).clone()
     }
@@ -230,6 +245,7 @@ struct Metrics {
 
 #[derive(Default)]
 struct Queue {
+    /// Jobs this process will run (a Redis front's jobs wait in Redis instead).
     waiting: VecDeque<Arc<Job>>,
     jobs: HashMap<String, Arc<Job>>,
     /// Ids in the order they were accepted (for forgetting the oldest finished ones).
@@ -239,16 +255,31 @@ struct Queue {
     metrics: Metrics,
 }
 
+impl Queue {
+    /// Jobs accepted here that have not started.
+    fn queued(&self) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| j.state() == JobState::Queued)
+            .count()
+    }
+}
+
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     opts: ServeOptions,
-    defaults: Defaults,
+    /// The model's default steps (a Redis front loads no model and does not know them).
+    default_steps: Option<usize>,
+    /// The Redis queue a front hands its jobs to (none: this process runs them).
+    redis: Option<queue::Front>,
 }
 
-#[derive(Clone, Copy)]
-struct Defaults {
-    steps: usize,
+/// What running a job needs besides the pipeline.
+struct Runner {
+    default_steps: usize,
+    default_size: usize,
+    files: BTreeMap<String, String>,
 }
 
 /// The JSON body of an error.
@@ -320,6 +351,33 @@ impl Server {
     /// Binds `opts.addr` and starts serving `pipe` (in threads of its own). Fails when the
     /// address is not loopback and no token is set, or the address cannot be bound.
     pub fn start(pipe: FluxPipeline, opts: ServeOptions) -> crate::Result<Server> {
+        let runner = Runner {
+            default_steps: pipe.default_steps(),
+            default_size: opts.default_size,
+            files: opts.files.clone(),
+        };
+        Server::bind(opts, Some(runner.default_steps), None, move |shared| {
+            std::thread::spawn(move || run_jobs(pipe, &runner, &shared))
+        })
+    }
+
+    /// Starts a front that loads no model: it hands its jobs to the Redis queue at `queue`
+    /// (`redis://HOST[:PORT][/DB]`), where [`run_worker`] processes take them, and follows
+    /// their progress there.
+    pub fn start_front(opts: ServeOptions, queue: &str) -> crate::Result<Server> {
+        let front = queue::Front::connect(queue)?;
+        let url = queue.to_string();
+        Server::bind(opts, None, Some(front), move |shared| {
+            std::thread::spawn(move || queue::follow(&url, &shared))
+        })
+    }
+
+    fn bind(
+        opts: ServeOptions,
+        default_steps: Option<usize>,
+        redis: Option<queue::Front>,
+        background: impl FnOnce(Arc<Shared>) -> std::thread::JoinHandle<()>,
+    ) -> crate::Result<Server> {
         if !opts.addr.ip().is_loopback() && opts.token.as_deref().is_none_or(str::is_empty) {
             return Err(Error::InvalidRequest(format!(
                 "serving on {} (not loopback) needs a token: --token or FLUX_API_TOKEN",
@@ -340,9 +398,8 @@ impl Server {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
-            defaults: Defaults {
-                steps: pipe.default_steps(),
-            },
+            default_steps,
+            redis,
             opts,
         });
         let app = router(shared.clone());
@@ -356,8 +413,7 @@ impl Server {
                     .await;
             });
         });
-        let s = shared.clone();
-        let runner = std::thread::spawn(move || run_jobs(pipe, &s));
+        let runner = background(shared.clone());
         Ok(Server {
             addr,
             shared,
@@ -373,7 +429,8 @@ impl Server {
     }
 
     /// Stops gracefully: no new jobs are accepted, waiting ones are cancelled, the running one
-    /// finishes (or is cancelled after `grace`), then the listener closes.
+    /// finishes (or is cancelled after `grace`), then the listener closes. A Redis front
+    /// cancels nothing: its jobs are in Redis, and the workers finish them.
     pub fn shutdown(mut self, grace: Duration) {
         let running = {
             let mut q = lock(&self.shared.queue);
@@ -404,7 +461,7 @@ impl Server {
 }
 
 /// The generation thread: one job at a time, until the service closes.
-fn run_jobs(mut pipe: FluxPipeline, shared: &Shared) {
+fn run_jobs(mut pipe: FluxPipeline, runner: &Runner, shared: &Shared) {
     loop {
         let job = {
             let mut q = lock(&shared.queue);
@@ -420,28 +477,32 @@ fn run_jobs(mut pipe: FluxPipeline, shared: &Shared) {
             }
         };
         let started = Instant::now();
-        *lock(&job.started) = Some(started);
-        run_job(&mut pipe, shared, &job);
+        let (step_seconds, steps) = run_job(&mut pipe, runner, &job);
         let mut q = lock(&shared.queue);
         q.running = None;
         q.metrics.jobs += 1;
         q.metrics.job_seconds += started.elapsed().as_secs_f64();
+        q.metrics.step_seconds += step_seconds;
+        q.metrics.steps += steps;
     }
 }
 
-fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
+/// Generates a job's images, telling its listeners of every step; returns the time spent in
+/// sampling steps and their count.
+fn run_job(pipe: &mut FluxPipeline, runner: &Runner, job: &Job) -> (f64, u64) {
+    *lock(&job.started) = Some(Instant::now());
     let status = job.snapshot();
     let r = &status.request;
     let n = status.seeds.len();
-    let steps = r.steps.unwrap_or(shared.defaults.steps);
+    let steps = r.steps.unwrap_or(runner.default_steps);
     job.update(|s| {
         s.state = JobState::Running;
         s.steps = steps * n;
     });
     let req = GenerateRequest {
         prompts: vec![r.prompt.clone()],
-        width: r.width.unwrap_or(shared.opts.default_size),
-        height: r.height.unwrap_or(shared.opts.default_size),
+        width: r.width.unwrap_or(runner.default_size),
+        height: r.height.unwrap_or(runner.default_size),
         steps: r.steps,
         guidance: r.guidance,
         seeds: status.seeds.clone(),
@@ -474,7 +535,7 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
         },
         |g| {
             let mut params = g.params.clone();
-            params.files = shared.opts.files.clone();
+            params.files = runner.files.clone();
             let png = crate::png_bytes(&g.rgb, &params)?;
             let k = {
                 let mut v = lock(&job.pngs);
@@ -485,11 +546,6 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
             Ok(())
         },
     );
-    {
-        let mut q = lock(&shared.queue);
-        q.metrics.step_seconds += step_time.0;
-        q.metrics.steps += step_time.1;
-    }
     match result {
         Ok(out) => job.update(|s| {
             s.preview = None;
@@ -510,6 +566,7 @@ fn run_job(pipe: &mut FluxPipeline, shared: &Shared, job: &Job) {
             });
         }),
     }
+    step_time
 }
 
 /// A step's latent preview as a PNG data URL (none when it cannot be made).
@@ -594,11 +651,12 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "status": if q.closing { "closing" } else { "ok" },
         "model": shared.opts.model_id,
-        "queued": q.waiting.len(),
+        "queued": q.queued(),
+        "queue": if shared.redis.is_some() { "redis" } else { "local" },
         "running": q.running.is_some(),
         "auth": shared.opts.token.is_some(),
         "default_size": shared.opts.default_size,
-        "default_steps": shared.defaults.steps,
+        "default_steps": shared.default_steps,
         "limits": {
             "max_side": shared.opts.limits.max_side,
             "max_steps": shared.opts.limits.max_steps,
@@ -686,8 +744,11 @@ fn check(r: &JobRequest, l: &Limits) -> Result<(), ApiError> {
 }
 
 /// Checks and queues a request; an existing id returns its job (and `false`).
-fn enqueue(shared: &Shared, r: JobRequest) -> Result<(Arc<Job>, bool), ApiError> {
+fn enqueue(shared: &Shared, mut r: JobRequest) -> Result<(Arc<Job>, bool), ApiError> {
     check(&r, &shared.opts.limits)?;
+    // the size is fixed here (not by whichever worker runs it)
+    r.width.get_or_insert(shared.opts.default_size);
+    r.height.get_or_insert(shared.opts.default_size);
     let mut q = lock(&shared.queue);
     if let Some(id) = &r.id {
         if let Some(job) = q.jobs.get(id) {
@@ -708,7 +769,8 @@ fn enqueue(shared: &Shared, r: JobRequest) -> Result<(Arc<Job>, bool), ApiError>
             "the service is shutting down",
         ));
     }
-    if q.waiting.len() >= shared.opts.limits.queue {
+    let queued = q.queued();
+    if queued >= shared.opts.limits.queue {
         q.metrics.rejected += 1;
         let per_job = match q.metrics.jobs {
             0 => 1.0,
@@ -717,9 +779,9 @@ fn enqueue(shared: &Shared, r: JobRequest) -> Result<(Arc<Job>, bool), ApiError>
         let mut e = api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "queue_full",
-            format!("{} jobs are waiting; try again later", q.waiting.len()),
+            format!("{queued} jobs are waiting; try again later"),
         );
-        e.retry_after = Some((per_job * q.waiting.len() as f64).ceil().max(1.0) as u64);
+        e.retry_after = Some((per_job * queued as f64).ceil().max(1.0) as u64);
         return Err(e);
     }
     let id = r.id.clone().unwrap_or_else(new_id);
@@ -739,23 +801,40 @@ fn enqueue(shared: &Shared, r: JobRequest) -> Result<(Arc<Job>, bool), ApiError>
         request: r,
         preview: None,
     };
-    let job = Arc::new(Job {
-        status: Mutex::new(status),
-        pngs: Mutex::new(vec![]),
-        cancel: Cancel::new(),
-        events: broadcast::channel(64).0,
-        started: Mutex::new(None),
-    });
+    let mut new = true;
+    let job = match &shared.redis {
+        None => {
+            let job = Job::new(status);
+            q.waiting.push_back(job.clone());
+            job
+        }
+        // the id may be known to Redis (another front, or forgotten here)
+        Some(front) => match front.submit(&status).map_err(unavailable)? {
+            None => Job::new(status),
+            Some(old) if old.request == status.request => {
+                new = false;
+                let job = Job::new(old);
+                front.fetch_images(&job).map_err(unavailable)?;
+                job
+            }
+            Some(_) => {
+                return Err(api_error(
+                    StatusCode::CONFLICT,
+                    "id_in_use",
+                    format!("a different job has the id `{id}`"),
+                ))
+            }
+        },
+    };
     q.jobs.insert(id.clone(), job.clone());
     q.order.push_back(id);
-    q.waiting.push_back(job.clone());
     // forget the oldest finished jobs beyond the limit
     let keep = shared.opts.limits.keep_jobs.max(1);
     while q.order.len() > keep + shared.opts.limits.queue + 1 {
         let Some(pos) = q
             .order
             .iter()
-            .position(|i| q.jobs.get(i).is_none_or(|j| j.snapshot().state.done()))
+            .position(|i| q.jobs.get(i).is_none_or(|j| j.state().done()))
         else {
             break;
         };
@@ -765,7 +844,18 @@ fn enqueue(shared: &Shared, r: JobRequest) -> Result<(Arc<Job>, bool), ApiError>
     }
     drop(q);
     shared.wake.notify_one();
-    Ok((job, true))
+    Ok((job, new))
+}
+
+/// The Redis queue did not answer.
+fn unavailable(e: Error) -> ApiError {
+    let mut e = api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "queue_unavailable",
+        format!("the job queue is unavailable: {e}"),
+    );
+    e.retry_after = Some(5);
+    e
 }
 
 fn new_id() -> String {
@@ -831,7 +921,12 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let job = find(&shared, &id)?;
-    {
+    if let Some(front) = &shared.redis {
+        // a waiting job is cancelled in Redis at once; a running one by its worker
+        if !job.state().done() {
+            front.cancel(&job).map_err(unavailable)?;
+        }
+    } else {
         // a waiting job leaves the queue at once
         let mut q = lock(&shared.queue);
         if let Some(pos) = q.waiting.iter().position(|j| Arc::ptr_eq(j, &job)) {
@@ -914,11 +1009,11 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let q = lock(&shared.queue);
     let mut by_state: HashMap<JobState, usize> = HashMap::new();
     for j in q.jobs.values() {
-        *by_state.entry(j.snapshot().state).or_default() += 1;
+        *by_state.entry(j.state()).or_default() += 1;
     }
     let mut t = String::new();
     t += "# HELP flux_queue_depth Jobs waiting.\n# TYPE flux_queue_depth gauge\n";
-    t += &format!("flux_queue_depth {}\n", q.waiting.len());
+    t += &format!("flux_queue_depth {}\n", q.queued());
     t += "# HELP flux_jobs Jobs kept, by state.\n# TYPE flux_jobs gauge\n";
     for s in JobState::ALL {
         t += &format!(

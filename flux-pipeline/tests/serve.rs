@@ -937,3 +937,277 @@ fn web_page_in_a_headless_browser() {
     browser.wait_for("document.querySelectorAll('#gallery img').length === 1", 30);
     server.shutdown(Duration::from_secs(5));
 }
+
+/// A program the end-to-end tests need: `None` (skip) when it is not on `PATH`, unless
+/// `FLUX_REQUIRE_E2E` is set (CI), where that is a failure.
+fn program(names: &[&str]) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = names.iter().find_map(|n| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(n))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("FLUX_REQUIRE_E2E").is_none(),
+            "FLUX_REQUIRE_E2E is set but none of {names:?} is on PATH"
+        );
+        eprintln!("skipped: none of {names:?} is installed");
+    }
+    found
+}
+
+/// A `redis-server` of this test's own on a free loopback port, without persistence.
+struct RedisServer {
+    child: std::process::Child,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl RedisServer {
+    fn start() -> Option<RedisServer> {
+        let bin = program(&["redis-server"])?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("flux-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new(bin)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("redis://127.0.0.1:{port}");
+        let server = RedisServer { child, url, dir };
+        let until = Instant::now() + Duration::from_secs(20);
+        while server.con().is_none() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(server)
+    }
+
+    fn con(&self) -> Option<redis::Connection> {
+        let mut c = redis::Client::open(self.url.as_str())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()?;
+        Some(c)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `flux worker` process on the tiny model.
+fn worker(queue: &str, name: &str) -> std::process::Child {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev");
+    std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+        .args(["worker", "--queue", queue, "--name", name])
+        .args(["--default-size", "64", "--claim-timeout", "2", "--model"])
+        .arg(model)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn front(queue: &str) -> Server {
+    Server::start_front(
+        ServeOptions {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+            limits: Limits {
+                queue: 32,
+                ..Default::default()
+            },
+            model_id: "tiny-dev".into(),
+            files: Default::default(),
+            default_size: 64,
+        },
+        queue,
+    )
+    .unwrap()
+}
+
+/// The job hashes' fields, by id.
+fn job_field(con: &mut redis::Connection, id: &str, field: &str) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(format!("flux:job:{id}"))
+        .arg(field)
+        .query(con)
+        .unwrap()
+}
+
+#[test]
+fn redis_workers_take_over_from_a_killed_one() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis.con().unwrap();
+    let server = front(&redis.url);
+    let (s, h) = get(&server, "/health");
+    assert_eq!((s, h["queue"].as_str()), (200, Some("redis")), "{h}");
+    // jobs queued before any worker runs wait in Redis
+    let mut ids = vec![];
+    for k in 0..8u64 {
+        let (s, v) = post(
+            &server,
+            "/api/v1/jobs",
+            &json!({"id": format!("job-{k}"), "prompt": format!("a tower {k}"), "seed": k, "steps": 24}),
+        );
+        assert_eq!(s, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(get(&server, "/api/v1/jobs/job-0").1["state"], "queued");
+    let mut w1 = worker(&redis.url, "w1");
+    let mut w2 = worker(&redis.url, "w2");
+    // kill w1 (SIGKILL) in the middle of a job
+    let until = Instant::now() + Duration::from_secs(120);
+    let killed = loop {
+        let running = ids.iter().find(|id| {
+            job_field(&mut con, id, "owner").as_deref() == Some("w1")
+                && job_field(&mut con, id, "state").as_deref() == Some("running")
+                && job_field(&mut con, id, "status")
+                    .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                    .is_some_and(|s| s["step"].as_u64().unwrap_or(0) >= 2)
+        });
+        if let Some(id) = running {
+            break id.clone();
+        }
+        assert!(Instant::now() < until, "w1 never ran a job");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    w1.kill().unwrap();
+    w1.wait().unwrap();
+    // every job ends in an image, the killed one run again by w2
+    for (k, id) in ids.iter().enumerate() {
+        let v = wait_done(&server, id);
+        assert_eq!(v["state"], "succeeded", "{v}");
+        let (s, _, png) = call(&server, "GET", v["images"][0].as_str().unwrap(), None, None);
+        assert_eq!(s, 200);
+        check_png(&png, &format!("a tower {k}"), k as u64);
+    }
+    assert_eq!(job_field(&mut con, &killed, "owner").as_deref(), Some("w2"));
+    assert_eq!(
+        job_field(&mut con, &killed, "attempts").as_deref(),
+        Some("2")
+    );
+    // exactly once: one `succeeded` per job in the event stream, and nothing left pending
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("flux:events")
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .unwrap();
+    for id in &ids {
+        let ends = events
+            .iter()
+            .filter(|(_, f)| {
+                let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+                get("id") == Some(id.as_str())
+                    && get("status")
+                        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                        .is_some_and(|s| s["state"] == "succeeded")
+            })
+            .count();
+        assert_eq!(ends, 1, "job {id} ended {ends} times");
+    }
+    // (a worker acknowledges its entry just after publishing the end)
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg("flux:jobs")
+            .arg("flux-workers")
+            .query(&mut con)
+            .unwrap();
+        if pending.0 == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "entries left pending: {pending:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // idempotent by id across fronts; cancelling a waiting and a running job
+    let other = front(&redis.url);
+    let (s, v) = post(
+        &other,
+        "/api/v1/jobs",
+        &json!({"id": "job-3", "prompt": "a tower 3", "seed": 3, "steps": 24}),
+    );
+    assert_eq!((s, v["state"].as_str()), (200, Some("succeeded")), "{v}");
+    let (s, _, png) = call(&other, "GET", v["images"][0].as_str().unwrap(), None, None);
+    assert_eq!(s, 200);
+    check_png(&png, "a tower 3", 3);
+    let (s, v) = post(
+        &other,
+        "/api/v1/jobs",
+        &json!({"id": "job-3", "prompt": "another", "seed": 3}),
+    );
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("id_in_use")));
+    let (_, long) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "a long one", "steps": 100, "n": 4}),
+    );
+    let (_, waiting) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "a waiting one", "steps": 100, "n": 4}),
+    );
+    let (_, third) = post(
+        &server,
+        "/api/v1/jobs",
+        &json!({"prompt": "a third", "steps": 100}),
+    );
+    let long = long["id"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(60);
+    while get(&server, &format!("/api/v1/jobs/{long}")).1["step"].as_u64() < Some(1) {
+        assert!(Instant::now() < until, "the long job never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let third = third["id"].as_str().unwrap().to_string();
+    let (s, _, _) = call(
+        &server,
+        "DELETE",
+        &format!("/api/v1/jobs/{third}"),
+        None,
+        None,
+    );
+    assert_eq!(s, 200);
+    let (s, _, _) = call(
+        &server,
+        "DELETE",
+        &format!("/api/v1/jobs/{long}"),
+        None,
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(wait_done(&server, &long)["state"], "cancelled");
+    assert_eq!(wait_done(&server, &third)["state"], "cancelled");
+    let waiting = waiting["id"].as_str().unwrap().to_string();
+    call(
+        &server,
+        "DELETE",
+        &format!("/api/v1/jobs/{waiting}"),
+        None,
+        None,
+    );
+    assert_eq!(wait_done(&server, &waiting)["state"], "cancelled");
+
+    other.shutdown(Duration::from_secs(1));
+    server.shutdown(Duration::from_secs(1));
+    w2.kill().unwrap();
+    w2.wait().unwrap();
+}

@@ -46,27 +46,22 @@ enum Command {
     /// Convert a transformer file (any supported format) to GGUF, as city96's converter does.
     Convert(Convert),
     /// Serve images over HTTP (OpenAI-compatible `/v1/images/generations`, a jobs API with
-    /// progress events, `/health`, `/metrics`), keeping the model loaded.
+    /// progress events, a web page at `/`, `/health`, `/metrics`), keeping the model loaded;
+    /// with `--queue redis://HOST` it loads no model and hands jobs to `flux worker`s.
     Serve(Serve),
+    /// Take jobs from a Redis queue that `flux serve --queue` fills, and run them.
+    Worker(Worker),
 }
 
+/// The model a server or worker keeps loaded.
 #[derive(clap::Args)]
-struct Serve {
+struct ModelArgs {
     /// Model: `schnell`, `dev`, a hub id (owner/name) or a local diffusers folder.
     #[arg(long, short, default_value = SCHNELL_REPO)]
     model: String,
     /// Use only the local Hugging Face cache.
     #[arg(long)]
     offline: bool,
-    /// Address to listen on; anything but loopback needs --token.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
-    /// Port (0: any free one, printed).
-    #[arg(long, default_value_t = 7860)]
-    port: u16,
-    /// The bearer token clients must send (`Authorization: Bearer TOKEN`) [env: FLUX_API_TOKEN].
-    #[arg(long)]
-    token: Option<String>,
     /// Compute dtype (f32 on CPU; bf16 suits GPUs).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -83,9 +78,60 @@ struct Serve {
     /// Image side when a request gives no size.
     #[arg(long, default_value_t = 1024)]
     default_size: usize,
-    /// Jobs that may wait; one more is refused with 429.
+}
+
+impl ModelArgs {
+    /// The model's id in `/v1/models`: a local folder is named by its last component only (no
+    /// path of this machine is shown).
+    fn id(&self) -> String {
+        match Path::new(&self.model).file_name() {
+            Some(n) if Path::new(&self.model).is_dir() => n.to_string_lossy().into_owned(),
+            _ => self.model.clone(),
+        }
+    }
+
+    /// Loads the pipeline, kept loaded unless --low-memory.
+    fn load(&self) -> Result<FluxPipeline, Error> {
+        let device = open_device(self.device)?;
+        let dtype = match self.dtype {
+            Some(DtypeArg::F32) => DType::F32,
+            Some(DtypeArg::Bf16) => DType::BF16,
+            None if device.is_cuda() => DType::BF16,
+            None => DType::F32,
+        };
+        let located = ModelSource::parse(&self.model, self.offline)?.resolve()?;
+        let opts = PipelineOptions {
+            dtype,
+            device,
+            keep_loaded: !self.low_memory,
+            quantize: self.quantize,
+            ..Default::default()
+        };
+        FluxPipeline::new(located, opts)
+    }
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Hand jobs to workers through this Redis (`redis://HOST[:PORT][/DB]`) instead of running
+    /// them here; no model is loaded (--model only names it).
+    #[arg(long)]
+    queue: Option<String>,
+    /// Address to listen on; anything but loopback needs --token.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free one, printed).
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// The bearer token clients must send (`Authorization: Bearer TOKEN`) [env: FLUX_API_TOKEN].
+    #[arg(long)]
+    token: Option<String>,
+    /// Jobs that may wait (accepted by this server and not started); one more is refused
+    /// with 429.
     #[arg(long, default_value_t = 16)]
-    queue: usize,
+    queue_size: usize,
     /// Largest width or height a request may ask for.
     #[arg(long, default_value_t = 2048)]
     max_side: usize,
@@ -103,61 +149,99 @@ struct Serve {
 /// `flux serve`: until Ctrl-C or SIGTERM, then a graceful shutdown.
 fn serve(args: Serve) -> Result<(), Error> {
     use flux_pipeline::serve::{Limits, ServeOptions, Server};
-    let device = open_device(args.device)?;
-    let dtype = match args.dtype {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        None if device.is_cuda() => DType::BF16,
-        None => DType::F32,
-    };
     let token = args
         .token
         .or_else(|| std::env::var("FLUX_API_TOKEN").ok())
         .filter(|t| !t.is_empty());
-    let located = ModelSource::parse(&args.model, args.offline)?.resolve()?;
-    // a local folder is named by its last component only (no path of this machine is shown)
-    let model_id = match Path::new(&args.model).file_name() {
-        Some(n) if Path::new(&args.model).is_dir() => n.to_string_lossy().into_owned(),
-        _ => args.model.clone(),
+    let opts = ServeOptions {
+        addr: std::net::SocketAddr::new(args.host, args.port),
+        token,
+        limits: Limits {
+            queue: args.queue_size,
+            max_side: args.max_side,
+            max_steps: args.max_steps,
+            max_images: args.max_images,
+            ..Default::default()
+        },
+        model_id: args.model.id(),
+        files: Default::default(),
+        default_size: args.model.default_size,
     };
-    let opts = PipelineOptions {
-        dtype,
-        device,
-        keep_loaded: !args.low_memory,
-        quantize: args.quantize,
-        ..Default::default()
-    };
-    let pipe = FluxPipeline::new(located, opts)?;
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let server = match &args.queue {
+        Some(q) => Server::start_front(opts, q)?,
+        None => Server::start(args.model.load()?, opts)?,
+    };
     let _ = ctrlc::set_handler(move || {
         let _ = tx.send(());
     });
-    let server = Server::start(
-        pipe,
-        ServeOptions {
-            addr: std::net::SocketAddr::new(args.host, args.port),
-            token,
-            limits: Limits {
-                queue: args.queue,
-                max_side: args.max_side,
-                max_steps: args.max_steps,
-                max_images: args.max_images,
-                ..Default::default()
-            },
-            model_id,
-            files: Default::default(),
-            default_size: args.default_size,
-        },
-    )?;
     say(format_args!(
-        "serving {} on http://{}",
-        args.model,
-        server.addr()
+        "serving {} on http://{}{}",
+        args.model.model,
+        server.addr(),
+        match &args.queue {
+            Some(_) => " (jobs go to the Redis queue's workers)",
+            None => "",
+        }
     ));
     let _ = rx.recv();
     note(format_args!("shutting down: finishing the running job"));
     server.shutdown(std::time::Duration::from_secs(args.shutdown_grace));
     Ok(())
+}
+
+#[derive(clap::Args)]
+struct Worker {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The Redis queue that `flux serve --queue` fills (`redis://HOST[:PORT][/DB]`).
+    #[arg(long)]
+    queue: String,
+    /// This worker's name among the workers (default: host name and process id).
+    #[arg(long)]
+    name: Option<String>,
+    /// Seconds a job may go without its worker's heartbeat before another worker takes it
+    /// over and runs it again.
+    #[arg(long, default_value_t = 30)]
+    claim_timeout: u64,
+    /// Runs of a job whose workers died after which it fails.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+}
+
+/// `flux worker`: until Ctrl-C or SIGTERM (the running job is finished first).
+fn worker(args: Worker) -> Result<(), Error> {
+    use flux_pipeline::serve::{run_worker, WorkerOptions};
+    if args.claim_timeout == 0 {
+        return Err(Error::InvalidRequest(
+            "--claim-timeout is at least 1".into(),
+        ));
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".into());
+    let opts = WorkerOptions {
+        queue: args.queue.clone(),
+        name: args
+            .name
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        claim_timeout: std::time::Duration::from_secs(args.claim_timeout),
+        max_attempts: args.max_attempts,
+        default_size: args.model.default_size,
+        files: Default::default(),
+        stop: flux_pipeline::Cancel::new(),
+    };
+    let pipe = args.model.load()?;
+    let stop = opts.stop.clone();
+    let _ = ctrlc::set_handler(move || stop.cancel());
+    say(format_args!(
+        "worker {}: {} loaded; taking jobs from the queue",
+        opts.name, args.model.model
+    ));
+    run_worker(pipe, &opts)
 }
 
 /// The device a `--device` flag names.
@@ -1059,7 +1143,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Ctrl-C: no temporary PNG is left behind (images already written stay); `flux serve`
     // shuts down gracefully instead
-    if !matches!(cli.command, Command::Serve(_)) {
+    if !matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
         let _ = ctrlc::set_handler(|| {
             remove_partial_files();
             std::process::exit(130);
@@ -1073,6 +1157,7 @@ fn main() -> ExitCode {
         Command::Redux(g) => run(*g, Mode::Redux),
         Command::Convert(c) => convert(c),
         Command::Serve(s) => serve(s),
+        Command::Worker(w) => worker(w),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
