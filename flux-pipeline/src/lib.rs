@@ -20,8 +20,8 @@ pub use flux_dit::{Lora, LoraFormat, LoraMode, LoraOptions, LoraSet};
 pub use flux_sampler::Reference;
 pub use output::{OutputNames, DEFAULT_FILE};
 pub use pipeline::{
-    peak_rss, Cancel, FluxPipeline, GenerateOutput, GenerateRequest, Generated, PipelineOptions,
-    Progress, StageTimes,
+    available_memory, peak_rss, Cancel, FluxPipeline, GenerateOutput, GenerateRequest, Generated,
+    PipelineOptions, Progress, Resident, StageTimes,
 };
 pub use png::{
     check_writable, file_sha256, plain_png, png_bytes, read_png, remove_partial_files, write_png,
@@ -31,7 +31,7 @@ pub use preview::latent_preview;
 pub use redux::Redux;
 pub use resize::{resize, Filter};
 pub use source::{
-    scheduler_shift, Components, FileRef, ModelFiles, ModelSource, TransformerFiles, VaeFiles,
-    DEV_REPO, SCHNELL_REPO,
+    scheduler_shift, Components, FileRef, MemoryEstimate, ModelFiles, ModelSource,
+    TransformerFiles, VaeFiles, DEV_REPO, SCHNELL_REPO,
 };
 pub use task::{kontext_size, outpaint, InitImage, KONTEXT_RESOLUTIONS};

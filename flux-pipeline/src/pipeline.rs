@@ -31,6 +31,12 @@ pub struct PipelineOptions {
     /// Keep encoders, transformer and VAE loaded between calls (more memory, faster reruns).
     /// By default each is dropped after use, so T5 and the transformer are never held together.
     pub keep_loaded: bool,
+    /// With `keep_loaded`, still release the text encoders after each call's prompts are
+    /// encoded (they load again for the next), so that T5 and the transformer are never
+    /// resident together when they do not both fit (see [`ModelFiles::memory_estimate`]).
+    ///
+    /// [`ModelFiles::memory_estimate`]: crate::ModelFiles::memory_estimate
+    pub release_text: bool,
     /// Decode in tiles (bounded memory for large images).
     pub tiled_vae: Option<TileOptions>,
     /// Encode the transformer's block weights and T5's linear weights while loading
@@ -60,6 +66,7 @@ impl Default for PipelineOptions {
             device: Device::Cpu,
             reference: Reference::Diffusers,
             keep_loaded: false,
+            release_text: false,
             tiled_vae: None,
             quantize: None,
             batch: 1,
@@ -240,7 +247,7 @@ pub(crate) fn auto_rows(available: Option<u64>, per_row: u64, wanted: usize) -> 
 
 /// Memory available for new allocations: `MemAvailable` of `/proc/meminfo` on the CPU (Linux);
 /// `None` elsewhere and on other devices.
-fn available_memory(device: &Device) -> Option<u64> {
+pub fn available_memory(device: &Device) -> Option<u64> {
     if !device.is_cpu() {
         return None;
     }
@@ -253,6 +260,17 @@ fn available_memory(device: &Device) -> Option<u64> {
 /// Each LoRA's file and strength, for the text encoder.
 fn clip_files(set: &LoraSet) -> Vec<(&flux_kernels::lora::AdapterFile, f32)> {
     set.entries().iter().map(|(l, m)| (l.file(), *m)).collect()
+}
+
+/// Which of a pipeline's parts are loaded ([`FluxPipeline::resident`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// The text encoders (CLIP and T5).
+    pub text: bool,
+    /// The transformer.
+    pub transformer: bool,
+    /// The autoencoder.
+    pub vae: bool,
 }
 
 /// The FLUX.1 text-to-image pipeline.
@@ -473,6 +491,16 @@ impl FluxPipeline {
     /// The transformer config.
     pub fn config(&self) -> &flux_dit::Config {
         &self.cfg
+    }
+
+    /// Which parts are resident now (between calls: what `keep_loaded` and `release_text`
+    /// kept).
+    pub fn resident(&self) -> Resident {
+        Resident {
+            text: self.text.is_some(),
+            transformer: self.dit.is_some(),
+            vae: self.vae.is_some(),
+        }
     }
 
     /// Default steps: 28 for dev (diffusers; BFL's CLI uses 50), 4 for schnell.
@@ -797,7 +825,7 @@ impl FluxPipeline {
                 .to_dtype(emb.t5.dtype())?;
             emb.t5 = Tensor::cat(&[&emb.t5, &r.repeat((rows, 1, 1))?], 1)?;
         }
-        if !self.opts.keep_loaded {
+        if !self.opts.keep_loaded || self.opts.release_text {
             self.text = None;
         }
         let encode = start.elapsed();

@@ -70,6 +70,133 @@ pub struct ModelFiles {
     pub shift: Option<ShiftParams>,
 }
 
+/// Resident memory a model's parts are estimated to take once loaded, bytes
+/// ([`ModelFiles::memory_estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The text encoders (T5 and CLIP).
+    pub text: u64,
+    /// The transformer.
+    pub transformer: u64,
+    /// The autoencoder.
+    pub vae: u64,
+}
+
+impl MemoryEstimate {
+    /// All parts together.
+    pub fn total(&self) -> u64 {
+        self.text + self.transformer + self.vae
+    }
+}
+
+/// A safetensors file's dense values and fp8 bytes, from its header (`None`: not readable).
+fn safetensors_sizes(path: &Path) -> Option<(u64, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).ok()?;
+    let n = u64::from_le_bytes(n);
+    // bounded before anything is allocated from it
+    if n > 256 << 20 {
+        return None;
+    }
+    let mut head = vec![0u8; n as usize];
+    f.read_exact(&mut head).ok()?;
+    let head: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&head).ok()?;
+    let (mut dense, mut packed) = (0u64, 0u64);
+    for (name, t) in &head {
+        if name == "__metadata__" {
+            continue;
+        }
+        let elems = t["shape"]
+            .as_array()?
+            .iter()
+            .try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?))?;
+        match t["dtype"].as_str()? {
+            d if d.starts_with("F8") => packed = packed.checked_add(elems)?,
+            _ => dense = dense.checked_add(elems)?,
+        }
+    }
+    Some((dense, packed))
+}
+
+/// Bytes of the weight files at `path` (a file, or the weight files directly in a folder).
+fn weight_file_bytes(path: &Path) -> Vec<(PathBuf, u64)> {
+    let is_weights = |p: &Path| {
+        matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("safetensors" | "gguf" | "bin" | "sft")
+        )
+    };
+    if path.is_file() {
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        return vec![(path.to_path_buf(), len)];
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && is_weights(p))
+        .map(|p| {
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            (p, len)
+        })
+        .collect()
+}
+
+impl ModelFiles {
+    /// An estimate of the memory each part takes loaded in `dtype` (with `quantize` as
+    /// [`crate::PipelineOptions::quantize`]), from the files' headers: GGUF and fp8 weights
+    /// stay packed at their size; other weights take `dtype`'s size per value, or the
+    /// quantized size in the transformer and T5 with `quantize`. A file that holds several
+    /// parts (an all-in-one checkpoint) is counted once, in the first part that names it (the
+    /// text encoders).
+    pub fn memory_estimate(
+        &self,
+        dtype: candle::DType,
+        quantize: Option<flux_kernels::Encoding>,
+    ) -> MemoryEstimate {
+        let mut seen = std::collections::HashSet::new();
+        let mut part = |path: &Path, quantizable: bool| -> u64 {
+            let per_value = match quantize {
+                Some(flux_kernels::Encoding::Gguf(t)) if quantizable => {
+                    t.block_bytes() as f64 / t.block_elems() as f64
+                }
+                Some(flux_kernels::Encoding::Fp8(_)) if quantizable => 1.0,
+                _ => dtype.size_in_bytes() as f64,
+            };
+            weight_file_bytes(path)
+                .into_iter()
+                .filter(|(p, _)| seen.insert(p.clone()))
+                .map(|(p, len)| {
+                    let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+                    // (dense values, packed bytes); a file of unknown layout is taken as 16-bit
+                    let (dense, packed) = match ext {
+                        "gguf" => (0, len),
+                        "safetensors" | "sft" => safetensors_sizes(&p).unwrap_or((len / 2, 0)),
+                        _ => (len / 2, 0),
+                    };
+                    packed + (dense as f64 * per_value) as u64
+                })
+                .sum()
+        };
+        let transformer = match &self.transformer {
+            TransformerFiles::Diffusers(p) | TransformerFiles::File(p) => p.clone(),
+            TransformerFiles::Bfl { file, .. } => file.clone(),
+        };
+        let vae = match &self.vae {
+            VaeFiles::Diffusers(p) => p.clone(),
+            VaeFiles::Bfl { file, .. } => file.clone(),
+        };
+        MemoryEstimate {
+            text: part(&self.text_encoder_2, true) + part(&self.text_encoder, false),
+            transformer: part(&transformer, true),
+            vae: part(&vae, false),
+        }
+    }
+}
+
 /// A model source as the user names it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {

@@ -463,3 +463,115 @@ fn model_folders_are_checked() {
         assert!(e.hint().is_none(), "a read error is not about writability");
     }
 }
+
+#[test]
+fn what_stays_loaded_between_calls() {
+    let all = Resident {
+        text: true,
+        transformer: true,
+        vae: true,
+    };
+    for (keep_loaded, release_text, want) in [
+        (
+            false,
+            false,
+            Resident {
+                text: false,
+                transformer: false,
+                vae: false,
+            },
+        ),
+        (true, false, all),
+        (true, true, Resident { text: false, ..all }),
+    ] {
+        let opts = PipelineOptions {
+            keep_loaded,
+            release_text,
+            ..Default::default()
+        };
+        let mut p = FluxPipeline::from_source(&ModelSource::Folder(tiny()), opts).unwrap();
+        let r = GenerateRequest {
+            steps: Some(1),
+            ..req()
+        };
+        p.generate(&r, |_, _| {}).unwrap();
+        assert_eq!(
+            p.resident(),
+            want,
+            "keep_loaded {keep_loaded}, release_text {release_text}"
+        );
+        // a second call loads what was released and gives the same image
+        let a = p.generate(&r, |_, _| {}).unwrap();
+        assert_eq!(p.resident(), want);
+        assert!(!a.images.is_empty());
+    }
+}
+
+#[test]
+fn memory_estimate_reads_the_headers() {
+    let dir = std::env::temp_dir().join(format!("flux-estimate-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("vae")).unwrap();
+    // a safetensors file: bf16 (4, 8) and fp8 (16,) tensors
+    let write = |path: &std::path::Path, tensors: &[(&str, &str, &[usize])]| {
+        let mut head = serde_json::Map::new();
+        let mut off = 0;
+        for (name, dtype, shape) in tensors {
+            let size = match *dtype {
+                "BF16" => 2,
+                "F32" => 4,
+                _ => 1,
+            };
+            let n = shape.iter().product::<usize>() * size;
+            head.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
+            );
+            off += n;
+        }
+        head.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let head = serde_json::to_vec(&head).unwrap();
+        let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(head);
+        bytes.resize(bytes.len() + off, 0);
+        std::fs::write(path, bytes).unwrap();
+    };
+    let all_in_one = dir.join("all.safetensors");
+    write(
+        &all_in_one,
+        &[("a", "BF16", &[4, 8]), ("b", "F8_E4M3", &[16])],
+    );
+    write(&dir.join("vae/model.safetensors"), &[("c", "F32", &[10])]);
+    std::fs::write(dir.join("vae/config.json"), "{}").unwrap();
+    let clip = dir.join("clip.gguf");
+    std::fs::write(&clip, vec![0u8; 100]).unwrap();
+    let files = ModelFiles {
+        name: "test".into(),
+        tokenizer: dir.clone(),
+        tokenizer_2: dir.clone(),
+        text_encoder: clip,
+        text_encoder_2: all_in_one.clone(),
+        text_encoder_config: None,
+        transformer: TransformerFiles::File(all_in_one),
+        vae: VaeFiles::Diffusers(dir.join("vae")),
+        shift: None,
+    };
+    use candle::DType;
+    let q8 = flux_kernels::Encoding::Gguf(flux_kernels::QuantType::Q8_0);
+    for (dtype, quantize, text) in [
+        (DType::F32, None, 32 * 4 + 16 + 100),
+        (DType::BF16, None, 32 * 2 + 16 + 100),
+        // Q8_0: 34 bytes a block of 32
+        (DType::F32, Some(q8), 34 + 16 + 100),
+    ] {
+        let e = files.memory_estimate(dtype, quantize);
+        // the all-in-one file counts once, in the text encoders; the VAE is never quantized
+        let vae = 10 * dtype.size_in_bytes() as u64;
+        assert_eq!(
+            (e.text, e.transformer, e.vae),
+            (text, 0, vae),
+            "{dtype:?} {quantize:?}"
+        );
+        assert_eq!(e.total(), text + vae);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,108 +1,16 @@
 //! `flux serve` on the committed tiny model: every route, every class of bad input, the queue
-//! limit, cancellation, the token, graceful shutdown, and a bounded load run.
+//! limit, cancellation, the token, graceful shutdown, the web page in a browser, Redis
+//! workers (the load run is `load.rs`, a process of its own so that its memory is its own).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use flux_pipeline::serve::{Limits, ServeOptions, Server};
-use flux_pipeline::{FluxPipeline, ModelSource, PipelineOptions};
 use serde_json::{json, Value};
 
-fn tiny() -> FluxPipeline {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-dev");
-    let files = ModelSource::Folder(dir).resolve().unwrap();
-    let opts = PipelineOptions {
-        keep_loaded: true,
-        ..Default::default()
-    };
-    FluxPipeline::new(files, opts).unwrap()
-}
-
-fn start(limits: Limits, token: Option<&str>) -> Server {
-    Server::start(
-        tiny(),
-        ServeOptions {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            token: token.map(String::from),
-            limits,
-            model_id: "tiny-dev".into(),
-            files: Default::default(),
-            default_size: 64,
-        },
-    )
-    .unwrap()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-/// (status, headers' Retry-After, body bytes)
-fn call(
-    server: &Server,
-    method: &str,
-    path: &str,
-    body: Option<(&str, &[u8])>,
-    token: Option<&str>,
-) -> (u16, Option<String>, Vec<u8>) {
-    let url = format!("http://{}{path}", server.addr());
-    let req = ureq::http::Request::builder().method(method).uri(&url);
-    let req = match token {
-        Some(t) => req.header("authorization", format!("Bearer {t}")),
-        None => req,
-    };
-    let resp = match body {
-        Some((ct, b)) => agent().run(req.header("content-type", ct).body(b.to_vec()).unwrap()),
-        None => agent().run(req.body(()).unwrap()),
-    };
-    let mut resp = resp.unwrap();
-    let retry = resp
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .unwrap();
-    (status, retry, bytes)
-}
-
-fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let text = body.to_string();
-    let (s, _, b) = call(
-        server,
-        "POST",
-        path,
-        Some(("application/json", text.as_bytes())),
-        None,
-    );
-    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
-}
-
-fn get(server: &Server, path: &str) -> (u16, Value) {
-    let (s, _, b) = call(server, "GET", path, None, None);
-    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
-}
-
-fn wait_done(server: &Server, id: &str) -> Value {
-    let until = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (s, v) = get(server, &format!("/api/v1/jobs/{id}"));
-        assert_eq!(s, 200, "{v}");
-        if ["succeeded", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < until, "job {id} did not finish: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+mod common;
+use common::http::*;
 
 /// The PNG decodes and carries the CLI's metadata.
 fn check_png(bytes: &[u8], prompt: &str, seed: u64) {
@@ -624,104 +532,6 @@ fn shutdown_finishes_the_running_job_and_cancels_the_waiting() {
     assert_eq!(wb.join().unwrap()["state"], "cancelled");
     // and the port is closed
     assert!(std::net::TcpStream::connect(addr).is_err());
-}
-
-/// 8 clients × 25 requests through the OpenAI route against a queue of 4: every request ends
-/// in an image or a 429, memory does not grow with the jobs.
-#[test]
-fn bounded_load() {
-    let server = start(
-        Limits {
-            queue: 4,
-            keep_jobs: 16,
-            ..Default::default()
-        },
-        None,
-    );
-    let addr = server.addr();
-    let rss = current_rss;
-    let started = Instant::now();
-    let clients: Vec<_> = (0..8)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut out = vec![];
-                for r in 0..25 {
-                    let t = Instant::now();
-                    let body =
-                        json!({"prompt": format!("client {c} request {r}"), "steps": 1, "seed": r})
-                            .to_string();
-                    let mut resp = agent()
-                        .post(format!("http://{addr}/v1/images/generations"))
-                        .header("content-type", "application/json")
-                        .send(body.as_bytes())
-                        .unwrap();
-                    let status = resp.status().as_u16();
-                    let v: Value = serde_json::from_slice(
-                        &resp
-                            .body_mut()
-                            .with_config()
-                            .limit(64 << 20)
-                            .read_to_vec()
-                            .unwrap(),
-                    )
-                    .unwrap();
-                    match status {
-                        200 => assert!(v["data"][0]["b64_json"].as_str().unwrap().len() > 100),
-                        429 => assert_eq!(v["error"]["code"], "queue_full"),
-                        s => panic!("status {s}: {v}"),
-                    }
-                    out.push((status, t.elapsed()));
-                    if status == 429 {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-                out
-            })
-        })
-        .collect();
-    let mut early = None;
-    let mut all = vec![];
-    for c in clients {
-        all.extend(c.join().unwrap());
-        early.get_or_insert_with(rss);
-    }
-    let wall = started.elapsed();
-    let ok: Vec<Duration> = all.iter().filter(|r| r.0 == 200).map(|r| r.1).collect();
-    let refused = all.len() - ok.len();
-    assert_eq!(all.len(), 200);
-    assert!(!ok.is_empty());
-    let mut sorted = ok.clone();
-    sorted.sort();
-    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
-    let (_, h) = get(&server, "/api/v1/jobs");
-    assert!(
-        h.as_array().unwrap().len() <= 16 + 4 + 1,
-        "finished jobs are forgotten"
-    );
-    let end = rss();
-    assert!(
-        end < early.unwrap_or(0) + (64 << 20),
-        "memory grew over the run"
-    );
-    eprintln!(
-        "load: 200 requests, 8 clients, {} images, {refused} × 429, p50 {:.0} ms, p95 {:.0} ms, wall {:.1} s, RSS {:.0} → {:.0} MiB",
-        ok.len(),
-        pct(0.5),
-        pct(0.95),
-        wall.as_secs_f64(),
-        early.unwrap_or(0) as f64 / 1048576.0,
-        end as f64 / 1048576.0
-    );
-    server.shutdown(Duration::from_secs(10));
-}
-
-/// Resident memory now (Linux), bytes.
-fn current_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
 }
 
 /// A headless Chromium driven over the DevTools protocol (one page).

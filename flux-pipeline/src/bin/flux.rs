@@ -90,7 +90,8 @@ impl ModelArgs {
         }
     }
 
-    /// Loads the pipeline, kept loaded unless --low-memory.
+    /// Loads the pipeline, kept loaded unless --low-memory (the text encoders are released
+    /// between jobs when not everything fits).
     fn load(&self) -> Result<FluxPipeline, Error> {
         let device = open_device(self.device)?;
         let dtype = match self.dtype {
@@ -100,10 +101,43 @@ impl ModelArgs {
             None => DType::F32,
         };
         let located = ModelSource::parse(&self.model, self.offline)?.resolve()?;
+        // kept loaded, except that T5 and the transformer are resident together only when
+        // everything fits in what the machine has free (with a fifth to spare)
+        let release_text = !self.low_memory
+            && {
+                let need = located.memory_estimate(dtype, self.quantize).total();
+                let gb = |b: u64| b as f64 / 1e9;
+                match flux_pipeline::available_memory(&device) {
+                    Some(free) if need as f64 > free as f64 * 0.8 => {
+                        eprintln!(
+                        "models need about {:.1} GB and {:.1} GB is free: the text encoders are released after each job's prompts are encoded",
+                        gb(need),
+                        gb(free)
+                    );
+                        true
+                    }
+                    Some(free) => {
+                        eprintln!(
+                            "models need about {:.1} GB and {:.1} GB is free: all kept loaded",
+                            gb(need),
+                            gb(free)
+                        );
+                        false
+                    }
+                    None => {
+                        eprintln!(
+                        "models need about {:.1} GB; this device's free memory is not known: all kept loaded (--low-memory releases them)",
+                        gb(need)
+                    );
+                        false
+                    }
+                }
+            };
         let opts = PipelineOptions {
             dtype,
             device,
             keep_loaded: !self.low_memory,
+            release_text,
             quantize: self.quantize,
             ..Default::default()
         };
