@@ -1,20 +1,30 @@
 //! Tiled attention with an online softmax for CPU f32: flash attention's schedule on the CPU.
 //!
-//! For each (batch, head) and each block of [`BR`] query rows, keys and values stream through in
-//! chunks of [`BC`]: the block's scores against one chunk (a small gemm), a running row maximum
-//! and row sum, the output rows rescaled when the maximum grows, and `P·V` accumulated by a
-//! second gemm. Memory is O(L) per head (one `BR × BC` score tile per worker) instead of the
-//! composite path's `H × L × L` scores, and every pass over the scores stays in cache.
+//! Each task is one block of [`BR`] query rows of one (batch, head), so that every core has
+//! work at any batch, head count and length. Keys and values stream through in chunks of
+//! [`BC`]: the block's scores against one chunk, a running maximum and sum per query, the
+//! output rescaled when the maximum grows, and `P·V` accumulated, all in the task's scratch
+//! (reused from task to task, nothing allocated per tile). Memory is O(L) per head instead of
+//! the composite path's `H × L × L` scores, and every pass over the scores stays in cache.
+//!
+//! Both products run one register-tiled kernel ([`tile`]), with the query block as its
+//! packed right-hand side: the scores are computed transposed (`Sᵀ = K·Qᵀ`, keys by queries)
+//! and so is the output (`Oᵀ += Vᵀ·Sᵀ`), which lets K and V be read in place, row by row as
+//! the projections left them, and the softmax run across 16 queries at a time.
 
 use candle::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
 
-/// Query rows per block.
+/// Query rows per task (a multiple of [`NR`]).
 const BR: usize = 128;
 /// Keys per chunk.
-const BC: usize = 256;
+const BC: usize = 128;
+/// Rows of the register tile: keys in `K·Qᵀ`, value channels in `Vᵀ·Sᵀ`.
+const MR: usize = 6;
+/// Columns of the register tile: queries (two AVX2 registers).
+const NR: usize = 16;
 
 /// A CPU f32 view `(B, H, L, D)` whose rows are contiguous: its storage slice, the offset of
 /// element 0 and the strides of B, H and L. Views with a strided last dim are copied first.
@@ -40,10 +50,10 @@ impl Rows {
     }
 }
 
-/// The output pointer, shared by the workers: each (batch, head) writes its own rows only.
+/// The output pointer, shared by the workers: each task writes its own rows only.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
-// SAFETY: the workers write disjoint rows (one (batch, head) each).
+// SAFETY: the workers write disjoint rows (one block of one (batch, head) each).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
@@ -87,7 +97,7 @@ pub(crate) fn attention_tiled(
     }
     let (q, k, v) = (Rows::new(q)?, Rows::new(k)?, Rows::new(v)?);
     let ((qo, qs), (ko, ks), (vo, vs)) = (q.geometry(), k.geometry(), v.geometry());
-    // every element of the output is written once, by the worker of its (batch, head)
+    // every element of the output is written once, by the task of its query block
     let mut out = vec![0f32; b * h * lq * dv];
     // (batch, head, row) → offset in `out`, and the row stride
     let (o_b, o_h, o_l) = if tokens_out {
@@ -108,26 +118,31 @@ pub(crate) fn attention_tiled(
             vc.as_slice::<f32>()?,
         );
         let o = Out(out.as_mut_ptr());
-        (0..b * h).into_par_iter().for_each(|bh| {
-            let (bi, hi) = (bh / h, bh % h);
-            let qh = &qv[qo + bi * qs[0] + hi * qs[1]..];
-            let kh = &kv[ko + bi * ks[0] + hi * ks[1]..];
-            let vh = &vv[vo + bi * vs[0] + hi * vs[1]..];
-            // SAFETY: this head's rows of `out` (offset below, `lq` rows of `dv` at stride
-            // `o_l`) lie inside `out` and no other worker writes them.
-            let oh = unsafe { o.at(bi * o_b + hi * o_h) };
-            let g = Geometry {
-                lq,
-                lk,
-                d,
-                dv,
-                q_rs: qs[2],
-                k_rs: ks[2],
-                v_rs: vs[2],
-                o_rs: o_l,
-            };
-            head(qh, kh, vh, oh, &g, scale);
-        });
+        let g = Geometry {
+            lq,
+            lk,
+            d,
+            dv,
+            q_rs: qs[2],
+            k_rs: ks[2],
+            v_rs: vs[2],
+            o_rs: o_l,
+        };
+        let blocks = lq.div_ceil(BR);
+        (0..b * h * blocks).into_par_iter().for_each_init(
+            || Scratch::new(d, dv),
+            |scratch, task| {
+                let (bh, blk) = (task / blocks, task % blocks);
+                let (bi, hi) = (bh / h, bh % h);
+                let qh = &qv[qo + bi * qs[0] + hi * qs[1]..];
+                let kh = &kv[ko + bi * ks[0] + hi * ks[1]..];
+                let vh = &vv[vo + bi * vs[0] + hi * vs[1]..];
+                // SAFETY: this head's rows of `out` (offset below, `lq` rows of `dv` at stride
+                // `o_l`) lie inside `out`, and of them this task writes its block's only.
+                let oh = unsafe { o.at(bi * o_b + hi * o_h) };
+                block(qh, kh, vh, oh, &g, scale, blk * BR, scratch);
+            },
+        );
     }
     Ok(Some(Tensor::from_vec(out, shape, q.t.device())?))
 }
@@ -144,9 +159,94 @@ struct Geometry {
     o_rs: usize,
 }
 
-/// One (batch, head): `o (lq × dv) = softmax(q kᵀ · scale) v`. `q`, `k`, `v` start at the head's
-/// first row (rows `g.*_rs` apart, each contiguous); `o` points at the head's first output row.
-fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) {
+/// One worker's buffers, reused from task to task.
+struct Scratch {
+    /// The query block times the scale, in panels of [`NR`] queries: `[panel][channel][NR]`.
+    qp: Vec<f32>,
+    /// `Sᵀ` of one key chunk, then its exponentials `Pᵀ`: `[key][query]`, [`BR`] wide.
+    st: Vec<f32>,
+    /// The unnormalised output `Oᵀ`: `[value channel][query]`, [`BR`] wide.
+    ot: Vec<f32>,
+    /// Per query: running maximum, running sum, this chunk's rescale factor.
+    max: [f32; BR],
+    sum: [f32; BR],
+    alpha: [f32; BR],
+}
+
+impl Scratch {
+    fn new(d: usize, dv: usize) -> Self {
+        Scratch {
+            qp: vec![0.0; BR * d],
+            st: vec![0.0; BC * BR],
+            ot: vec![0.0; dv * BR],
+            max: [0.0; BR],
+            sum: [0.0; BR],
+            alpha: [0.0; BR],
+        }
+    }
+}
+
+/// Query rows `r0..r0 + BR` (or to the end) of one (batch, head): `o = softmax(q kᵀ · scale) v`.
+/// `q`, `k`, `v` start at the head's first row (rows `g.*_rs` apart, each contiguous); `o`
+/// points at the head's first output row. With AVX2 and FMA where the CPU has them.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: *mut f32,
+    g: &Geometry,
+    scale: f32,
+    r0: usize,
+    s: &mut Scratch,
+) {
+    // the last row of each view ends inside its slice: every read below stays inside
+    assert!((g.lq - 1) * g.q_rs + g.d <= q.len() && (g.lk - 1) * g.k_rs + g.d <= k.len());
+    assert!((g.lk - 1) * g.v_rs + g.dv <= v.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// # Safety
+        /// The CPU has AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            o: *mut f32,
+            g: &Geometry,
+            scale: f32,
+            r0: usize,
+            s: &mut Scratch,
+        ) {
+            // SAFETY: the caller's.
+            unsafe { block_body::<true>(q, k, v, o, g, scale, r0, s) }
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has both (just checked).
+            return unsafe { fast(q, k, v, o, g, scale, r0, s) };
+        }
+    }
+    // SAFETY: no requirement without `FMA`.
+    unsafe { block_body::<false>(q, k, v, o, g, scale, r0, s) }
+}
+
+/// [`block`]'s work; `FMA`: AVX2 tiles with fused multiply-adds.
+///
+/// # Safety
+/// With `FMA`, the CPU has AVX2 and FMA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_body<const FMA: bool>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: *mut f32,
+    g: &Geometry,
+    scale: f32,
+    r0: usize,
+    s: &mut Scratch,
+) {
     let Geometry {
         lq,
         lk,
@@ -157,103 +257,247 @@ fn head(q: &[f32], k: &[f32], v: &[f32], o: *mut f32, g: &Geometry, scale: f32) 
         v_rs,
         o_rs,
     } = *g;
-    // the last row of each view ends inside its slice
-    assert!((lq - 1) * q_rs + d <= q.len() && (lk - 1) * k_rs + d <= k.len());
-    assert!((lk - 1) * v_rs + dv <= v.len());
-    let mut s = vec![0f32; BR * BC];
-    let mut acc = vec![0f32; BR * dv];
-    // the block's query rows times the softmax scale, so the scores come out scaled
-    let mut qb = vec![0f32; BR * d];
-    let mut row_max = [0f32; BR];
-    let mut row_sum = [0f32; BR];
-    for r0 in (0..lq).step_by(BR) {
-        let br = BR.min(lq - r0);
-        let ob = &mut acc[..br * dv];
-        ob.fill(0.0);
-        row_max[..br].fill(f32::NEG_INFINITY);
-        row_sum[..br].fill(0.0);
-        for (i, dst) in qb.chunks_exact_mut(d).take(br).enumerate() {
-            let src = &q[(r0 + i) * q_rs..(r0 + i) * q_rs + d];
-            for (x, &y) in dst.iter_mut().zip(src) {
-                *x = y * scale;
-            }
-        }
-        for c0 in (0..lk).step_by(BC) {
-            let bc = BC.min(lk - c0);
-            // s (br × bc) = scale · q[r0..] · k[c0..]ᵀ
-            // SAFETY: every pointer and stride below stays inside its slice (asserted above):
-            // qb br × d, k rows c0..c0+bc (read transposed), s br × bc row-major.
-            unsafe {
-                gemm::gemm(
-                    br,
-                    bc,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    bc as isize,
-                    false,
-                    qb.as_ptr(),
-                    1,
-                    d as isize,
-                    k.as_ptr().add(c0 * k_rs),
-                    k_rs as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for i in 0..br {
-                let row = &mut s[i * bc..(i + 1) * bc];
-                let mx = max_of(row);
-                let m_new = row_max[i].max(mx);
-                let alpha = (row_max[i] - m_new).exp();
-                let sum = exp_and_sum(row, m_new);
-                row_sum[i] = row_sum[i] * alpha + sum;
-                row_max[i] = m_new;
-                if alpha != 1.0 {
-                    for x in &mut ob[i * dv..(i + 1) * dv] {
-                        *x *= alpha;
-                    }
+    let br = BR.min(lq - r0);
+    // whole panels; the queries past `br` are zeros and their results unused
+    let panels = br.div_ceil(NR);
+    let w = panels * NR;
+    for p in 0..panels {
+        let dst = &mut s.qp[p * d * NR..(p + 1) * d * NR];
+        for j in 0..NR {
+            let r = p * NR + j;
+            if r < br {
+                let src = &q[(r0 + r) * q_rs..(r0 + r) * q_rs + d];
+                for (c, &x) in src.iter().enumerate() {
+                    dst[c * NR + j] = x * scale;
+                }
+            } else {
+                for c in 0..d {
+                    dst[c * NR + j] = 0.0;
                 }
             }
-            // ob (br × dv) += p (br × bc) · v[c0..] (bc × dv)
-            // SAFETY: as above; ob is br × dv row-major, v rows c0..c0+bc.
-            unsafe {
-                gemm::gemm(
-                    br,
-                    dv,
-                    bc,
-                    ob.as_mut_ptr(),
-                    1,
-                    dv as isize,
-                    true,
-                    s.as_ptr(),
-                    1,
-                    bc as isize,
-                    v.as_ptr().add(c0 * v_rs),
-                    1,
-                    v_rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+        }
+    }
+    s.ot[..dv * BR].fill(0.0);
+    s.max[..w].fill(f32::NEG_INFINITY);
+    s.sum[..w].fill(0.0);
+    for c0 in (0..lk).step_by(BC) {
+        let bc = BC.min(lk - c0);
+        // Sᵀ (bc × w) = K[c0..c0 + bc] · Qᵀ
+        let kc = &k[c0 * k_rs..];
+        for p in 0..panels {
+            let b = &s.qp[p * d * NR..(p + 1) * d * NR];
+            let mut i0 = 0;
+            while i0 < bc {
+                let m = MR.min(bc - i0);
+                let a = &kc[i0 * k_rs..];
+                let c = &mut s.st[i0 * BR + p * NR..];
+                // SAFETY: the caller's (AVX2 and FMA with `FMA`).
+                unsafe { tiles::<FMA>(m, a, k_rs, 1, d, b, NR, c, BR, false) };
+                i0 += m;
             }
         }
-        for i in 0..br {
-            let inv = 1.0 / row_sum[i];
-            // SAFETY: output row r0 + i of this head (see the caller).
-            let dst = unsafe { std::slice::from_raw_parts_mut(o.add((r0 + i) * o_rs), dv) };
-            for (x, &a) in dst.iter_mut().zip(&ob[i * dv..(i + 1) * dv]) {
-                *x = a * inv;
+        softmax_update(
+            &mut s.st[..bc * BR],
+            &mut s.max,
+            &mut s.sum,
+            &mut s.alpha,
+            w,
+        );
+        if s.alpha[..w].iter().any(|&a| a != 1.0) {
+            for row in s.ot[..dv * BR].chunks_exact_mut(BR) {
+                for (x, &a) in row[..w].iter_mut().zip(&s.alpha[..w]) {
+                    *x *= a;
+                }
             }
         }
+        // Oᵀ (dv × w) += Vᵀ (dv × bc) · Pᵀ (bc × w)
+        let vc = &v[c0 * v_rs..];
+        for p in 0..panels {
+            let b = &s.st[p * NR..];
+            let mut i0 = 0;
+            while i0 < dv {
+                let m = MR.min(dv - i0);
+                let c = &mut s.ot[i0 * BR + p * NR..];
+                // SAFETY: as above.
+                unsafe { tiles::<FMA>(m, &vc[i0..], 1, v_rs, bc, b, BR, c, BR, true) };
+                i0 += m;
+            }
+        }
+    }
+    for r in 0..br {
+        let inv = 1.0 / s.sum[r];
+        // SAFETY: output row r0 + r of this head, which only this task writes (see the caller).
+        let dst = unsafe { std::slice::from_raw_parts_mut(o.add((r0 + r) * o_rs), dv) };
+        for (c, x) in dst.iter_mut().enumerate() {
+            *x = s.ot[c * BR + r] * inv;
+        }
+    }
+}
+
+/// `c[i][j] (+)= Σₚ a[i·a_rs + p·a_cs] · b[p·b_rs + j]` for `i < m ≤ MR`, `j < NR`, `p < k`,
+/// with `c` rows `c_rs` apart; `acc`: add to `c`, else overwrite it. Dispatches to the
+/// register tile of `m` rows.
+///
+/// # Safety
+/// With `FMA`, the CPU has AVX2 and FMA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles<const FMA: bool>(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    k: usize,
+    b: &[f32],
+    b_rs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    acc: bool,
+) {
+    // every index the tile touches lies inside its slice
+    assert!((1..=MR).contains(&m) && k >= 1);
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
+    assert!((k - 1) * b_rs + NR <= b.len() && (m - 1) * c_rs + NR <= c.len());
+    macro_rules! rows {
+        ($($n:literal)*) => {
+            match m {
+                $($n => {
+                    #[cfg(target_arch = "x86_64")]
+                    if FMA {
+                        // SAFETY: with `FMA` the CPU has AVX2 and FMA (the caller's promise);
+                        // the bounds were checked above.
+                        unsafe { tile_fma::<$n>(a, a_rs, a_cs, k, b, b_rs, c, c_rs, acc) };
+                        return;
+                    }
+                    tile::<$n>(a, a_rs, a_cs, k, b, b_rs, c, c_rs, acc)
+                })*
+                _ => unreachable!(),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6);
+}
+
+/// [`tile`] with AVX2 registers and fused multiply-adds: the tile's `M × 16` sums stay in
+/// `2·M` registers for the whole `k` loop.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the bounds are [`tiles`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_fma<const M: usize>(
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    k: usize,
+    b: &[f32],
+    b_rs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    acc: bool,
+) {
+    use std::arch::x86_64::*;
+    const { assert!(NR == 16) };
+    // SAFETY: the caller's (see above): every pointer below stays inside its slice.
+    unsafe {
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let mut t = [[_mm256_setzero_ps(); 2]; M];
+        if acc {
+            for (i, row) in t.iter_mut().enumerate() {
+                row[0] = _mm256_loadu_ps(c.add(i * c_rs));
+                row[1] = _mm256_loadu_ps(c.add(i * c_rs + 8));
+            }
+        }
+        for p in 0..k {
+            let bp = b.add(p * b_rs);
+            let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+            let ap = a.add(p * a_cs);
+            for (i, row) in t.iter_mut().enumerate() {
+                let ai = _mm256_broadcast_ss(&*ap.add(i * a_rs));
+                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+            }
+        }
+        for (i, row) in t.iter().enumerate() {
+            _mm256_storeu_ps(c.add(i * c_rs), row[0]);
+            _mm256_storeu_ps(c.add(i * c_rs + 8), row[1]);
+        }
+    }
+}
+
+/// One `M × NR` tile of [`tiles`] (bounds checked there), portable: where there is no AVX2
+/// and FMA, the twin of [`tile_fma`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile<const M: usize>(
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    k: usize,
+    b: &[f32],
+    b_rs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    acc: bool,
+) {
+    let mut t = [[0f32; NR]; M];
+    if acc {
+        for (i, row) in t.iter_mut().enumerate() {
+            row.copy_from_slice(&c[i * c_rs..i * c_rs + NR]);
+        }
+    }
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    for p in 0..k {
+        // SAFETY: `tiles` checked that row `p` of `b` (NR values) and column `p` of `a`'s
+        // `M` rows lie inside their slices.
+        let bp: [f32; NR] = unsafe { std::ptr::read_unaligned(b.add(p * b_rs).cast()) };
+        for (i, row) in t.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let ai = unsafe { *a.add(i * a_rs + p * a_cs) };
+            for (x, &y) in row.iter_mut().zip(&bp) {
+                *x += ai * y;
+            }
+        }
+    }
+    for (i, row) in t.iter().enumerate() {
+        c[i * c_rs..i * c_rs + NR].copy_from_slice(row);
+    }
+}
+
+/// The online softmax's step over one chunk's `Sᵀ` (keys × [`BR`] queries, the first `w`
+/// used): each query's new maximum, its rescale factor `alpha = e^(old − new)`, the scores
+/// replaced by `e^(s − new)` and the running sum updated. Vectorised across queries.
+#[inline(always)]
+fn softmax_update(
+    st: &mut [f32],
+    max: &mut [f32; BR],
+    sum: &mut [f32; BR],
+    alpha: &mut [f32; BR],
+    w: usize,
+) {
+    let mut m = *max;
+    for row in st.chunks_exact(BR) {
+        for (x, &y) in m[..w].iter_mut().zip(&row[..w]) {
+            *x = x.max(y);
+        }
+    }
+    let mut part = [0f32; BR];
+    for row in st.chunks_exact_mut(BR) {
+        for ((x, &mx), acc) in row[..w].iter_mut().zip(&m[..w]).zip(&mut part[..w]) {
+            *x = exp_approx(*x - mx);
+            *acc += *x;
+        }
+    }
+    for j in 0..w {
+        // the first chunk: −∞ − m, whose e^ is 0 through the clamp (≈ 1e-38 times a zero sum)
+        alpha[j] = if max[j] == m[j] {
+            1.0
+        } else {
+            exp_approx(max[j] - m[j])
+        };
+        sum[j] = sum[j] * alpha[j] + part[j];
+        max[j] = m[j];
     }
 }
 
@@ -284,41 +528,6 @@ macro_rules! with_avx2 {
     };
 }
 pub(crate) use with_avx2;
-
-with_avx2! {
-/// The row's maximum (8 running maxima so that the loop vectorises).
-fn max_of(row: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for j in 0..8 {
-            m[j] = m[j].max(c[j]);
-        }
-    }
-    let mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    chunks.remainder().iter().fold(mx, |a, &b| a.max(b))
-}
-}
-
-with_avx2! {
-/// `row = exp(row − m)`, returning the row's sum (8 running sums).
-fn exp_and_sum(row: &mut [f32], m: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for j in 0..8 {
-            c[j] = exp_approx(c[j] - m);
-            acc[j] += c[j];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_approx(*x - m);
-        sum += *x;
-    }
-    sum
-}
-}
 
 /// `e^x` for `x ≤ 0` to about 1 ulp (Cody–Waite reduction by ln 2 in two parts, degree-7
 /// polynomial, scale by 2ⁿ through the exponent bits), written so that loops over it vectorise;
@@ -351,6 +560,47 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    /// The portable tile and the AVX2 one compute the same sums (to rounding: FMA rounds once),
+    /// for every row count, accumulating or not: the portable one is what CPUs without AVX2
+    /// run, and the proptests only see the other where AVX2 exists.
+    #[test]
+    fn portable_tile_equals_the_avx2_tile() {
+        let k = 37;
+        let a: Vec<f32> = (0..super::MR * k * 3)
+            .map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0)
+            .collect();
+        let b: Vec<f32> = (0..k * 20)
+            .map(|i| ((i * 104_729) % 97) as f32 / 30.0 - 1.5)
+            .collect();
+        for m in 1..=super::MR {
+            for acc in [false, true] {
+                let mut want = vec![0.5f32; m * 24];
+                // a read with row stride 3k and column stride 3: the strides both products use
+                let (a_rs, a_cs) = (3 * k, 3);
+                let a = &a[..(m - 1) * a_rs + (k - 1) * a_cs + 1];
+                // SAFETY: no requirement without FMA.
+                unsafe { super::tiles::<false>(m, a, a_rs, a_cs, k, &b, 20, &mut want, 24, acc) };
+                // by hand
+                for i in 0..m {
+                    for j in 0..super::NR {
+                        let dot: f32 = (0..k).map(|p| a[i * a_rs + p * a_cs] * b[p * 20 + j]).sum();
+                        let expect = if acc { 0.5 + dot } else { dot };
+                        assert!((want[i * 24 + j] - expect).abs() < 1e-4);
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    let mut got = vec![0.5f32; m * 24];
+                    // SAFETY: the CPU has both (just checked).
+                    unsafe { super::tiles::<true>(m, a, a_rs, a_cs, k, &b, 20, &mut got, 24, acc) };
+                    for (x, y) in got.iter().zip(&want) {
+                        assert!((x - y).abs() < 1e-4, "m {m}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn exp_approx_is_within_two_ulp_of_libm() {
         let mut worst = 0f32;

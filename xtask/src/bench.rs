@@ -29,7 +29,7 @@ fn parse(args: &[&str]) -> Result<Opts> {
         single: 2,
         hidden: 3072,
         heads: 24,
-        res: vec![256, 512],
+        res: vec![256, 512, 1024],
         threads: 2,
         iters: 5,
         pipeline: false,
@@ -766,10 +766,17 @@ pub fn bench(args: &[&str]) -> Result<()> {
     bench_weights(&o, &ours_bin, &dir)?;
     let threads = o.threads.to_string();
     let iters = o.iters.to_string();
+    println!("{}", cpu_line());
     println!("peer      res   s/forward  GFLOP/s  peak RSS  max rel diff vs ours");
     let mut lines = vec![];
     for r in &o.res {
         let rs = r.to_string();
+        // the largest sizes take tens of seconds a forward: fewer of them
+        let iters = if *r >= 1024 {
+            o.iters.min(2).to_string()
+        } else {
+            iters.clone()
+        };
         let l_img = ((r / 16) * (r / 16)) as f64;
         let gflop = flops(&o, l_img, 256.0) / 1e9;
         let out = |who: &str| dir.join(format!("out_{who}_{r}.safetensors"));
@@ -858,13 +865,70 @@ pub fn bench(args: &[&str]) -> Result<()> {
         ));
     }
     println!(
-        "({:.1} GFLOP per forward at the first size; {} threads, median of {} forwards)",
+        "({:.1} GFLOP per forward at the first size; {} threads, median of {} forwards, at most 2 from 1024²)",
         flops(&o, ((o.res[0] / 16).pow(2)) as f64, 256.0) / 1e9,
         o.threads,
         o.iters
     );
+    // attention alone against a GEMM of the same tokens, in this process's conditions: 1024²'s
+    // image tokens and dev's 512 text tokens
+    let tokens = 4096 + 512;
+    let mut c = Command::new(&ours_bin);
+    c.args(["attn", "-", "--tokens", &tokens.to_string()])
+        .args(["--heads", &o.heads.to_string()])
+        .args(["--dim", &(o.hidden / o.heads).to_string(), "--iters", "3"])
+        .env("RAYON_NUM_THREADS", &threads);
+    let out = c.output().context("running flux-bench attn")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("flux-bench attn: {text}"))?;
+    let (attn, gemm) = (
+        v["attn_gflops"].as_f64().context("attn_gflops")?,
+        v["gemm_gflops"].as_f64().context("gemm_gflops")?,
+    );
+    println!(
+        "attention at {tokens} tokens: {attn:.1} GFLOP/s, GEMM {gemm:.1} GFLOP/s ({:.0} %)",
+        100.0 * attn / gemm
+    );
     for l in lines {
         println!("{l}");
     }
+    println!(
+        "bench: attention tokens={tokens} attn={attn:.1}GFLOP/s gemm={gemm:.1}GFLOP/s ratio={:.2}",
+        attn / gemm
+    );
     Ok(())
+}
+
+/// `cpu: MODEL (SIMD features)` from `/proc/cpuinfo` and run-time detection.
+fn cpu_line() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    #[allow(unused_mut)]
+    let mut simd: Vec<&str> = vec![];
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! have {
+            ($($f:tt)*) => {
+                $(if std::arch::is_x86_feature_detected!($f) {
+                    simd.push($f);
+                })*
+            };
+        }
+        have!("sse4.2" "avx" "avx2" "fma" "f16c" "avx512f" "avx512bw" "avx512vnni" "avx512bf16");
+    }
+    #[cfg(target_arch = "aarch64")]
+    simd.push("neon");
+    format!(
+        "cpu: {model} ({}; {} logical cores)",
+        simd.join(" "),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
 }

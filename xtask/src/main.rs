@@ -18,10 +18,12 @@ Commands:
                                    text, pipeline, tasks; default all). --verify regenerates
                                    into a temporary folder and checks the committed files are
                                    byte-identical.
-  bench [--depth D] [--single S] [--res 256,512] [--threads T] [--iters N]
+  bench [--depth D] [--single S] [--res 256,512,1024] [--threads T] [--iters N]
                                    time our transformer against candle-transformers and
                                    PyTorch on the same seeded weights (full width, reduced
-                                   depth; default 1 double + 2 single blocks, 2 threads)
+                                   depth; default 1 double + 2 single blocks, 2 threads,
+                                   at most 2 forwards from 1024²), then attention alone
+                                   against a GEMM of the same tokens; first line: the CPU
   bench --pipeline                 the tiny end-to-end pipeline, time per stage, for
                                    text-to-image and every image task
   bench --cfg-batch                true CFG's two transformer passes one after the other

@@ -8,6 +8,8 @@
 //!   loads our transformer from the BFL file (and applies the LoRA, timed; `merge-once`: not
 //!   reversible), runs one warm-up and
 //!   N timed forwards, writes the output, prints one JSON line.
+//! - `flux-bench attn - --tokens L --heads H --dim D --iters N`: joint attention alone and a
+//!   GEMM of the same token count, each in GFLOP/s (one JSON line).
 //! - `flux-bench lora-file DIR --rank R`: writes a seeded kohya LoRA of rank R on every linear
 //!   layer of the bench model (`lora_rR.safetensors`).
 
@@ -391,6 +393,49 @@ fn main() -> Result<()> {
             let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
             println!("{}", diff / scale.max(f32::MIN_POSITIVE));
+            Ok(())
+        }
+        "attn" => {
+            // flux-bench attn - [--tokens 4608] [--heads 24] [--dim 128] [--iters 3]: joint
+            // attention alone and, in the same process, a GEMM of the same token count (the
+            // projection after it), both in GFLOP/s; one JSON line
+            let l: usize = arg(&args, "--tokens", 4608)?;
+            let h: usize = arg(&args, "--heads", 24)?;
+            let d: usize = arg(&args, "--dim", 128)?;
+            let iters: usize = arg(&args, "--iters", 3)?;
+            let (q, k, v) = (
+                random(1, &[1, h, l, d], 1.0)?,
+                random(2, &[1, h, l, d], 1.0)?,
+                random(3, &[1, h, l, d], 1.0)?,
+            );
+            let x = random(4, &[l, h * d], 1.0)?;
+            let w = random(5, &[h * d, h * d], 0.02)?.t()?;
+            let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+                f()?;
+                let mut t = vec![];
+                for _ in 0..iters {
+                    let s = Instant::now();
+                    f()?;
+                    t.push(s.elapsed().as_secs_f64());
+                }
+                t.sort_by(f64::total_cmp);
+                Ok(t[t.len() / 2])
+            };
+            let attn = time(&|| {
+                flux_kernels::attention_tokens(&q, &k, &v, Default::default())?;
+                Ok(())
+            })?;
+            let gemm = time(&|| {
+                x.matmul(&w)?;
+                Ok(())
+            })?;
+            let attn_flop = 4.0 * (h * l * l * d) as f64;
+            let gemm_flop = 2.0 * (l * h * d * h * d) as f64;
+            println!(
+                "{{\"attn_secs\": {attn}, \"attn_gflops\": {}, \"gemm_gflops\": {}}}",
+                attn_flop / attn / 1e9,
+                gemm_flop / gemm / 1e9
+            );
             Ok(())
         }
         "mm" => {
