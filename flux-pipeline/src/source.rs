@@ -89,32 +89,33 @@ impl MemoryEstimate {
     }
 }
 
-/// A safetensors file's dense values and fp8 bytes, from its header (`None`: not readable).
-fn safetensors_sizes(path: &Path) -> Option<(u64, u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).ok()?;
-    let n = u64::from_le_bytes(n);
-    // bounded before anything is allocated from it
-    if n > 256 << 20 {
-        return None;
-    }
-    let mut head = vec![0u8; n as usize];
-    f.read_exact(&mut head).ok()?;
-    let head: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&head).ok()?;
+/// A weight file's dense values (any float type, taken at the load dtype) and packed bytes
+/// (GGUF blocks and fp8, which stay as stored), from its header through the loader's own
+/// reader (`None`: not a file it reads).
+fn stored_sizes(path: &Path) -> Option<(u64, u64)> {
+    let ck = flux_kernels::Checkpoint::open(
+        &[path.to_path_buf()],
+        candle::DType::F32,
+        &candle::Device::Cpu,
+    )
+    .ok()?;
     let (mut dense, mut packed) = (0u64, 0u64);
-    for (name, t) in &head {
-        if name == "__metadata__" {
-            continue;
-        }
-        let elems = t["shape"]
-            .as_array()?
+    for name in ck.names() {
+        let elems = ck
+            .shape(&name)?
             .iter()
-            .try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?))?;
-        match t["dtype"].as_str()? {
-            d if d.starts_with("F8") => packed = packed.checked_add(elems)?,
-            _ => dense = dense.checked_add(elems)?,
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))?;
+        match ck.stored_type(&name)? {
+            t if t.float_type().is_some() => dense = dense.checked_add(elems)?,
+            t if t.fp8().is_some() => packed = packed.checked_add(elems)?,
+            flux_kernels::StoredType::Gguf(q) => {
+                let bytes = elems / q.block_elems() as u64 * q.block_bytes() as u64;
+                packed = packed.checked_add(bytes)?
+            }
+            // other integer types: as stored
+            flux_kernels::StoredType::Safetensors(d) => {
+                packed = packed.checked_add(elems.checked_mul(d.bitsize() as u64)?.div_ceil(8))?
+            }
         }
     }
     Some((dense, packed))
@@ -170,13 +171,8 @@ impl ModelFiles {
                 .into_iter()
                 .filter(|(p, _)| seen.insert(p.clone()))
                 .map(|(p, len)| {
-                    let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
-                    // (dense values, packed bytes); a file of unknown layout is taken as 16-bit
-                    let (dense, packed) = match ext {
-                        "gguf" => (0, len),
-                        "safetensors" | "sft" => safetensors_sizes(&p).unwrap_or((len / 2, 0)),
-                        _ => (len / 2, 0),
-                    };
+                    // a file the loader cannot read is taken as 16-bit values
+                    let (dense, packed) = stored_sizes(&p).unwrap_or((len / 2, 0));
                     packed + (dense as f64 * per_value) as u64
                 })
                 .sum()

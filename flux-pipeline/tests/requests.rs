@@ -542,8 +542,31 @@ fn memory_estimate_reads_the_headers() {
     );
     write(&dir.join("vae/model.safetensors"), &[("c", "F32", &[10])]);
     std::fs::write(dir.join("vae/config.json"), "{}").unwrap();
+    // a GGUF file: Q8_0 (2, 64) (4 blocks of 34 bytes, kept packed) and F32 (32,) (dense)
     let clip = dir.join("clip.gguf");
-    std::fs::write(&clip, vec![0u8; 100]).unwrap();
+    let ones = vec![1f32; 128];
+    let q = flux_kernels::quantize(flux_kernels::QuantType::Q8_0, &ones, 64).unwrap();
+    let dense: Vec<u8> = ones[..32].iter().flat_map(|x| x.to_le_bytes()).collect();
+    use flux_kernels::gguf::TensorOut;
+    flux_kernels::gguf::write(
+        &clip,
+        &[],
+        &[
+            TensorOut {
+                name: "w",
+                ty: flux_kernels::QuantType::Q8_0,
+                shape: &[2, 64],
+                data: &q,
+            },
+            TensorOut {
+                name: "b",
+                ty: flux_kernels::QuantType::F32,
+                shape: &[32],
+                data: &dense,
+            },
+        ],
+    )
+    .unwrap();
     let files = ModelFiles {
         name: "test".into(),
         tokenizer: dir.clone(),
@@ -558,10 +581,10 @@ fn memory_estimate_reads_the_headers() {
     use candle::DType;
     let q8 = flux_kernels::Encoding::Gguf(flux_kernels::QuantType::Q8_0);
     for (dtype, quantize, text) in [
-        (DType::F32, None, 32 * 4 + 16 + 100),
-        (DType::BF16, None, 32 * 2 + 16 + 100),
-        // Q8_0: 34 bytes a block of 32
-        (DType::F32, Some(q8), 34 + 16 + 100),
+        (DType::F32, None, 32 * 4 + 16 + 136 + 32 * 4),
+        (DType::BF16, None, 32 * 2 + 16 + 136 + 32 * 2),
+        // Q8_0: 34 bytes a block of 32 in T5; CLIP is never quantized
+        (DType::F32, Some(q8), 34 + 16 + 136 + 32 * 4),
     ] {
         let e = files.memory_estimate(dtype, quantize);
         // the all-in-one file counts once, in the text encoders; the VAE is never quantized

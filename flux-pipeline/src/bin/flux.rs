@@ -101,38 +101,8 @@ impl ModelArgs {
             None => DType::F32,
         };
         let located = ModelSource::parse(&self.model, self.offline)?.resolve()?;
-        // kept loaded, except that T5 and the transformer are resident together only when
-        // everything fits in what the machine has free (with a fifth to spare)
         let release_text = !self.low_memory
-            && {
-                let need = located.memory_estimate(dtype, self.quantize).total();
-                let gb = |b: u64| b as f64 / 1e9;
-                match flux_pipeline::available_memory(&device) {
-                    Some(free) if need as f64 > free as f64 * 0.8 => {
-                        eprintln!(
-                        "models need about {:.1} GB and {:.1} GB is free: the text encoders are released after each job's prompts are encoded",
-                        gb(need),
-                        gb(free)
-                    );
-                        true
-                    }
-                    Some(free) => {
-                        eprintln!(
-                            "models need about {:.1} GB and {:.1} GB is free: all kept loaded",
-                            gb(need),
-                            gb(free)
-                        );
-                        false
-                    }
-                    None => {
-                        eprintln!(
-                        "models need about {:.1} GB; this device's free memory is not known: all kept loaded (--low-memory releases them)",
-                        gb(need)
-                    );
-                        false
-                    }
-                }
-            };
+            && text_must_go(located.memory_estimate(dtype, self.quantize), &device);
         let opts = PipelineOptions {
             dtype,
             device,
@@ -143,6 +113,31 @@ impl ModelArgs {
         };
         FluxPipeline::new(located, opts)
     }
+}
+
+/// Whether the text encoders are released after each job's prompts are encoded: when all the
+/// models together (`need`) take more than four fifths of what the device has free, so that
+/// T5 and the transformer are resident together only when they fit. Says which on stderr.
+fn text_must_go(need: flux_pipeline::MemoryEstimate, device: &Device) -> bool {
+    let gb = |b: u64| b as f64 / 1e9;
+    let need = need.total();
+    let (release, why) = match flux_pipeline::available_memory(device) {
+        Some(free) if need as f64 > free as f64 * 0.8 => (
+            true,
+            format!(
+                "{:.1} GB is free: the text encoders are released after each job's prompts are encoded",
+                gb(free)
+            ),
+        ),
+        Some(free) => (false, format!("{:.1} GB is free: all kept loaded", gb(free))),
+        None => (
+            false,
+            "this device's free memory is not known: all kept loaded (--low-memory releases them)"
+                .into(),
+        ),
+    };
+    eprintln!("models need about {:.1} GB; {why}", gb(need));
+    release
 }
 
 #[derive(clap::Args)]
