@@ -48,7 +48,7 @@ pub fn gguf_type_for(
         return QuantType::F32;
     }
     if name.starts_with("double_blocks.") || name.starts_with("single_blocks.") {
-        return if shape[1] % ty.block_elems() == 0 {
+        return if shape[1].is_multiple_of(ty.block_elems()) {
             ty
         } else {
             QuantType::F16

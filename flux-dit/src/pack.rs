@@ -40,7 +40,7 @@ pub fn unpack(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         expected: format!("(B, {}, 4·C) for a {h}×{w} latent", (h / 2) * (w / 2)),
         got: x.dims().to_vec(),
     };
-    if x.rank() != 3 || h % 2 != 0 || w % 2 != 0 {
+    if x.rank() != 3 || !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         return Err(bad(x));
     }
     let (b, l, cc) = x.dims3()?;

@@ -7,24 +7,69 @@
 //! (reused from task to task, nothing allocated per tile). Memory is O(L) per head instead of
 //! the composite path's `H × L × L` scores, and every pass over the scores stays in cache.
 //!
-//! Both products run one register-tiled kernel ([`tile`]), with the query block as its
-//! packed right-hand side: the scores are computed transposed (`Sᵀ = K·Qᵀ`, keys by queries)
-//! and so is the output (`Oᵀ += Vᵀ·Sᵀ`), which lets K and V be read in place, row by row as
-//! the projections left them, and the softmax run across 16 queries at a time.
+//! Both products run one register-tiled kernel ([`tiles`]: AVX-512, AVX2 + FMA or portable,
+//! chosen at run time), with the query block, transposed, as its right-hand side: the scores
+//! are computed transposed (`Sᵀ = K·Qᵀ`, keys by queries) and so is the output
+//! (`Oᵀ += Vᵀ·Sᵀ`), which lets K and V be read in place, row by row as the projections left
+//! them, and the softmax run across a row of queries at a time.
 
 use candle::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
 
-/// Query rows per task (a multiple of [`NR`]).
+/// Query rows per task (a multiple of every tile's width).
 const BR: usize = 128;
 /// Keys per chunk.
 const BC: usize = 128;
-/// Rows of the register tile: keys in `K·Qᵀ`, value channels in `Vᵀ·Sᵀ`.
-const MR: usize = 6;
-/// Columns of the register tile: queries (two AVX2 registers).
-const NR: usize = 16;
+
+/// The instruction sets the tiles are written for, best first; [`Isa::detect`] picks one at
+/// run time.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    /// AVX-512F: 6 × 64 tiles in 24 of the 32 `zmm` registers.
+    Avx512,
+    /// AVX2 and FMA: 6 × 16 tiles in 12 of the 16 `ymm` registers.
+    Avx2,
+    /// Anything else: the same 6 × 16 tile in plain Rust.
+    Portable,
+}
+
+const AVX512: u8 = 2;
+const AVX2: u8 = 1;
+const PORTABLE: u8 = 0;
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+}
+
+/// Rows of `ISA`'s register tile: keys in `K·Qᵀ`, value channels in `Vᵀ·Sᵀ`.
+const fn mr(_isa: u8) -> usize {
+    6
+}
+
+/// Columns (queries) of `ISA`'s register tile: four `zmm` or two `ymm` registers (with AVX-512,
+/// six broadcasts feed 24 multiply-adds per step, as in gemm's own AVX-512 kernel).
+const fn nr(isa: u8) -> usize {
+    if isa == AVX512 {
+        64
+    } else {
+        16
+    }
+}
 
 /// A CPU f32 view `(B, H, L, D)` whose rows are contiguous: its storage slice, the offset of
 /// element 0 and the strides of B, H and L. Views with a strided last dim are copied first.
@@ -129,6 +174,7 @@ pub(crate) fn attention_tiled(
             o_rs: o_l,
         };
         let blocks = lq.div_ceil(BR);
+        let isa = Isa::detect();
         (0..b * h * blocks).into_par_iter().for_each_init(
             || Scratch::new(d, dv),
             |scratch, task| {
@@ -140,7 +186,7 @@ pub(crate) fn attention_tiled(
                 // SAFETY: this head's rows of `out` (offset below, `lq` rows of `dv` at stride
                 // `o_l`) lie inside `out`, and of them this task writes its block's only.
                 let oh = unsafe { o.at(bi * o_b + hi * o_h) };
-                block(qh, kh, vh, oh, &g, scale, blk * BR, scratch);
+                block(isa, qh, kh, vh, oh, &g, scale, blk * BR, scratch);
             },
         );
     }
@@ -159,13 +205,13 @@ struct Geometry {
     o_rs: usize,
 }
 
-/// One worker's buffers, reused from task to task.
+/// One worker's buffers, reused from task to task; every one is [`BR`] queries wide.
 struct Scratch {
-    /// The query block times the scale, in panels of [`NR`] queries: `[panel][channel][NR]`.
-    qp: Vec<f32>,
-    /// `Sᵀ` of one key chunk, then its exponentials `Pᵀ`: `[key][query]`, [`BR`] wide.
+    /// The query block times the scale, transposed: `[channel][query]`.
+    qt: Vec<f32>,
+    /// `Sᵀ` of one key chunk, then its exponentials `Pᵀ`: `[key][query]`.
     st: Vec<f32>,
-    /// The unnormalised output `Oᵀ`: `[value channel][query]`, [`BR`] wide.
+    /// The unnormalised output `Oᵀ`: `[value channel][query]`.
     ot: Vec<f32>,
     /// Per query: running maximum, running sum, this chunk's rescale factor.
     max: [f32; BR],
@@ -176,7 +222,7 @@ struct Scratch {
 impl Scratch {
     fn new(d: usize, dv: usize) -> Self {
         Scratch {
-            qp: vec![0.0; BR * d],
+            qt: vec![0.0; d * BR],
             st: vec![0.0; BC * BR],
             ot: vec![0.0; dv * BR],
             max: [0.0; BR],
@@ -188,9 +234,10 @@ impl Scratch {
 
 /// Query rows `r0..r0 + BR` (or to the end) of one (batch, head): `o = softmax(q kᵀ · scale) v`.
 /// `q`, `k`, `v` start at the head's first row (rows `g.*_rs` apart, each contiguous); `o`
-/// points at the head's first output row. With AVX2 and FMA where the CPU has them.
+/// points at the head's first output row. With `isa`'s tiles (from [`Isa::detect`]).
 #[allow(clippy::too_many_arguments)]
 fn block(
+    isa: Isa,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -206,9 +253,9 @@ fn block(
     #[cfg(target_arch = "x86_64")]
     {
         /// # Safety
-        /// The CPU has AVX2 and FMA.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fast(
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(
             q: &[f32],
             k: &[f32],
             v: &[f32],
@@ -219,25 +266,44 @@ fn block(
             s: &mut Scratch,
         ) {
             // SAFETY: the caller's.
-            unsafe { block_body::<true>(q, k, v, o, g, scale, r0, s) }
+            unsafe { block_body::<AVX512>(q, k, v, o, g, scale, r0, s) }
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has both (just checked).
-            return unsafe { fast(q, k, v, o, g, scale, r0, s) };
+        /// # Safety
+        /// The CPU has AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            o: *mut f32,
+            g: &Geometry,
+            scale: f32,
+            r0: usize,
+            s: &mut Scratch,
+        ) {
+            // SAFETY: the caller's.
+            unsafe { block_body::<AVX2>(q, k, v, o, g, scale, r0, s) }
+        }
+        match isa {
+            // SAFETY: `Isa::detect` found AVX-512F.
+            Isa::Avx512 => return unsafe { avx512(q, k, v, o, g, scale, r0, s) },
+            // SAFETY: `Isa::detect` found AVX2 and FMA.
+            Isa::Avx2 => return unsafe { avx2(q, k, v, o, g, scale, r0, s) },
+            Isa::Portable => {}
         }
     }
-    // SAFETY: no requirement without `FMA`.
-    unsafe { block_body::<false>(q, k, v, o, g, scale, r0, s) }
+    let _ = isa;
+    // SAFETY: the portable tiles need nothing of the CPU.
+    unsafe { block_body::<PORTABLE>(q, k, v, o, g, scale, r0, s) }
 }
 
-/// [`block`]'s work; `FMA`: AVX2 tiles with fused multiply-adds.
+/// [`block`]'s work with the tiles of `ISA`.
 ///
 /// # Safety
-/// With `FMA`, the CPU has AVX2 and FMA.
+/// The CPU has `ISA` (AVX-512F, or AVX2 and FMA).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_body<const FMA: bool>(
+unsafe fn block_body<const ISA: u8>(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -257,25 +323,18 @@ unsafe fn block_body<const FMA: bool>(
         v_rs,
         o_rs,
     } = *g;
+    let (mr, nr) = (mr(ISA), nr(ISA));
     let br = BR.min(lq - r0);
-    // whole panels; the queries past `br` are zeros and their results unused
-    let panels = br.div_ceil(NR);
-    let w = panels * NR;
-    for p in 0..panels {
-        let dst = &mut s.qp[p * d * NR..(p + 1) * d * NR];
-        for j in 0..NR {
-            let r = p * NR + j;
-            if r < br {
-                let src = &q[(r0 + r) * q_rs..(r0 + r) * q_rs + d];
-                for (c, &x) in src.iter().enumerate() {
-                    dst[c * NR + j] = x * scale;
-                }
-            } else {
-                for c in 0..d {
-                    dst[c * NR + j] = 0.0;
-                }
-            }
+    // whole tiles; the queries past `br` are zeros and their results unused
+    let w = br.div_ceil(nr) * nr;
+    for r in 0..br {
+        let src = &q[(r0 + r) * q_rs..(r0 + r) * q_rs + d];
+        for (c, &x) in src.iter().enumerate() {
+            s.qt[c * BR + r] = x * scale;
         }
+    }
+    for row in s.qt[..d * BR].chunks_exact_mut(BR) {
+        row[br..w].fill(0.0);
     }
     s.ot[..dv * BR].fill(0.0);
     s.max[..w].fill(f32::NEG_INFINITY);
@@ -284,15 +343,13 @@ unsafe fn block_body<const FMA: bool>(
         let bc = BC.min(lk - c0);
         // Sᵀ (bc × w) = K[c0..c0 + bc] · Qᵀ
         let kc = &k[c0 * k_rs..];
-        for p in 0..panels {
-            let b = &s.qp[p * d * NR..(p + 1) * d * NR];
+        for j0 in (0..w).step_by(nr) {
             let mut i0 = 0;
             while i0 < bc {
-                let m = MR.min(bc - i0);
-                let a = &kc[i0 * k_rs..];
-                let c = &mut s.st[i0 * BR + p * NR..];
-                // SAFETY: the caller's (AVX2 and FMA with `FMA`).
-                unsafe { tiles::<FMA>(m, a, k_rs, 1, d, b, NR, c, BR, false) };
+                let m = mr.min(bc - i0);
+                let c = &mut s.st[i0 * BR + j0..];
+                // SAFETY: the caller's (the CPU has `ISA`).
+                unsafe { tiles::<ISA>(m, &kc[i0 * k_rs..], k_rs, 1, d, &s.qt[j0..], BR, c, false) };
                 i0 += m;
             }
         }
@@ -312,14 +369,13 @@ unsafe fn block_body<const FMA: bool>(
         }
         // Oᵀ (dv × w) += Vᵀ (dv × bc) · Pᵀ (bc × w)
         let vc = &v[c0 * v_rs..];
-        for p in 0..panels {
-            let b = &s.st[p * NR..];
+        for j0 in (0..w).step_by(nr) {
             let mut i0 = 0;
             while i0 < dv {
-                let m = MR.min(dv - i0);
-                let c = &mut s.ot[i0 * BR + p * NR..];
+                let m = mr.min(dv - i0);
+                let c = &mut s.ot[i0 * BR + j0..];
                 // SAFETY: as above.
-                unsafe { tiles::<FMA>(m, &vc[i0..], 1, v_rs, bc, b, BR, c, BR, true) };
+                unsafe { tiles::<ISA>(m, &vc[i0..], 1, v_rs, bc, &s.st[j0..], BR, c, true) };
                 i0 += m;
             }
         }
@@ -334,15 +390,15 @@ unsafe fn block_body<const FMA: bool>(
     }
 }
 
-/// `c[i][j] (+)= Σₚ a[i·a_rs + p·a_cs] · b[p·b_rs + j]` for `i < m ≤ MR`, `j < NR`, `p < k`,
-/// with `c` rows `c_rs` apart; `acc`: add to `c`, else overwrite it. Dispatches to the
-/// register tile of `m` rows.
+/// `c[i][j] (+)= Σₚ a[i·a_rs + p·a_cs] · b[p·BR + j]` for `i < m ≤ mr(ISA)`, `j < nr(ISA)`,
+/// `p < k`, with `c` rows [`BR`] apart; `acc`: add to `c`, else overwrite it. Dispatches to
+/// `ISA`'s register tile of `m` rows.
 ///
 /// # Safety
-/// With `FMA`, the CPU has AVX2 and FMA.
+/// The CPU has `ISA`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tiles<const FMA: bool>(
+unsafe fn tiles<const ISA: u8>(
     m: usize,
     a: &[f32],
     a_rs: usize,
@@ -351,25 +407,32 @@ unsafe fn tiles<const FMA: bool>(
     b: &[f32],
     b_rs: usize,
     c: &mut [f32],
-    c_rs: usize,
     acc: bool,
 ) {
     // every index the tile touches lies inside its slice
-    assert!((1..=MR).contains(&m) && k >= 1);
+    let nr = nr(ISA);
+    assert!((1..=mr(ISA)).contains(&m) && k >= 1);
     assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
-    assert!((k - 1) * b_rs + NR <= b.len() && (m - 1) * c_rs + NR <= c.len());
+    assert!((k - 1) * b_rs + nr <= b.len() && (m - 1) * BR + nr <= c.len());
     macro_rules! rows {
         ($($n:literal)*) => {
             match m {
                 $($n => {
                     #[cfg(target_arch = "x86_64")]
-                    if FMA {
-                        // SAFETY: with `FMA` the CPU has AVX2 and FMA (the caller's promise);
-                        // the bounds were checked above.
-                        unsafe { tile_fma::<$n>(a, a_rs, a_cs, k, b, b_rs, c, c_rs, acc) };
-                        return;
+                    {
+                        if ISA == AVX512 {
+                            // SAFETY: the CPU has AVX-512F (the caller's promise); the bounds
+                            // were checked above.
+                            unsafe { tile_avx512::<$n>(a, a_rs, a_cs, k, b, b_rs, c, acc) };
+                            return;
+                        }
+                        if ISA == AVX2 {
+                            // SAFETY: as above, with AVX2 and FMA.
+                            unsafe { tile_fma::<$n>(a, a_rs, a_cs, k, b, b_rs, c, acc) };
+                            return;
+                        }
                     }
-                    tile::<$n>(a, a_rs, a_cs, k, b, b_rs, c, c_rs, acc)
+                    tile::<$n, 16>(a, a_rs, a_cs, k, b, b_rs, c, acc)
                 })*
                 _ => unreachable!(),
             }
@@ -378,8 +441,59 @@ unsafe fn tiles<const FMA: bool>(
     rows!(1 2 3 4 5 6);
 }
 
-/// [`tile`] with AVX2 registers and fused multiply-adds: the tile's `M × 16` sums stay in
-/// `2·M` registers for the whole `k` loop.
+/// [`tile`]`::<M, 64>` with AVX-512 registers and fused multiply-adds: the `M × 64` sums stay
+/// in `4·M` `zmm` registers for the whole `k` loop.
+///
+/// # Safety
+/// The CPU has AVX-512F; the bounds are [`tiles`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512<const M: usize>(
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    k: usize,
+    b: &[f32],
+    b_rs: usize,
+    c: &mut [f32],
+    acc: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's (see above): every pointer below stays inside its slice.
+    unsafe {
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        // `zmm` registers a tile row
+        const W: usize = nr(AVX512) / 16;
+        let mut t = [[_mm512_setzero_ps(); W]; M];
+        if acc {
+            for (i, row) in t.iter_mut().enumerate() {
+                for (x, r) in row.iter_mut().enumerate() {
+                    *r = _mm512_loadu_ps(c.add(i * BR + 16 * x));
+                }
+            }
+        }
+        for p in 0..k {
+            let bp = b.add(p * b_rs);
+            let bv: [__m512; W] = std::array::from_fn(|x| _mm512_loadu_ps(bp.add(16 * x)));
+            let ap = a.add(p * a_cs);
+            for (i, row) in t.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i * a_rs));
+                for (r, &bx) in row.iter_mut().zip(&bv) {
+                    *r = _mm512_fmadd_ps(ai, bx, *r);
+                }
+            }
+        }
+        for (i, row) in t.iter().enumerate() {
+            for (x, r) in row.iter().enumerate() {
+                _mm512_storeu_ps(c.add(i * BR + 16 * x), *r);
+            }
+        }
+    }
+}
+
+/// [`tile`]`::<M, 16>` with AVX2 registers and fused multiply-adds: the `M × 16` sums stay in
+/// `2·M` `ymm` registers for the whole `k` loop.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; the bounds are [`tiles`]'s.
@@ -394,19 +508,18 @@ unsafe fn tile_fma<const M: usize>(
     b: &[f32],
     b_rs: usize,
     c: &mut [f32],
-    c_rs: usize,
     acc: bool,
 ) {
     use std::arch::x86_64::*;
-    const { assert!(NR == 16) };
     // SAFETY: the caller's (see above): every pointer below stays inside its slice.
     unsafe {
         let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        const { assert!(nr(AVX2) == 16) };
         let mut t = [[_mm256_setzero_ps(); 2]; M];
         if acc {
             for (i, row) in t.iter_mut().enumerate() {
-                row[0] = _mm256_loadu_ps(c.add(i * c_rs));
-                row[1] = _mm256_loadu_ps(c.add(i * c_rs + 8));
+                row[0] = _mm256_loadu_ps(c.add(i * BR));
+                row[1] = _mm256_loadu_ps(c.add(i * BR + 8));
             }
         }
         for p in 0..k {
@@ -420,17 +533,17 @@ unsafe fn tile_fma<const M: usize>(
             }
         }
         for (i, row) in t.iter().enumerate() {
-            _mm256_storeu_ps(c.add(i * c_rs), row[0]);
-            _mm256_storeu_ps(c.add(i * c_rs + 8), row[1]);
+            _mm256_storeu_ps(c.add(i * BR), row[0]);
+            _mm256_storeu_ps(c.add(i * BR + 8), row[1]);
         }
     }
 }
 
-/// One `M × NR` tile of [`tiles`] (bounds checked there), portable: where there is no AVX2
-/// and FMA, the twin of [`tile_fma`].
+/// One `M × N` tile of [`tiles`] (bounds checked there), portable: what CPUs without AVX2 run,
+/// and the twin both SIMD tiles are tested against.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<const M: usize>(
+fn tile<const M: usize, const N: usize>(
     a: &[f32],
     a_rs: usize,
     a_cs: usize,
@@ -438,20 +551,19 @@ fn tile<const M: usize>(
     b: &[f32],
     b_rs: usize,
     c: &mut [f32],
-    c_rs: usize,
     acc: bool,
 ) {
-    let mut t = [[0f32; NR]; M];
+    let mut t = [[0f32; N]; M];
     if acc {
         for (i, row) in t.iter_mut().enumerate() {
-            row.copy_from_slice(&c[i * c_rs..i * c_rs + NR]);
+            row.copy_from_slice(&c[i * BR..i * BR + N]);
         }
     }
     let (a, b) = (a.as_ptr(), b.as_ptr());
     for p in 0..k {
-        // SAFETY: `tiles` checked that row `p` of `b` (NR values) and column `p` of `a`'s
+        // SAFETY: `tiles` checked that row `p` of `b` (N values) and column `p` of `a`'s
         // `M` rows lie inside their slices.
-        let bp: [f32; NR] = unsafe { std::ptr::read_unaligned(b.add(p * b_rs).cast()) };
+        let bp: [f32; N] = unsafe { std::ptr::read_unaligned(b.add(p * b_rs).cast()) };
         for (i, row) in t.iter_mut().enumerate() {
             // SAFETY: as above.
             let ai = unsafe { *a.add(i * a_rs + p * a_cs) };
@@ -461,7 +573,7 @@ fn tile<const M: usize>(
         }
     }
     for (i, row) in t.iter().enumerate() {
-        c[i * c_rs..i * c_rs + NR].copy_from_slice(row);
+        c[i * BR..i * BR + N].copy_from_slice(row);
     }
 }
 
@@ -512,8 +624,7 @@ macro_rules! with_avx2 {
             fn body($($a: $t),*) -> $r $body
             #[cfg(target_arch = "x86_64")]
             {
-                // `unsafe fn`: a safe `#[target_feature]` fn needs Rust 1.86, the workspace
-                // supports 1.85
+                // `unsafe fn`: the callers hold no AVX2 promise of their own
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($a: $t),*) -> $r {
                     body($($a),*)
@@ -560,41 +671,83 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    /// The portable tile and the AVX2 one compute the same sums (to rounding: FMA rounds once),
-    /// for every row count, accumulating or not: the portable one is what CPUs without AVX2
-    /// run, and the proptests only see the other where AVX2 exists.
+    /// The portable tiles and the SIMD ones compute the same sums (to rounding: FMA rounds
+    /// once), for every row count, accumulating or not: the portable tile is what CPUs without
+    /// AVX2 run, and the proptests only see the best tile the CPU has.
     #[test]
-    fn portable_tile_equals_the_avx2_tile() {
+    fn portable_tiles_equal_the_simd_tiles() {
+        use super::{nr, tile, tiles, BR};
         let k = 37;
-        let a: Vec<f32> = (0..super::MR * k * 3)
+        let a: Vec<f32> = (0..6 * k * 3)
             .map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0)
             .collect();
-        let b: Vec<f32> = (0..k * 20)
+        let b: Vec<f32> = (0..k * BR)
             .map(|i| ((i * 104_729) % 97) as f32 / 30.0 - 1.5)
             .collect();
-        for m in 1..=super::MR {
+        // a read with row stride 3k and column stride 3: the strides both products use
+        let (a_rs, a_cs) = (3 * k, 3);
+        for m in 1..=6 {
+            let a = &a[..(m - 1) * a_rs + (k - 1) * a_cs + 1];
             for acc in [false, true] {
-                let mut want = vec![0.5f32; m * 24];
-                // a read with row stride 3k and column stride 3: the strides both products use
-                let (a_rs, a_cs) = (3 * k, 3);
-                let a = &a[..(m - 1) * a_rs + (k - 1) * a_cs + 1];
-                // SAFETY: no requirement without FMA.
-                unsafe { super::tiles::<false>(m, a, a_rs, a_cs, k, &b, 20, &mut want, 24, acc) };
-                // by hand
+                // the 64-wide portable tile, checked by hand
+                let mut want = vec![0.5f32; m * BR];
+                macro_rules! portable64 {
+                    ($($n:literal)*) => { match m { $($n => tile::<$n, 64>(a, a_rs, a_cs, k, &b, BR, &mut want, acc),)* _ => unreachable!() } };
+                }
+                portable64!(1 2 3 4 5 6);
                 for i in 0..m {
-                    for j in 0..super::NR {
-                        let dot: f32 = (0..k).map(|p| a[i * a_rs + p * a_cs] * b[p * 20 + j]).sum();
-                        let expect = if acc { 0.5 + dot } else { dot };
-                        assert!((want[i * 24 + j] - expect).abs() < 1e-4);
+                    for j in 0..BR {
+                        let dot: f32 = (0..k).map(|p| a[i * a_rs + p * a_cs] * b[p * BR + j]).sum();
+                        let expect = if acc && j < 64 {
+                            0.5 + dot
+                        } else if j < 64 {
+                            dot
+                        } else {
+                            0.5
+                        };
+                        assert!((want[i * BR + j] - expect).abs() < 1e-4, "m {m} ({i}, {j})");
                     }
                 }
+                let run = |isa: u8| {
+                    let mut got = vec![0.5f32; m * BR];
+                    // SAFETY: called only where the CPU has `isa`.
+                    unsafe {
+                        match isa {
+                            super::AVX512 => tiles::<{ super::AVX512 }>(
+                                m, a, a_rs, a_cs, k, &b, BR, &mut got, acc,
+                            ),
+                            super::AVX2 => {
+                                tiles::<{ super::AVX2 }>(m, a, a_rs, a_cs, k, &b, BR, &mut got, acc)
+                            }
+                            _ => tiles::<{ super::PORTABLE }>(
+                                m, a, a_rs, a_cs, k, &b, BR, &mut got, acc,
+                            ),
+                        }
+                    }
+                    got
+                };
+                let same = |got: &[f32], width: usize, what: &str| {
+                    for i in 0..m {
+                        for j in 0..BR {
+                            let (x, y) = (got[i * BR + j], want[i * BR + j]);
+                            let y = if j < width { y } else { 0.5 };
+                            assert!((x - y).abs() < 1e-4, "{what} m {m} ({i}, {j}): {x} vs {y}");
+                        }
+                    }
+                };
+                if m <= super::mr(super::PORTABLE) {
+                    same(&run(super::PORTABLE), nr(super::PORTABLE), "portable");
+                }
                 #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    let mut got = vec![0.5f32; m * 24];
-                    // SAFETY: the CPU has both (just checked).
-                    unsafe { super::tiles::<true>(m, a, a_rs, a_cs, k, &b, 20, &mut got, 24, acc) };
-                    for (x, y) in got.iter().zip(&want) {
-                        assert!((x - y).abs() < 1e-4, "m {m}: {x} vs {y}");
+                {
+                    if m <= super::mr(super::AVX2)
+                        && is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                    {
+                        same(&run(super::AVX2), nr(super::AVX2), "avx2");
+                    }
+                    if is_x86_feature_detected!("avx512f") {
+                        same(&run(super::AVX512), nr(super::AVX512), "avx512");
                     }
                 }
             }

@@ -66,7 +66,7 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     let dtype = float_dtype("group_norm", x)?;
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         return Err(Error::ShapeMismatch {
             what: "group_norm input (B, C, …) with C divisible by the group count",
             expected: vec![usize::MAX, groups, usize::MAX],

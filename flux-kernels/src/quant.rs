@@ -154,7 +154,7 @@ impl QuantType {
     /// `inner` is not a whole number of blocks or the size overflows.
     pub fn bytes_for(self, elems: usize, inner: usize) -> Option<usize> {
         let b = self.block_elems();
-        if inner % b != 0 || elems % b != 0 {
+        if !inner.is_multiple_of(b) || !elems.is_multiple_of(b) {
             return None;
         }
         (elems / b).checked_mul(self.block_bytes())
@@ -402,7 +402,7 @@ pub fn fp8_into(kind: Fp8Kind, bytes: &[u8], scale: &[f32], out: &mut [f32]) -> 
     let lut = kind.table();
     let row = match scale.len() {
         0 | 1 => out.len().max(1),
-        s if out.len() % s == 0 => out.len() / s,
+        s if out.len().is_multiple_of(s) => out.len() / s,
         s => {
             return Err(Error::InvalidArgument(format!(
                 "fp8: {s} scales do not divide {} values into rows",
@@ -516,7 +516,7 @@ fn blocks<T: GgmlType>(b: &[u8], o: &mut [f32]) {
     let n = b.len() / size;
     debug_assert_eq!(n * size, b.len());
     debug_assert_eq!(n * T::BLCK_SIZE, o.len());
-    if (b.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+    if (b.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         // SAFETY: `T` is one of candle's `#[repr(C)]` ggml block structs made only of integers
         // and f16 (every bit pattern valid); the pointer is aligned for `T` (checked above) and
         // `n · size_of::<T>()` bytes lie inside `b`.

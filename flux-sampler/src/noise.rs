@@ -379,7 +379,7 @@ pub fn latent_shape(
     }
     let side = |s: usize| -> Result<usize> {
         match rounding {
-            SizeRounding::Strict if s % 16 != 0 => {
+            SizeRounding::Strict if !s.is_multiple_of(16) => {
                 Err(Error::SizeNotMultipleOf16 { height, width })
             }
             SizeRounding::Strict | SizeRounding::Floor => Ok(2 * (s / 16)),

@@ -101,13 +101,13 @@ impl SiglipVisionConfig {
         if self.num_channels != 3 {
             return bad(format!("{} input channels (RGB has 3)", self.num_channels));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of {} heads",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size

@@ -84,7 +84,7 @@ impl Config {
             return bad("norm_groups must be positive".into());
         }
         for m in &self.ch_mult {
-            if (self.ch * m) % self.norm_groups != 0 {
+            if !(self.ch * m).is_multiple_of(self.norm_groups) {
                 return bad(format!(
                     "GroupNorm groups {} do not divide width {} (ch {} × {m})",
                     self.norm_groups,

@@ -509,8 +509,8 @@ impl AutoEncoder {
         let dims = image.dims();
         let ok = dims.len() == 4
             && dims[1] == self.cfg.in_channels
-            && dims[2] % f == 0
-            && dims[3] % f == 0
+            && dims[2].is_multiple_of(f)
+            && dims[3].is_multiple_of(f)
             && dims[2] > 0
             && dims[3] > 0;
         if !ok {

@@ -320,7 +320,7 @@ fn main() -> Result<()> {
                 .take_while(|a| !a.starts_with("--"))
             {
                 let res: usize = r.parse()?;
-                if res % 16 != 0 {
+                if !res.is_multiple_of(16) {
                     bail!("--res {res} is not a multiple of 16");
                 }
                 write_inputs(&dir, &cfg, res, seed + 1_000_000)?;
