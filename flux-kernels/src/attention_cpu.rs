@@ -410,10 +410,10 @@ unsafe fn tiles<const ISA: u8>(
     acc: bool,
 ) {
     // every index the tile touches lies inside its slice
-    let nr = nr(ISA);
+    let width = nr(ISA);
     assert!((1..=mr(ISA)).contains(&m) && k >= 1);
     assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
-    assert!((k - 1) * b_rs + nr <= b.len() && (m - 1) * BR + nr <= c.len());
+    assert!((k - 1) * b_rs + width <= b.len() && (m - 1) * BR + width <= c.len());
     macro_rules! rows {
         ($($n:literal)*) => {
             match m {
@@ -423,12 +423,16 @@ unsafe fn tiles<const ISA: u8>(
                         if ISA == AVX512 {
                             // SAFETY: the CPU has AVX-512F (the caller's promise); the bounds
                             // were checked above.
-                            unsafe { tile_avx512::<$n>(a, a_rs, a_cs, k, b, b_rs, c, acc) };
+                            unsafe {
+                                tile_simd::<std::arch::x86_64::__m512, $n, { nr(AVX512) / 16 }>(a, a_rs, a_cs, k, b, b_rs, c, acc)
+                            };
                             return;
                         }
                         if ISA == AVX2 {
                             // SAFETY: as above, with AVX2 and FMA.
-                            unsafe { tile_fma::<$n>(a, a_rs, a_cs, k, b, b_rs, c, acc) };
+                            unsafe {
+                                tile_simd::<std::arch::x86_64::__m256, $n, { nr(AVX2) / 8 }>(a, a_rs, a_cs, k, b, b_rs, c, acc)
+                            };
                             return;
                         }
                     }
@@ -441,15 +445,92 @@ unsafe fn tiles<const ISA: u8>(
     rows!(1 2 3 4 5 6);
 }
 
-/// [`tile`]`::<M, 64>` with AVX-512 registers and fused multiply-adds: the `M × 64` sums stay
-/// in `4·M` `zmm` registers for the whole `k` loop.
+/// A SIMD register of f32 lanes with fused multiply-add: what the register tile needs.
 ///
 /// # Safety
-/// The CPU has AVX-512F; the bounds are [`tiles`]'s.
+/// Every method needs the CPU features of its type (AVX-512F for `__m512`, AVX2 and FMA for
+/// `__m256`), and loads and stores need `LANES` values at the pointer.
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    const LANES: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn splat(p: *const f32) -> Self;
+    /// `a·b + self`, rounded once.
+    unsafe fn fma(self, a: Self, b: Self) -> Self;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m512 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(p, self) }
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm512_set1_ps(*p) }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, self) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m256 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, self) }
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm256_broadcast_ss(&*p) }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        // SAFETY: the trait's contract.
+        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, self) }
+    }
+}
+
+/// [`tile`]`::<M, W·V::LANES>` in registers: the `M × W` vectors of sums stay in registers for
+/// the whole `k` loop, each step loading `W` vectors of `b` and broadcasting `M` values of `a`
+/// (AVX-512: 6 × 4 `zmm`; AVX2: 6 × 2 `ymm`).
+///
+/// # Safety
+/// The CPU has `V`'s features; the bounds are [`tiles`]'s, with `W·V::LANES = nr(ISA)`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512<const M: usize>(
+unsafe fn tile_simd<V: Lanes, const M: usize, const W: usize>(
     a: &[f32],
     a_rs: usize,
     a_cs: usize,
@@ -459,82 +540,32 @@ unsafe fn tile_avx512<const M: usize>(
     c: &mut [f32],
     acc: bool,
 ) {
-    use std::arch::x86_64::*;
     // SAFETY: the caller's (see above): every pointer below stays inside its slice.
     unsafe {
         let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        // `zmm` registers a tile row
-        const W: usize = nr(AVX512) / 16;
-        let mut t = [[_mm512_setzero_ps(); W]; M];
+        let mut t = [[V::zero(); W]; M];
         if acc {
             for (i, row) in t.iter_mut().enumerate() {
                 for (x, r) in row.iter_mut().enumerate() {
-                    *r = _mm512_loadu_ps(c.add(i * BR + 16 * x));
+                    *r = V::load(c.add(i * BR + V::LANES * x));
                 }
             }
         }
         for p in 0..k {
             let bp = b.add(p * b_rs);
-            let bv: [__m512; W] = std::array::from_fn(|x| _mm512_loadu_ps(bp.add(16 * x)));
+            let bv: [V; W] = std::array::from_fn(|x| V::load(bp.add(V::LANES * x)));
             let ap = a.add(p * a_cs);
             for (i, row) in t.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i * a_rs));
+                let ai = V::splat(ap.add(i * a_rs));
                 for (r, &bx) in row.iter_mut().zip(&bv) {
-                    *r = _mm512_fmadd_ps(ai, bx, *r);
+                    *r = r.fma(ai, bx);
                 }
             }
         }
         for (i, row) in t.iter().enumerate() {
             for (x, r) in row.iter().enumerate() {
-                _mm512_storeu_ps(c.add(i * BR + 16 * x), *r);
+                r.store(c.add(i * BR + V::LANES * x));
             }
-        }
-    }
-}
-
-/// [`tile`]`::<M, 16>` with AVX2 registers and fused multiply-adds: the `M × 16` sums stay in
-/// `2·M` `ymm` registers for the whole `k` loop.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; the bounds are [`tiles`]'s.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_fma<const M: usize>(
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    k: usize,
-    b: &[f32],
-    b_rs: usize,
-    c: &mut [f32],
-    acc: bool,
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's (see above): every pointer below stays inside its slice.
-    unsafe {
-        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        const { assert!(nr(AVX2) == 16) };
-        let mut t = [[_mm256_setzero_ps(); 2]; M];
-        if acc {
-            for (i, row) in t.iter_mut().enumerate() {
-                row[0] = _mm256_loadu_ps(c.add(i * BR));
-                row[1] = _mm256_loadu_ps(c.add(i * BR + 8));
-            }
-        }
-        for p in 0..k {
-            let bp = b.add(p * b_rs);
-            let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
-            let ap = a.add(p * a_cs);
-            for (i, row) in t.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(&*ap.add(i * a_rs));
-                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-            }
-        }
-        for (i, row) in t.iter().enumerate() {
-            _mm256_storeu_ps(c.add(i * BR), row[0]);
-            _mm256_storeu_ps(c.add(i * BR + 8), row[1]);
         }
     }
 }
