@@ -23,45 +23,33 @@ const BR: usize = 128;
 /// Keys per chunk.
 const BC: usize = 128;
 
-/// The instruction sets the tiles are written for, best first; [`Isa::detect`] picks one at
-/// run time.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    /// AVX-512F: 6 × 64 tiles in 24 of the 32 `zmm` registers.
-    Avx512,
-    /// AVX2 and FMA: 6 × 16 tiles in 12 of the 16 `ymm` registers.
-    Avx2,
-    /// Anything else: the same 6 × 16 tile in plain Rust.
-    Portable,
-}
-
+/// The instruction sets the tiles are written for (a const parameter of the kernels):
+/// AVX-512F, 6 × 64 tiles in 24 of the 32 `zmm` registers;
 const AVX512: u8 = 2;
+/// AVX2 and FMA, 6 × 16 tiles in 12 of the 16 `ymm` registers;
 const AVX2: u8 = 1;
+/// anything else, the same 6 × 16 tile in plain Rust.
 const PORTABLE: u8 = 0;
 
-impl Isa {
-    fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2;
-            }
+/// The best of the instruction sets above that this CPU has.
+fn detect_isa() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return AVX512;
         }
-        Isa::Portable
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return AVX2;
+        }
     }
+    PORTABLE
 }
 
-/// Rows of `ISA`'s register tile: keys in `K·Qᵀ`, value channels in `Vᵀ·Sᵀ`.
-const fn mr(_isa: u8) -> usize {
-    6
-}
+/// Rows of every register tile: keys in `K·Qᵀ`, value channels in `Vᵀ·Sᵀ`.
+const MR: usize = 6;
 
-/// Columns (queries) of `ISA`'s register tile: four `zmm` or two `ymm` registers (with AVX-512,
+/// Columns (queries) of `isa`'s register tile: four `zmm` or two `ymm` registers (with AVX-512,
 /// six broadcasts feed 24 multiply-adds per step, as in gemm's own AVX-512 kernel).
 const fn nr(isa: u8) -> usize {
     if isa == AVX512 {
@@ -70,6 +58,11 @@ const fn nr(isa: u8) -> usize {
         16
     }
 }
+
+// a query block is whole tiles of every width
+const _: () = assert!(
+    BR.is_multiple_of(nr(AVX512)) && BR.is_multiple_of(nr(AVX2)) && BR.is_multiple_of(nr(PORTABLE))
+);
 
 /// A CPU f32 view `(B, H, L, D)` whose rows are contiguous: its storage slice, the offset of
 /// element 0 and the strides of B, H and L. Views with a strided last dim are copied first.
@@ -174,7 +167,7 @@ pub(crate) fn attention_tiled(
             o_rs: o_l,
         };
         let blocks = lq.div_ceil(BR);
-        let isa = Isa::detect();
+        let isa = detect_isa();
         (0..b * h * blocks).into_par_iter().for_each_init(
             || Scratch::new(d, dv),
             |scratch, task| {
@@ -234,10 +227,10 @@ impl Scratch {
 
 /// Query rows `r0..r0 + BR` (or to the end) of one (batch, head): `o = softmax(q kᵀ · scale) v`.
 /// `q`, `k`, `v` start at the head's first row (rows `g.*_rs` apart, each contiguous); `o`
-/// points at the head's first output row. With `isa`'s tiles (from [`Isa::detect`]).
+/// points at the head's first output row. With `isa`'s tiles (from [`detect_isa`]).
 #[allow(clippy::too_many_arguments)]
 fn block(
-    isa: Isa,
+    isa: u8,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -285,11 +278,11 @@ fn block(
             unsafe { block_body::<AVX2>(q, k, v, o, g, scale, r0, s) }
         }
         match isa {
-            // SAFETY: `Isa::detect` found AVX-512F.
-            Isa::Avx512 => return unsafe { avx512(q, k, v, o, g, scale, r0, s) },
-            // SAFETY: `Isa::detect` found AVX2 and FMA.
-            Isa::Avx2 => return unsafe { avx2(q, k, v, o, g, scale, r0, s) },
-            Isa::Portable => {}
+            // SAFETY: `detect_isa` found AVX-512F.
+            AVX512 => return unsafe { avx512(q, k, v, o, g, scale, r0, s) },
+            // SAFETY: `detect_isa` found AVX2 and FMA.
+            AVX2 => return unsafe { avx2(q, k, v, o, g, scale, r0, s) },
+            _ => {}
         }
     }
     let _ = isa;
@@ -323,7 +316,7 @@ unsafe fn block_body<const ISA: u8>(
         v_rs,
         o_rs,
     } = *g;
-    let (mr, nr) = (mr(ISA), nr(ISA));
+    let nr = nr(ISA);
     let br = BR.min(lq - r0);
     // whole tiles; the queries past `br` are zeros and their results unused
     let w = br.div_ceil(nr) * nr;
@@ -346,7 +339,7 @@ unsafe fn block_body<const ISA: u8>(
         for j0 in (0..w).step_by(nr) {
             let mut i0 = 0;
             while i0 < bc {
-                let m = mr.min(bc - i0);
+                let m = MR.min(bc - i0);
                 let c = &mut s.st[i0 * BR + j0..];
                 // SAFETY: the caller's (the CPU has `ISA`).
                 unsafe { tiles::<ISA>(m, &kc[i0 * k_rs..], k_rs, 1, d, &s.qt[j0..], BR, c, false) };
@@ -372,7 +365,7 @@ unsafe fn block_body<const ISA: u8>(
         for j0 in (0..w).step_by(nr) {
             let mut i0 = 0;
             while i0 < dv {
-                let m = mr.min(dv - i0);
+                let m = MR.min(dv - i0);
                 let c = &mut s.ot[i0 * BR + j0..];
                 // SAFETY: as above.
                 unsafe { tiles::<ISA>(m, &vc[i0..], 1, v_rs, bc, &s.st[j0..], BR, c, true) };
@@ -390,7 +383,7 @@ unsafe fn block_body<const ISA: u8>(
     }
 }
 
-/// `c[i][j] (+)= Σₚ a[i·a_rs + p·a_cs] · b[p·BR + j]` for `i < m ≤ mr(ISA)`, `j < nr(ISA)`,
+/// `c[i][j] (+)= Σₚ a[i·a_rs + p·a_cs] · b[p·BR + j]` for `i < m ≤ MR`, `j < nr(ISA)`,
 /// `p < k`, with `c` rows [`BR`] apart; `acc`: add to `c`, else overwrite it. Dispatches to
 /// `ISA`'s register tile of `m` rows.
 ///
@@ -411,7 +404,7 @@ unsafe fn tiles<const ISA: u8>(
 ) {
     // every index the tile touches lies inside its slice
     let width = nr(ISA);
-    assert!((1..=mr(ISA)).contains(&m) && k >= 1);
+    assert!((1..=MR).contains(&m) && k >= 1);
     assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
     assert!((k - 1) * b_rs + width <= b.len() && (m - 1) * BR + width <= c.len());
     macro_rules! rows {
@@ -436,7 +429,7 @@ unsafe fn tiles<const ISA: u8>(
                             return;
                         }
                     }
-                    tile::<$n, 16>(a, a_rs, a_cs, k, b, b_rs, c, acc)
+                    tile::<$n, { nr(PORTABLE) }>(a, a_rs, a_cs, k, b, b_rs, c, acc)
                 })*
                 _ => unreachable!(),
             }
@@ -707,9 +700,9 @@ mod tests {
     /// AVX2 run, and the proptests only see the best tile the CPU has.
     #[test]
     fn portable_tiles_equal_the_simd_tiles() {
-        use super::{nr, tile, tiles, BR};
+        use super::{nr, tile, tiles, BR, MR};
         let k = 37;
-        let a: Vec<f32> = (0..6 * k * 3)
+        let a: Vec<f32> = (0..MR * k * 3)
             .map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0)
             .collect();
         let b: Vec<f32> = (0..k * BR)
@@ -717,7 +710,7 @@ mod tests {
             .collect();
         // a read with row stride 3k and column stride 3: the strides both products use
         let (a_rs, a_cs) = (3 * k, 3);
-        for m in 1..=6 {
+        for m in 1..=MR {
             let a = &a[..(m - 1) * a_rs + (k - 1) * a_cs + 1];
             for acc in [false, true] {
                 // the 64-wide portable tile, checked by hand
@@ -766,15 +759,12 @@ mod tests {
                         }
                     }
                 };
-                if m <= super::mr(super::PORTABLE) {
+                {
                     same(&run(super::PORTABLE), nr(super::PORTABLE), "portable");
                 }
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if m <= super::mr(super::AVX2)
-                        && is_x86_feature_detected!("avx2")
-                        && is_x86_feature_detected!("fma")
-                    {
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                         same(&run(super::AVX2), nr(super::AVX2), "avx2");
                     }
                     if is_x86_feature_detected!("avx512f") {
