@@ -224,7 +224,7 @@ proptest! {
 
     #[test]
     fn tiled_cpu_attention_equals_composite(b in 1usize..3, h in 1usize..3, lq in 1usize..300, lk in 1usize..600, d in 1usize..40, dv in 1usize..20, seed in 0u64..1000, big: bool) {
-        // lengths across the 128-query block, 16-query panel, 128-key chunk and 6-row tile
+        // lengths across the 128-query block, 64- and 16-query slabs, 64-key chunk and 6-row tile
         // edges; `big` scales logits so that the running maximum moves between key chunks
         let mul = if big { 8.0 } else { 1.0 };
         let q = (randn(&[b, h, lq, d], seed) * mul).unwrap();
