@@ -150,8 +150,7 @@ fn quantize_while_loading_error_per_type() {
 fn convert_to_gguf_round_trip() {
     use flux_kernels::QuantType;
     let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "quant_dev");
-    let dir = std::env::temp_dir().join(format!("flux-convert-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = flux_golden::scratch_dir("convert");
     let src = flux_kernels::Checkpoint::open(&[path("quant_dev.gguf")], DType::F32, &Device::Cpu)
         .unwrap();
     for (ty, min_cos) in [(QuantType::Q8_0, 0.9999), (QuantType::Q4_K, 0.99)] {

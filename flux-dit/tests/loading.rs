@@ -17,9 +17,7 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-dit-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    flux_golden::scratch(name)
 }
 
 fn dev_cfg() -> Config {

@@ -391,9 +391,7 @@ fn runtime_on_packed_weights_and_merge_refused() {
 }
 
 fn write(name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux-lora-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.safetensors"));
+    let path = flux_golden::scratch(&format!("{name}.safetensors"));
     let map: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, t)| (k.to_string(), t.clone()))

@@ -9,9 +9,7 @@ use flux_kernels::{
 };
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-gguf-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    flux_golden::scratch(name)
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {

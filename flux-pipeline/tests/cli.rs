@@ -13,9 +13,7 @@ fn tiny() -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    flux_golden::scratch(name)
 }
 
 fn flux(args: &[&str]) -> std::process::Output {

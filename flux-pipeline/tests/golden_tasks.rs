@@ -191,9 +191,7 @@ fn img2img_bad_requests() {
 /// a re-run from the PNG restores the init image and the strength.
 #[test]
 fn img2img_from_the_cli_and_rerun() {
-    let out = std::env::temp_dir().join(format!("flux-tasks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
+    let out = flux_golden::scratch_dir("tasks");
     let flux = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
             .current_dir(&out)
@@ -440,8 +438,7 @@ fn fill_matches_diffusers() {
 /// its defaults (strength 1, guidance 30).
 #[test]
 fn fill_from_the_cli_takes_its_defaults() {
-    let out = std::env::temp_dir().join(format!("flux-fill-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = flux_golden::scratch_dir("fill-cli");
     let model = out.join("tiny-fill-model");
     common::copy_dir(&dir("tiny-dev"), &model);
     std::fs::remove_dir_all(model.join("transformer")).unwrap();
@@ -613,8 +610,7 @@ fn control_matches_diffusers() {
 /// the picture has changed since). `flux control`/`flux fill` without their pictures refuse.
 #[test]
 fn control_and_fill_from_the_cli() {
-    let out = std::env::temp_dir().join(format!("flux-control-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = flux_golden::scratch_dir("control-cli");
     let model = out.join("tiny-control-model");
     common::copy_dir(&dir("tiny-dev"), &model);
     std::fs::remove_dir_all(model.join("transformer")).unwrap();
@@ -941,9 +937,7 @@ fn redux_matches_diffusers() {
 /// and re-run; without the embedder and SigLIP it says what it needs.
 #[test]
 fn redux_from_the_cli() {
-    let out = std::env::temp_dir().join(format!("flux-redux-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
+    let out = flux_golden::scratch_dir("redux-cli");
     let (model, init) = (dir("tiny-dev"), dir("img2img_init.png"));
     let (siglip, file) = (
         dir("tiny-redux/siglip"),

@@ -185,12 +185,7 @@ impl Env {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir()
-        .join(format!("flux-hub-test-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    flux_golden::scratch_dir(&format!("hub-{name}"))
 }
 
 fn stderr(o: &std::process::Output) -> String {

@@ -19,10 +19,7 @@ fn dir(p: &str) -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-lora-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    flux_golden::scratch_dir(&format!("lora-{name}"))
 }
 
 fn transformer(name: &str) -> Flux {

@@ -14,12 +14,7 @@ fn tiny() -> PathBuf {
 }
 
 fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir()
-        .join(format!("flux-output-test-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    flux_golden::scratch_dir(&format!("output-{name}"))
 }
 
 /// `flux generate` on the tiny model, 64×64, 1 step, with `extra` flags.

@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use flux_pipeline::read_png;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-png-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    flux_golden::scratch(name)
 }
 
 fn encode(

@@ -174,7 +174,7 @@ fn wrong_variant_and_missing_files() {
     );
     assert!(e.hint().unwrap().contains("dev vs schnell"));
     // A folder without its transformer config.
-    let dir = std::env::temp_dir().join(format!("flux-req-test-{}", std::process::id()));
+    let dir = flux_golden::scratch_dir("req");
     std::fs::create_dir_all(dir.join("transformer")).unwrap();
     std::fs::write(dir.join("model_index.json"), "{}").unwrap();
     let e = ModelSource::Folder(dir.clone()).resolve().unwrap_err();
@@ -328,8 +328,7 @@ fn same_seed_same_bytes_across_threads_dtypes_and_tiling() {
 
 /// A copy of the tiny model (files copied, so they can be altered).
 fn tiny_copy(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-req-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = flux_golden::scratch_dir(&format!("req-{name}"));
     common::copy_dir(&tiny(), &d);
     d
 }
@@ -509,7 +508,7 @@ fn what_stays_loaded_between_calls() {
 
 #[test]
 fn memory_estimate_reads_the_headers() {
-    let dir = std::env::temp_dir().join(format!("flux-estimate-{}", std::process::id()));
+    let dir = flux_golden::scratch_dir("estimate");
     std::fs::create_dir_all(dir.join("vae")).unwrap();
     // a safetensors file: bf16 (4, 8) and fp8 (16,) tensors
     let write = |path: &std::path::Path, tensors: &[(&str, &str, &[usize])]| {

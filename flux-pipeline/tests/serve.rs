@@ -14,8 +14,7 @@ use common::http::*;
 
 /// The PNG decodes and carries the CLI's metadata.
 fn check_png(bytes: &[u8], prompt: &str, seed: u64) {
-    let dir = std::env::temp_dir().join(format!("flux-serve-{}-{seed}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = flux_golden::scratch_dir(&format!("serve-{seed}"));
     let path = dir.join("x.png");
     std::fs::write(&path, bytes).unwrap();
     let png = flux_pipeline::read_png(&path).unwrap();
@@ -566,7 +565,7 @@ impl Browser {
             );
             return None;
         };
-        let dir = std::env::temp_dir().join(format!("flux-browser-{}", std::process::id()));
+        let dir = flux_golden::scratch_dir("browser");
         let mut child = std::process::Command::new(&bin)
             .args([
                 "--headless",
@@ -782,8 +781,7 @@ impl RedisServer {
             .local_addr()
             .unwrap()
             .port();
-        let dir = std::env::temp_dir().join(format!("flux-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = flux_golden::scratch_dir(&format!("redis-{port}"));
         let child = std::process::Command::new(bin)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--port")

@@ -83,8 +83,7 @@ fn clip_ids_for_every_prompt_from_vocab_and_merges() {
 fn clip_ids_for_every_prompt_from_a_tokenizer_json() {
     // The single-file form, as written from the vocab.json + merges.txt form.
     let g = Golden::open(env!("CARGO_MANIFEST_DIR"), "tokenizers");
-    let dir = std::env::temp_dir().join(format!("flux-text-clip-json-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = flux_golden::scratch_dir("clip-json");
     std::fs::write(dir.join("tokenizer.json"), clip_tok().to_json().unwrap()).unwrap();
     let tok = ClipTokenizer::from_dir(&dir).unwrap();
     check_ids(

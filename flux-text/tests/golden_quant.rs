@@ -46,8 +46,7 @@ fn t5_quantize_while_loading() {
             (k, t)
         })
         .collect();
-    let file =
-        std::env::temp_dir().join(format!("flux-t5-dense-{}.safetensors", std::process::id()));
+    let file = flux_golden::scratch("t5-dense.safetensors");
     candle::safetensors::save(&dense, &file).unwrap();
     let want = g.tensor("last_hidden_state");
     for (ty, min_cos) in [(QuantType::Q8_0, 0.9995), (QuantType::Q4_K, 0.975)] {

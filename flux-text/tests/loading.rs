@@ -15,9 +15,7 @@ fn path(p: &str) -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-text-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    flux_golden::scratch(name)
 }
 
 #[test]

@@ -75,8 +75,7 @@ fn clip_loras_match_diffusers_fused_weights() {
 
 #[test]
 fn clip_modules_that_match_nothing() {
-    let tmp = std::env::temp_dir().join(format!("flux-text-lora-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = flux_golden::scratch_dir("text-lora");
     let path = tmp.join("bad.safetensors");
     let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
     let t: std::collections::HashMap<String, Tensor> = [

@@ -16,9 +16,7 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flux-vae-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    flux_golden::scratch(name)
 }
 
 fn cfg() -> Config {

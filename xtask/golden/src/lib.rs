@@ -514,9 +514,61 @@ fn record(line: &str) {
     }
 }
 
+/// This test process's own scratch folder, made new and empty the first time it is asked for.
+/// Its name carries the process id and the time, and it is created exclusively, so no earlier
+/// run that left files behind (the same process id, another checkout) and no other process
+/// sharing the temporary folder can hand a test someone else's files.
+pub fn scratch_root() -> &'static Path {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for n in 0u32.. {
+            let d =
+                std::env::temp_dir().join(format!("flux-test-{}-{nanos}-{n}", std::process::id()));
+            match std::fs::create_dir(&d) {
+                Ok(()) => return d,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create the scratch folder {}: {e}", d.display()),
+            }
+        }
+        unreachable!()
+    })
+}
+
+/// A path named `name` in [`scratch_root`] (nothing is created).
+pub fn scratch(name: &str) -> PathBuf {
+    scratch_root().join(name)
+}
+
+/// A new, empty folder named `name` in [`scratch_root`] (emptied if this process made it before).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = scratch(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("cannot create {}: {e}", d.display()));
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_folders_start_empty_and_belong_to_this_process() {
+        let root = scratch_root();
+        let name = root.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("flux-test-{}-", std::process::id())),
+            "{name}"
+        );
+        assert_eq!(scratch_root(), root, "one root per process");
+        let d = scratch_dir("stale");
+        std::fs::write(d.join("left.png"), b"x").unwrap();
+        let d = scratch_dir("stale");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "emptied");
+        assert_eq!(scratch("a.png"), root.join("a.png"));
+    }
 
     #[test]
     fn rel_l2_is_the_norm_ratio_and_nan_on_non_finite() {
