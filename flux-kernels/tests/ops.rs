@@ -234,7 +234,10 @@ proptest! {
         let c = attention_composite(&q, &k, &v, AttnOpts::default()).unwrap();
         prop_assert_eq!(t.dims(), &[b, h, lq, dv]);
         let diff = max_diff(&t, &c);
-        prop_assert!(diff <= 2e-6, "max diff {}", diff);
+        // both sides are f32: with logits of tens (`big`) one ulp of a logit is ~4e-6 of its
+        // exponential, so the two summation orders may differ by a few 1e-6 there
+        let tol = if big { 1e-5 } else { 2e-6 };
+        prop_assert!(diff <= tol, "max diff {}", diff);
         // the same inputs as strided head views of token-major projections (as the DiT passes
         // them), and the token-major output
         let view = |x: &Tensor, s: u64| {
@@ -246,10 +249,10 @@ proptest! {
         let (qs, ks, vs) = (view(&q, seed + 7), view(&k, seed + 8), view(&v, seed + 9));
         prop_assert!(max_diff(&qs, &q) == 0.0 && (lq == 1 || !qs.is_contiguous()));
         let t = attention(&qs, &ks, &vs, AttnOpts::default()).unwrap();
-        prop_assert!(max_diff(&t, &c) <= 2e-6, "strided: max diff {}", max_diff(&t, &c));
+        prop_assert!(max_diff(&t, &c) <= tol, "strided: max diff {}", max_diff(&t, &c));
         let t = attention_tokens(&qs, &ks, &vs, AttnOpts::default()).unwrap();
         let c = c.transpose(1, 2).unwrap().reshape((b, lq, h * dv)).unwrap();
-        prop_assert!(max_diff(&t, &c) <= 2e-6, "tokens: max diff {}", max_diff(&t, &c));
+        prop_assert!(max_diff(&t, &c) <= tol, "tokens: max diff {}", max_diff(&t, &c));
     }
 
     #[test]
