@@ -1,6 +1,7 @@
 //! With the `cuda` feature, compiles `cuda/*.cu` to PTX with the nvcc that candle's CUDA build
 //! uses too (`CUDA_HOME`/`CUDA_PATH`, else `PATH`), for `CUDA_COMPUTE_CAP` (default 80; the PTX
-//! is JIT-compiled by the driver for newer GPUs). Without it, does nothing: CPU builds never need
+//! is JIT-compiled by the driver for newer GPUs). With a 9.x capability the Hopper attention
+//! kernel is built too, for sm_90a. Without it, does nothing: CPU builds never need
 //! a CUDA toolkit.
 
 use std::path::PathBuf;
@@ -23,12 +24,22 @@ fn main() {
         .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    for name in ["flash_attn", "fused"] {
+    // The Hopper kernel needs sm_90a (wgmma, setmaxnreg): built only for compute capability 9.x,
+    // an empty module elsewhere (the host then never picks it).
+    let hopper = cap.starts_with('9') && cap.len() == 2;
+    if !hopper {
+        std::fs::write(out.join("flash_attn_sm90.ptx"), "").expect("write OUT_DIR");
+    }
+    let mut kernels = vec![("flash_attn", format!("compute_{cap}")), ("fused", format!("compute_{cap}"))];
+    if hopper {
+        kernels.push(("flash_attn_sm90", "compute_90a".to_string()));
+    }
+    for (name, arch) in kernels {
         let src = PathBuf::from("cuda").join(format!("{name}.cu"));
         let ptx = out.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-            .arg(format!("--gpu-architecture=compute_{cap}"))
+            .arg(format!("--gpu-architecture={arch}"))
             .arg("-o")
             .arg(&ptx)
             .arg(&src)

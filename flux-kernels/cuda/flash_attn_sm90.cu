@@ -78,6 +78,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 }
 // Waits until the phase with this parity has completed. On a fresh barrier, parity 1 counts as
 // completed: that is how the producer's first pass over the ring goes through the "empty" waits.
+// (No bounded spin with a trap here: a trap path breaks ptxas' register budget after setmaxnreg
+// and serialises the products; a hung launch is ended by killing its process.)
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     uint32_t done = 0;
     while (!done) {

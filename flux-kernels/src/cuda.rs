@@ -3,7 +3,7 @@
 //! op checks ranks, dtypes, strides and alignment before it launches anything.
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::{sys, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
@@ -13,6 +13,8 @@ use half::{bf16, f16};
 use std::sync::Mutex;
 
 const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
+/// The Hopper attention kernel (sm_90a); empty unless built for compute capability 9.x.
+const ATTN_SM90_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_sm90.ptx"));
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 
 /// Head dims the flash-attention kernel is instantiated for.
@@ -33,6 +35,110 @@ pub fn set_flash_config(rows: usize, blocks_per_sm: usize) -> crate::Result<()> 
     }
     *FLASH_CONFIG.lock().unwrap_or_else(|e| e.into_inner()) = (rows, blocks_per_sm);
     Ok(())
+}
+
+/// Which CUDA attention kernel [`crate::attention`] runs (process-wide; for checks and
+/// benchmarks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// The Hopper kernel (`flash_attn_sm90.cu`: TMA, wgmma, warp specialisation, ping-pong
+    /// between its two consumer warpgroups) on compute capability 9.x for head dim 128 when the
+    /// build has it, else the mma.sync kernel. The default.
+    Auto,
+    /// The Hopper kernel without the ping-pong (its consumers issue products independently);
+    /// same eligibility as `Auto`.
+    HopperNoPingPong,
+    /// Always the mma.sync kernel (sm_80 and later; the fallback).
+    MmaSync,
+}
+
+static FLASH_KERNEL: Mutex<FlashKernel> = Mutex::new(FlashKernel::Auto);
+
+/// The kernel the last CUDA attention call ran: 0 none yet, 1 mma.sync, 2 Hopper with
+/// ping-pong, 3 Hopper without.
+static LAST_FLASH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Which kernel the last CUDA attention call ran (`"mma.sync"`, `"hopper"`,
+/// `"hopper-no-pingpong"` or `"none"`): lets a check prove that the kernel it meant to test ran.
+pub fn last_flash_kernel() -> &'static str {
+    match LAST_FLASH.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => "mma.sync",
+        2 => "hopper",
+        3 => "hopper-no-pingpong",
+        _ => "none",
+    }
+}
+
+/// Chooses the CUDA attention kernel for this process (see [`FlashKernel`]).
+pub fn set_flash_kernel(kernel: FlashKernel) {
+    *FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner()) = kernel;
+}
+
+/// Whether this build carries the Hopper attention kernel (built with `CUDA_COMPUTE_CAP` 9.x).
+pub fn has_hopper_kernel() -> bool {
+    !ATTN_SM90_PTX.is_empty()
+}
+
+/// Dynamic shared memory of the Hopper kernel: Q (2 × 16 KB), K and V rings (2 × 2 × 32 KB)
+/// and 1 KB to align the tiles to the 128-byte swizzle's 1024-byte period.
+const SM90_SMEM: u32 = 160 * 1024 + 1024;
+
+/// A 4-D TMA tensor map over a `(B, H, L, D)` view (element strides `st` for B, H, L), with
+/// 128-byte swizzled boxes of 64 columns × `rows` rows. Dims go innermost first as (D, L, H, B),
+/// or (D, H, L, B) when heads are closer together than rows (returned `true`): the copy engine
+/// wants the strides in increasing order. `None` where the driver refuses the view.
+fn tensor_map(
+    ptr: sys::CUdeviceptr,
+    dtype: DType,
+    dims: (usize, usize, usize, usize),
+    st: [i64; 3],
+    rows: u32,
+) -> Option<([u64; 16], bool)> {
+    let (b, h, l, d) = dims;
+    let (elem, data_type) = match dtype {
+        DType::BF16 => (2u64, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
+        DType::F16 => (2, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16),
+        _ => return None,
+    };
+    let (bu, hu, lu) = (b as u64, h as u64, l as u64);
+    let sl = st[2] as u64 * elem;
+    // the stride of a dimension of size 1 is never used: choose one that keeps the order
+    let sh = if h == 1 { sl * lu } else { st[1] as u64 * elem };
+    let sb = if b == 1 { (sl * lu).max(sh * hu) } else { st[0] as u64 * elem };
+    let swap = sh < sl;
+    let (gdim, gstride, boxd) = if swap {
+        ([d as u64, hu, lu, bu], [sh, sl, sb], [64u32, 1, rows, 1])
+    } else {
+        ([d as u64, lu, hu, bu], [sl, sh, sb], [64u32, rows, 1, 1])
+    };
+    if ptr % 16 != 0 || gstride.iter().any(|s| s % 16 != 0 || *s >= 1 << 40 || *s == 0) {
+        return None;
+    }
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let elem_strides = [1u32; 4];
+    // SAFETY: every pointer is to a live local array of the rank's length; the map is written
+    // by the driver before it is read.
+    let res = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            4,
+            ptr as *mut std::ffi::c_void,
+            gdim.as_ptr(),
+            gstride.as_ptr(),
+            boxd.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if res != sys::CUresult::CUDA_SUCCESS {
+        return None;
+    }
+    // SAFETY: the driver filled the map.
+    Some((unsafe { map.assume_init() }.opaque, swap))
 }
 
 fn cpu_only(name: &str) -> candle::Error {
@@ -129,6 +235,22 @@ impl FlashAttn {
                 [(h * lq * d) as i64, (lq * d) as i64, d as i64],
             )
         };
+        let kernel = *FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+        if kernel != FlashKernel::MmaSync && d == 128 && has_hopper_kernel() {
+            let major = dev
+                .cuda_stream()
+                .context()
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .w()?;
+            if major == 9 {
+                let pingpong = kernel == FlashKernel::Auto;
+                if let Some(r) = self.run_sm90::<T>(dev, q, k, v, &shape, os, pingpong)? {
+                    let id = if pingpong { 2 } else { 3 };
+                    LAST_FLASH.store(id, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(r);
+                }
+            }
+        }
         let (rows, blocks) = *FLASH_CONFIG.lock().unwrap_or_else(|e| e.into_inner());
         let func = dev.get_or_load_custom_func(
             &format!("{name}_r{rows}_o{blocks}"),
@@ -158,7 +280,81 @@ impl FlashAttn {
         bld.arg(&scale_log2);
         // SAFETY: arguments match the kernel's signature; sizes checked above.
         unsafe { bld.launch(cfg) }.w()?;
+        LAST_FLASH.store(1, std::sync::atomic::Ordering::Relaxed);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+}
+
+impl FlashAttn {
+    /// The Hopper kernel (head dim 128); `None` where a view cannot be described by a tensor
+    /// map (the caller then runs the mma.sync kernel).
+    #[allow(clippy::too_many_arguments)]
+    fn run_sm90<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+        shape: &Shape,
+        os: [i64; 3],
+        pingpong: bool,
+    ) -> candle::Result<Option<(CudaStorage, Shape)>> {
+        let (b, h, lq, d) = q.1.shape().dims4()?;
+        let lk = k.1.dims()[2];
+        let stream = dev.cuda_stream();
+        let (qv, kv, vv) = (
+            slice::<T>(q.0, q.1)?,
+            slice::<T>(k.0, k.1)?,
+            slice::<T>(v.0, v.1)?,
+        );
+        // the guards record the reads on the stream when they drop, after the launch
+        let (qp, _qg) = qv.device_ptr(&stream);
+        let (kp, _kg) = kv.device_ptr(&stream);
+        let (vp, _vg) = vv.device_ptr(&stream);
+        let dtype = q.0.dtype();
+        let maps = (
+            tensor_map(qp, dtype, (b, h, lq, d), strides4("attention q", q.1)?, 64),
+            tensor_map(kp, dtype, (b, h, lk, d), strides4("attention k", k.1)?, 128),
+            tensor_map(vp, dtype, (b, h, lk, d), strides4("attention v", v.1)?, 128),
+        );
+        let (Some((mq, sq)), Some((mk, sk)), Some((mv, sv))) = maps else {
+            return Ok(None);
+        };
+        let swaps = i32::from(sq) | (i32::from(sk) << 1) | (i32::from(sv) << 2);
+        let name = format!(
+            "flash_attn_sm90_{}_d128_{}",
+            suffix(dtype, "flash attention")?,
+            if pingpong { "pp" } else { "np" }
+        );
+        let func = dev.get_or_load_custom_func(&name, "flux_flash_attn_sm90", ATTN_SM90_PTX)?;
+        func.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            SM90_SMEM as i32,
+        )
+        .w()?;
+        // SAFETY: every element is written by the kernel (all rows < lq, all of D).
+        let out = unsafe { dev.alloc::<T>(b * h * lq * d)? };
+        let (heads, lq_i, lk_i) = (h as i32, lq as i32, lk as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let cfg = LaunchConfig {
+            grid_dim: (lq.div_ceil(128) as u32, (b * h) as u32, 1),
+            block_dim: (384, 1, 1),
+            shared_mem_bytes: SM90_SMEM,
+        };
+        let mut bld = func.builder();
+        bld.arg(&mq).arg(&mk).arg(&mv).arg(&swaps).arg(&out);
+        bld.arg(&heads).arg(&lq_i).arg(&lk_i);
+        for s in &os {
+            bld.arg(s);
+        }
+        bld.arg(&scale_log2);
+        // SAFETY: arguments match the kernel's signature (three 128-byte tensor maps by value,
+        // as `__grid_constant__` parameters); the maps describe live views of the inputs.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(Some((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            shape.clone(),
+        )))
     }
 }
 

@@ -22,7 +22,9 @@ pub use checkpoint::{
     read_text, shard_names, sharded_files, Checkpoint, StoredType, MAX_CONFIG_BYTES,
 };
 #[cfg(feature = "cuda")]
-pub use cuda::set_flash_config;
+pub use cuda::{
+    has_hopper_kernel, last_flash_kernel, set_flash_config, set_flash_kernel, FlashKernel,
+};
 pub use error::{over_limit, preview, Error, LoadError, Result};
 pub use linear::{set_quant_matmul, Linear, LinearWeight, QuantMatmul, RuntimeDelta};
 pub use ops::{

@@ -145,10 +145,15 @@ fn name(dtype: DType) -> &'static str {
 fn ops(dev: &Device, r: &mut Report) -> Result<()> {
     println!("== CUDA ops vs their CPU twins");
     // attention: (B, H, Lq, Lk, D); the big FLUX shapes compare 4 heads to keep the CPU side short
-    let shapes: [(usize, usize, usize, usize, usize); 7] = [
+    let shapes: [(usize, usize, usize, usize, usize); 12] = [
         (1, 24, 4608, 4608, 128),
         (1, 24, 4352, 4352, 128),
+        (2, 4, 4608, 4608, 128),
         (1, 3, 1000, 1000, 128),
+        (2, 3, 77, 77, 128),
+        (1, 2, 129, 255, 128),
+        (1, 2, 300, 64, 128),
+        (1, 1, 1, 1, 128),
         (2, 4, 77, 77, 64),
         (1, 2, 33, 200, 32),
         (2, 2, 130, 7, 128),
@@ -164,36 +169,35 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
                 |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, hs, hn)?.to_dtype(DType::F32)?) };
             let cpu = fk::attention_composite(&f(&q)?, &f(&k)?, &f(&v)?, Default::default())?;
             let (qg, kg, vg) = (q.to_device(dev)?, k.to_device(dev)?, v.to_device(dev)?);
-            for cfg in FLASH_CONFIGS {
-                set_flash(cfg)?;
+            for kern in kernels(dev, d) {
+                kern.select()?;
                 let gpu = fk::attention(&qg, &kg, &vg, Default::default())?;
+                let ran = kern.ran();
                 let (e, finite) = rel_err(&gpu.narrow(1, hs, hn)?, &cpu)?;
                 r.check(
                     format!(
-                        "attention {} B{b} H{h} Lq{lq} Lk{lk} D{d} (flash {cfg:?})",
-                        name(dtype)
+                        "attention {} B{b} H{h} Lq{lq} Lk{lk} D{d} ({})",
+                        name(dtype),
+                        kern.label()
                     ),
-                    format!("rel err {e:.2e} (bound {:.0e})", bound(dtype)),
-                    finite && e < bound(dtype),
+                    format!(
+                        "rel err {e:.2e} (bound {:.0e}){}",
+                        bound(dtype),
+                        if ran { "" } else { ", another kernel ran" }
+                    ),
+                    finite && e < bound(dtype) && ran,
                 );
             }
-            set_flash(FLASH_CONFIGS[0])?;
+            select_default(dev)?;
         }
     }
-    // token-major output and strided q/k/v (views of one qkv projection, as the DiT passes them)
-    {
-        let (b, l, h, d) = (2, 300, 4, 128);
+    // token-major output, from strided q/k/v (views of one qkv projection, as the DiT passes
+    // them) and from contiguous (B, H, L, D) inputs
+    for (b, l, h, d) in [(2usize, 300usize, 4usize, 128usize), (1, 4608, 3, 128), (1, 77, 2, 64)] {
         let qkv = randn(&[b, l, 3 * h, d], DType::BF16)?;
         let part = |t: &Tensor, i: usize| -> Result<Tensor> {
             Ok(t.narrow(2, i * h, h)?.transpose(1, 2)?)
         };
-        let g = qkv.to_device(dev)?;
-        let gpu = fk::attention_tokens(
-            &part(&g, 0)?,
-            &part(&g, 1)?,
-            &part(&g, 2)?,
-            Default::default(),
-        )?;
         let c = qkv.to_dtype(DType::F32)?;
         let cpu = fk::attention_tokens(
             &part(&c, 0)?,
@@ -201,12 +205,29 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
             &part(&c, 2)?,
             Default::default(),
         )?;
-        let (e, finite) = rel_err(&gpu, &cpu)?;
-        r.check(
-            "attention_tokens bf16 strided qkv views → (B, L, H·D)".into(),
-            format!("rel err {e:.2e}"),
-            finite && e < bound(DType::BF16) && gpu.dims() == [b, l, h * d],
-        );
+        let g = qkv.to_device(dev)?;
+        for kern in kernels(dev, d) {
+            kern.select()?;
+            for contiguous in [false, true] {
+                let view = |i: usize| -> Result<Tensor> {
+                    let t = part(&g, i)?;
+                    Ok(if contiguous { t.contiguous()? } else { t })
+                };
+                let gpu = fk::attention_tokens(&view(0)?, &view(1)?, &view(2)?, Default::default())?;
+                let ran = kern.ran();
+                let (e, finite) = rel_err(&gpu, &cpu)?;
+                r.check(
+                    format!(
+                        "attention_tokens bf16 B{b} L{l} H{h} D{d} {} → (B, L, H·D) ({})",
+                        if contiguous { "contiguous (B, H, L, D)" } else { "strided qkv views" },
+                        kern.label()
+                    ),
+                    format!("rel err {e:.2e}{}", if ran { "" } else { ", another kernel ran" }),
+                    finite && e < bound(DType::BF16) && gpu.dims() == [b, l, h * d] && ran,
+                );
+            }
+        }
+        select_default(dev)?;
     }
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         // Linear (cuBLAS product + our bias kernel, vector and scalar paths)
@@ -309,16 +330,95 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The flash kernel's (rows per block, blocks per SM) (see `flux_kernels::set_flash_config`).
-fn set_flash(cfg: (usize, usize)) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    fk::set_flash_config(cfg.0, cfg.1)?;
-    let _ = cfg;
-    Ok(())
+/// The mma.sync kernel's (rows per block, blocks per SM) configurations compared (see
+/// `flux_kernels::set_flash_config`); the first is the default.
+const FLASH_CONFIGS: [(usize, usize); 3] = [(64, 3), (64, 2), (128, 1)];
+
+/// One CUDA attention kernel as the checks and timings select it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kern {
+    /// The Hopper kernel (TMA + wgmma, ping-pong between its consumer warpgroups): the default
+    /// on compute capability 9.x for head dim 128.
+    Hopper,
+    /// The Hopper kernel without the ping-pong.
+    HopperNoPingPong,
+    /// The mma.sync kernel with a (rows per block, blocks per SM) configuration.
+    Mma((usize, usize)),
 }
 
-/// The flash kernel configurations compared; the first is the default.
-const FLASH_CONFIGS: [(usize, usize); 3] = [(64, 3), (64, 2), (128, 1)];
+impl Kern {
+    fn label(self) -> String {
+        match self {
+            Kern::Hopper => "hopper".into(),
+            Kern::HopperNoPingPong => "hopper-no-pingpong".into(),
+            Kern::Mma(cfg) => format!("mma.sync {cfg:?}"),
+        }
+    }
+
+    /// Selects this kernel for the following attention calls.
+    fn select(self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let (kernel, cfg) = match self {
+                Kern::Hopper => (fk::FlashKernel::Auto, FLASH_CONFIGS[0]),
+                Kern::HopperNoPingPong => (fk::FlashKernel::HopperNoPingPong, FLASH_CONFIGS[0]),
+                Kern::Mma(cfg) => (fk::FlashKernel::MmaSync, cfg),
+            };
+            fk::set_flash_kernel(kernel);
+            fk::set_flash_config(cfg.0, cfg.1)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the last attention call ran this kernel (the name `last_flash_kernel` reports).
+    fn ran(self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            let want = match self {
+                Kern::Hopper => "hopper",
+                Kern::HopperNoPingPong => "hopper-no-pingpong",
+                Kern::Mma(_) => "mma.sync",
+            };
+            fk::last_flash_kernel() == want
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+}
+
+/// The kernels that take head dim `d` on this device: both Hopper variants first where the
+/// device is compute capability 9.x and the build has the kernel, then every mma.sync
+/// configuration. The first is the default.
+fn kernels(dev: &Device, d: usize) -> Vec<Kern> {
+    let mut v = vec![];
+    if d == 128 && hopper(dev) {
+        v.extend([Kern::Hopper, Kern::HopperNoPingPong]);
+    }
+    v.extend(FLASH_CONFIGS.map(Kern::Mma));
+    v
+}
+
+/// Whether the device is a Hopper (compute capability 9.x) and this build carries the Hopper
+/// attention kernel.
+fn hopper(dev: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let major = cuda
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .unwrap_or(0);
+        return major == 9 && fk::has_hopper_kernel();
+    }
+    let _ = dev;
+    false
+}
+
+/// The default kernel again (after a check or timing chose others).
+fn select_default(dev: &Device) -> Result<()> {
+    kernels(dev, 128)[0].select()
+}
 
 /// Compares against a golden tensor and records the row.
 fn golden_row(
@@ -544,8 +644,8 @@ fn time(
 }
 
 fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
-    println!("== attention timings (bf16, B=1, H=24, D=128)");
-    for l in [4608usize, 4352] {
+    println!("== attention timings (bf16, B=1, H=24, D=128; CUDA events, median of batches)");
+    for l in [1024usize, 4096, 4352, 4608, 8192, 16384] {
         // three input sets, rotated, so repeated calls do not run from L2
         let sets: Vec<[Tensor; 3]> = (0..3)
             .map(|_| -> Result<[Tensor; 3]> {
@@ -556,22 +656,28 @@ fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
             })
             .collect::<Result<_>>()?;
         let flops = 4.0 * 24.0 * (l * l) as f64 * 128.0;
+        // about 25 ms of calls per batch, at least 3
+        let per = ((0.025 / (flops / 400e12)) as usize).clamp(3, 50);
         let mut i = 0;
-        for cfg in FLASH_CONFIGS {
-            set_flash(cfg)?;
-            let ours = time(dev, 7, 10, || {
+        let mut kerns = kernels(dev, 128);
+        kerns.truncate(if hopper(dev) { 3 } else { 1 }); // the Hopper kernels and today's default
+        for kern in kerns {
+            kern.select()?;
+            let ours = time(dev, 9, per, || {
                 let [q, k, v] = &sets[i % 3];
                 i += 1;
                 fk::attention(q, k, v, Default::default())?;
                 Ok(())
             })?;
             r.info(
-                format!("attention L={l} ours (flash {cfg:?})"),
+                format!("attention L={l} {}", kern.label()),
                 format!("{:.3} ms, {:.0} TFLOP/s", ours * 1e3, flops / ours / 1e12),
             );
         }
-        set_flash(FLASH_CONFIGS[0])?;
-        let comp = time(dev, 7, 3, || {
+        select_default(dev)?;
+        // the composite's f32 scores take 24·L²·4 bytes (25.8 GB at 16384)
+        let (batches, per) = if l >= 8192 { (3, 1) } else { (5, 3) };
+        let comp = time(dev, batches, per, || {
             let [q, k, v] = &sets[i % 3];
             i += 1;
             fk::attention_composite(q, k, v, Default::default())?;
@@ -617,13 +723,14 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
     let ts = Tensor::new(&[0.5f32], dev)?.to_dtype(DType::BF16)?;
     let g = Tensor::new(&[3.5f32], dev)?;
     let mut results = vec![];
-    let runs = [
-        (false, FLASH_CONFIGS[0]),
-        (false, FLASH_CONFIGS[1]),
-        (true, FLASH_CONFIGS[0]),
-    ];
-    for (composite, flash) in runs {
-        set_flash(flash)?;
+    // the default kernel first, the composite last; on a Hopper also today's mma.sync kernel
+    let mut runs = vec![(false, kernels(dev, 128)[0])];
+    if hopper(dev) {
+        runs.push((false, Kern::Mma(FLASH_CONFIGS[0])));
+    }
+    runs.push((true, kernels(dev, 128)[0]));
+    for &(composite, kern) in &runs {
+        kern.select()?;
         let ckpt =
             fk::Checkpoint::from_tensors(tensors.clone(), DType::BF16, dev, "random weights")?;
         let weights = Weights::from_checkpoint(ckpt, Layout::Bfl);
@@ -649,7 +756,7 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         let label = if composite {
             "candle composite attention".to_string()
         } else {
-            format!("ours (fused kernels, flash {flash:?})")
+            format!("ours (fused kernels, attention {})", kern.label())
         };
         r.info(
             format!("DiT step 1024² bf16, {label}"),
@@ -657,13 +764,16 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         );
         results.push(out.expect("ran"));
     }
-    set_flash(FLASH_CONFIGS[0])?;
-    let (e, finite) = rel_err(&results[0], &results[2])?;
-    r.check(
-        "DiT step: fused vs composite outputs".into(),
-        format!("rel err {e:.2e}"),
-        finite && e < 2e-2,
-    );
+    select_default(dev)?;
+    let last = results.len() - 1;
+    for (i, &(_, kern)) in runs.iter().enumerate().take(last) {
+        let (e, finite) = rel_err(&results[i], &results[last])?;
+        r.check(
+            format!("DiT step: fused ({}) vs composite outputs", kern.label()),
+            format!("rel err {e:.2e}"),
+            finite && e < 2e-2,
+        );
+    }
     Ok(())
 }
 
