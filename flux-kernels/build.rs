@@ -30,7 +30,10 @@ fn main() {
     if !hopper {
         std::fs::write(out.join("flash_attn_sm90.ptx"), "").expect("write OUT_DIR");
     }
-    let mut kernels = vec![("flash_attn", format!("compute_{cap}")), ("fused", format!("compute_{cap}"))];
+    let mut kernels = vec![
+        ("flash_attn", format!("compute_{cap}")),
+        ("fused", format!("compute_{cap}")),
+    ];
     if hopper {
         kernels.push(("flash_attn_sm90", "compute_90a".to_string()));
     }

@@ -4,6 +4,81 @@ use candle::{DType, Tensor, D};
 
 use crate::{Error, Result};
 
+/// Which CUDA attention kernel [`attention`] runs for CUDA tensors (process-wide; CPU tensors
+/// never look at it). Chosen with [`set_flash_kernel`], or by the environment variable
+/// `FLUX_CUDA_ATTENTION` (`auto`, `hopper-no-pingpong`, `mma.sync`) before the first call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FlashKernel {
+    /// On compute capability 9.x (H100, H200) with head dim 128, bf16/f16, the Hopper kernel
+    /// (`cuda/flash_attn_sm90.cu`: TMA loads from a warp-specialised producer, wgmma products,
+    /// ping-pong between two consumer warpgroups) when the build has it; the mma.sync kernel
+    /// elsewhere. The default.
+    #[default]
+    Auto,
+    /// As `Auto`, but the Hopper kernel's consumer warpgroups issue their products without the
+    /// ping-pong (for comparison).
+    HopperNoPingPong,
+    /// Always the mma.sync kernel (sm_80 and later), the Hopper kernel's fallback.
+    MmaSync,
+}
+
+impl FlashKernel {
+    /// The environment variable that chooses the kernel.
+    pub const ENV: &'static str = "FLUX_CUDA_ATTENTION";
+
+    /// The name `FLUX_CUDA_ATTENTION` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashKernel::Auto => "auto",
+            FlashKernel::HopperNoPingPong => "hopper-no-pingpong",
+            FlashKernel::MmaSync => "mma.sync",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashKernel {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            FlashKernel::Auto,
+            FlashKernel::HopperNoPingPong,
+            FlashKernel::MmaSync,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s.trim())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}={s:?}: expected auto, hopper-no-pingpong or mma.sync",
+                FlashKernel::ENV
+            ))
+        })
+    }
+}
+
+/// `None` until chosen: then [`flash_kernel`] reads the environment once.
+static FLASH_KERNEL: std::sync::Mutex<Option<FlashKernel>> = std::sync::Mutex::new(None);
+
+/// Chooses the CUDA attention kernel for this process (see [`FlashKernel`]).
+pub fn set_flash_kernel(kernel: FlashKernel) {
+    *FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner()) = Some(kernel);
+}
+
+/// The CUDA attention kernel in use: the one [`set_flash_kernel`] chose, else
+/// `FLUX_CUDA_ATTENTION`, else `Auto`. A value of the variable that names no kernel is an error.
+pub fn flash_kernel() -> Result<FlashKernel> {
+    let mut k = FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = *k {
+        return Ok(k);
+    }
+    let chosen = match std::env::var(FlashKernel::ENV) {
+        Ok(v) if !v.trim().is_empty() => v.parse()?,
+        _ => FlashKernel::Auto,
+    };
+    *k = Some(chosen);
+    Ok(chosen)
+}
+
 /// Options of [`attention`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AttnOpts<'a> {
@@ -123,7 +198,7 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     let ok = st.len() == 4
         && st[3] == 1
         && st[..3].iter().all(|s| s % 8 == 0)
-        && layout.start_offset() % 8 == 0;
+        && layout.start_offset().is_multiple_of(8);
     Ok(if ok { t.clone() } else { t.contiguous()? })
 }
 

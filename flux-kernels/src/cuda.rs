@@ -3,7 +3,9 @@
 //! op checks ranks, dtypes, strides and alignment before it launches anything.
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::{sys, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::{
+    sys, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
@@ -11,6 +13,8 @@ use candle::{
 };
 use half::{bf16, f16};
 use std::sync::Mutex;
+
+use crate::attention::FlashKernel;
 
 const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 /// The Hopper attention kernel (sm_90a); empty unless built for compute capability 9.x.
@@ -37,23 +41,6 @@ pub fn set_flash_config(rows: usize, blocks_per_sm: usize) -> crate::Result<()> 
     Ok(())
 }
 
-/// Which CUDA attention kernel [`crate::attention`] runs (process-wide; for checks and
-/// benchmarks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlashKernel {
-    /// The Hopper kernel (`flash_attn_sm90.cu`: TMA, wgmma, warp specialisation, ping-pong
-    /// between its two consumer warpgroups) on compute capability 9.x for head dim 128 when the
-    /// build has it, else the mma.sync kernel. The default.
-    Auto,
-    /// The Hopper kernel without the ping-pong (its consumers issue products independently);
-    /// same eligibility as `Auto`.
-    HopperNoPingPong,
-    /// Always the mma.sync kernel (sm_80 and later; the fallback).
-    MmaSync,
-}
-
-static FLASH_KERNEL: Mutex<FlashKernel> = Mutex::new(FlashKernel::Auto);
-
 /// The kernel the last CUDA attention call ran: 0 none yet, 1 mma.sync, 2 Hopper with
 /// ping-pong, 3 Hopper without.
 static LAST_FLASH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -67,11 +54,6 @@ pub fn last_flash_kernel() -> &'static str {
         3 => "hopper-no-pingpong",
         _ => "none",
     }
-}
-
-/// Chooses the CUDA attention kernel for this process (see [`FlashKernel`]).
-pub fn set_flash_kernel(kernel: FlashKernel) {
-    *FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner()) = kernel;
 }
 
 /// Whether this build carries the Hopper attention kernel (built with `CUDA_COMPUTE_CAP` 9.x).
@@ -96,7 +78,10 @@ fn tensor_map(
 ) -> Option<([u64; 16], bool)> {
     let (b, h, l, d) = dims;
     let (elem, data_type) = match dtype {
-        DType::BF16 => (2u64, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
+        DType::BF16 => (
+            2u64,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        ),
         DType::F16 => (2, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16),
         _ => return None,
     };
@@ -104,14 +89,22 @@ fn tensor_map(
     let sl = st[2] as u64 * elem;
     // the stride of a dimension of size 1 is never used: choose one that keeps the order
     let sh = if h == 1 { sl * lu } else { st[1] as u64 * elem };
-    let sb = if b == 1 { (sl * lu).max(sh * hu) } else { st[0] as u64 * elem };
+    let sb = if b == 1 {
+        (sl * lu).max(sh * hu)
+    } else {
+        st[0] as u64 * elem
+    };
     let swap = sh < sl;
     let (gdim, gstride, boxd) = if swap {
         ([d as u64, hu, lu, bu], [sh, sl, sb], [64u32, 1, rows, 1])
     } else {
         ([d as u64, lu, hu, bu], [sl, sh, sb], [64u32, rows, 1, 1])
     };
-    if ptr % 16 != 0 || gstride.iter().any(|s| s % 16 != 0 || *s >= 1 << 40 || *s == 0) {
+    if !ptr.is_multiple_of(16)
+        || gstride
+            .iter()
+            .any(|s| s % 16 != 0 || *s >= 1 << 40 || *s == 0)
+    {
         return None;
     }
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
@@ -235,7 +228,8 @@ impl FlashAttn {
                 [(h * lq * d) as i64, (lq * d) as i64, d as i64],
             )
         };
-        let kernel = *FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+        let kernel =
+            crate::attention::flash_kernel().map_err(|e| candle::Error::Msg(e.to_string()))?;
         if kernel != FlashKernel::MmaSync && d == 128 && has_hopper_kernel() {
             let major = dev
                 .cuda_stream()
@@ -704,7 +698,10 @@ impl GeluTanh {
             shared_mem_bytes: 0,
         };
         let mut bld = func.builder();
-        let vec_ok = i32::from(l.start_offset() % (16 / std::mem::size_of::<T>()) == 0);
+        let vec_ok = i32::from(
+            l.start_offset()
+                .is_multiple_of(16 / std::mem::size_of::<T>()),
+        );
         bld.arg(&xv).arg(&out).arg(&ni).arg(&vec_ok);
         // SAFETY: arguments match the kernel's signature.
         unsafe { bld.launch(cfg) }.w()?;
@@ -752,7 +749,9 @@ impl BiasAdd {
         }
         // 16-byte vectors need 16-byte aligned starts (fresh matmul outputs and stored biases are)
         let vec = 16 / std::mem::size_of::<T>();
-        let vec_ok = i32::from(y.1.start_offset() % vec == 0 && b.1.start_offset() % vec == 0);
+        let vec_ok = i32::from(
+            y.1.start_offset().is_multiple_of(vec) && b.1.start_offset().is_multiple_of(vec),
+        );
         let name = format!("bias_add_{}", suffix(y.0.dtype(), "bias_add")?);
         let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
         let n = rows * cols;

@@ -17,14 +17,15 @@ mod quant;
 mod rope;
 
 pub use alloc::ReuseAlloc;
-pub use attention::{attention, attention_composite, attention_tokens, softmax_last_dim, AttnOpts};
+pub use attention::{
+    attention, attention_composite, attention_tokens, flash_kernel, set_flash_kernel,
+    softmax_last_dim, AttnOpts, FlashKernel,
+};
 pub use checkpoint::{
     read_text, shard_names, sharded_files, Checkpoint, StoredType, MAX_CONFIG_BYTES,
 };
 #[cfg(feature = "cuda")]
-pub use cuda::{
-    has_hopper_kernel, last_flash_kernel, set_flash_config, set_flash_kernel, FlashKernel,
-};
+pub use cuda::{has_hopper_kernel, last_flash_kernel, set_flash_config};
 pub use error::{over_limit, preview, Error, LoadError, Result};
 pub use linear::{set_quant_matmul, Linear, LinearWeight, QuantMatmul, RuntimeDelta};
 pub use ops::{

@@ -110,6 +110,35 @@ fn attention_rejects_bad_shapes() {
 }
 
 #[test]
+fn flash_kernel_names_parse_and_bad_ones_are_named_errors() {
+    for k in [
+        FlashKernel::Auto,
+        FlashKernel::HopperNoPingPong,
+        FlashKernel::MmaSync,
+    ] {
+        assert_eq!(k.name().parse::<FlashKernel>().unwrap(), k);
+    }
+    assert_eq!(
+        " mma.sync\n".parse::<FlashKernel>().unwrap(),
+        FlashKernel::MmaSync
+    );
+    let e = "hopper".parse::<FlashKernel>().unwrap_err().to_string();
+    assert!(
+        e.contains("FLUX_CUDA_ATTENTION") && e.contains("\"hopper\""),
+        "{e}"
+    );
+    // an explicit choice wins over the environment; CPU attention does not look at it
+    set_flash_kernel(FlashKernel::MmaSync);
+    assert_eq!(flash_kernel().unwrap(), FlashKernel::MmaSync);
+    let q = randn(&[1, 2, 5, 8], 3);
+    let a = attention(&q, &q, &q, AttnOpts::default()).unwrap();
+    let b = attention_composite(&q, &q, &q, AttnOpts::default()).unwrap();
+    assert!(max_diff(&a, &b) < 1e-5);
+    set_flash_kernel(FlashKernel::Auto);
+    assert_eq!(flash_kernel().unwrap(), FlashKernel::Auto);
+}
+
+#[test]
 fn rope_is_identity_at_position_zero() {
     let zeros = Tensor::zeros((1, 4, 3), DType::F32, &Device::Cpu).unwrap();
     for mode in [AngleMode::F32, AngleMode::F64] {

@@ -2,7 +2,8 @@
 # The GPU machine's half of `cargo xtask gpu`: run from the repository root, with the folder
 # this script sits in (target/gpu-stage, made by `cargo xtask gpu build`) carried along.
 #
-#   target/gpu-stage/run.sh [all|ops|goldens|attn|dit|profile]...   (SKIP_CLI=1: no CLI run)
+#   target/gpu-stage/run.sh [all|ops|goldens|attn|dit|profile]...   (SKIP_CLI=1: no CLI run;
+#                                                                    CHECK_LIMIT=s: time limit)
 #
 # Needs the NVIDIA driver and CUDA 13 runtime libraries (cuBLAS, cuRAND, cudart, NVRTC); they are
 # taken from the system or from the pip packages of the machine's python3 (PyTorch's). Logs go
@@ -49,6 +50,16 @@ export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 } 2>&1 | tee "$out/machine.log"
 
 status=0
+# The Hopper attention kernel alone first, under a time limit: if it hangs or faults, the rest
+# runs with the mma.sync kernel (FLUX_CUDA_ATTENTION=mma.sync) instead of losing the whole run.
+echo "== flux-gpu-check smoke (120 s limit)"
+PYTHONUNBUFFERED=1 timeout 120 "$bin/flux-gpu-check" smoke 2>&1 | tee "$out/smoke.log"
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  echo "smoke failed: the rest runs with FLUX_CUDA_ATTENTION=mma.sync" | tee -a "$out/smoke.log"
+  export FLUX_CUDA_ATTENTION=mma.sync
+  status=1
+fi
+
 if [ -z "${SKIP_CLI:-}" ]; then
   echo "== flux generate --device cuda (tiny model, CLI end to end)"
   "$bin/flux" generate --model flux-pipeline/tests/golden/tiny-dev --device cuda --dtype bf16 \
@@ -58,7 +69,7 @@ if [ -z "${SKIP_CLI:-}" ]; then
 fi
 
 echo "== flux-gpu-check ${*:-all}"
-PYTHONUNBUFFERED=1 "$bin/flux-gpu-check" "$@" 2>&1 | tee "$out/gpu-check.log"
+PYTHONUNBUFFERED=1 timeout "${CHECK_LIMIT:-720}" "$bin/flux-gpu-check" "$@" 2>&1 | tee "$out/gpu-check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 rm -rf "$bin"
 exit $status

@@ -8,7 +8,9 @@
 //!   every `cu*` symbol cudarc's bindings declare, so that binaries link here. The real driver
 //!   replaces it on the GPU machine.
 //! - `check`: compiles every `.cu` of flux-kernels for sm_90a and prints ptxas' resource
-//!   report (registers, shared memory, stack, spills), no GPU needed.
+//!   report (registers, shared memory, stack, spills), no GPU needed; fails when the Hopper
+//!   kernel (`*_sm90.cu`) spills or ptxas reports a "Potential Performance Loss" (serialised
+//!   wgmma) for it.
 //! - `build`: `flux` and `flux-gpu-check` with `--features cuda` for sm_90, stripped and
 //!   xz-compressed, staged with `run.sh` in `target/gpu-stage` (carry that folder to the GPU
 //!   machine; the script unpacks them there).
@@ -264,15 +266,30 @@ fn check() -> Result<()> {
             bail!("nvcc failed on {}:\n{text}", src.display());
         }
         report += &format!("== {name}.cu (sm_90a)\n");
+        let mut losses = vec![];
         for line in text.lines() {
             let l = line.trim_start_matches("ptxas info    : ");
             if l.starts_with("Compiling entry")
                 || l.starts_with("Function properties")
                 || l.starts_with("Used")
                 || l.contains("spill")
+                || l.contains("Potential Performance Loss")
             {
                 report += &format!("  {l}\n");
             }
+            // the Hopper kernel must keep its products asynchronous and its registers in place
+            let spills =
+                l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads");
+            if name.ends_with("_sm90") && (l.contains("Potential Performance Loss") || spills) {
+                losses.push(l.to_string());
+            }
+        }
+        if !losses.is_empty() {
+            print!("{report}");
+            bail!(
+                "{name}.cu: ptxas serialises wgmma or spills (every such line is a regression):\n{}",
+                losses.join("\n")
+            );
         }
     }
     print!("{report}");

@@ -1,13 +1,17 @@
 //! `flux-gpu-check`: the CUDA path checked and timed on a GPU machine, from the repository root.
 //!
 //! ```text
-//! flux-gpu-check [all|ops|goldens|attn|dit]...
+//! flux-gpu-check [all|smoke|ops|goldens|attn|dit|profile]...
 //! ```
+//! - `smoke` (not in `all`): the default attention kernel (the Hopper kernel on an H100/H200)
+//!   once on a small and a FLUX-sized case; `run.sh` runs it alone first, under a time limit;
 //! - `ops`: every CUDA op against its CPU twin on fresh random inputs of several shapes (FLUX's
 //!   B=1, H=24, L=4608/4352, D=128, odd lengths, strided views), relative error
 //!   ‖gpu − cpu‖/‖cpu‖ against the bound for the dtype;
 //! - `goldens`: the tiny flux-dit, flux-vae and pipeline goldens on CUDA, f32 and bf16;
-//! - `attn`: our flash attention vs the composite matmul+softmax path at FLUX shapes (TFLOP/s);
+//! - `attn`: our attention kernels (the Hopper kernel with and without ping-pong, the mma.sync
+//!   kernel) vs the composite matmul+softmax path, B=1, H=24, D=128, L from 1024 to 16384
+//!   (TFLOP/s);
 //! - `profile` (not in `all`): the DiT's ops one by one at the 1024² shapes, to see where a
 //!   step's time goes;
 //! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
@@ -72,6 +76,9 @@ fn main() -> Result<()> {
     let mut r = Report::default();
     let all = parts.contains(&"all");
     let t0 = Instant::now();
+    if parts.contains(&"smoke") {
+        smoke(&dev, &mut r)?;
+    }
     if all || parts.contains(&"ops") {
         ops(&dev, &mut r)?;
     }
@@ -142,6 +149,58 @@ fn name(dtype: DType) -> &'static str {
     }
 }
 
+/// The default attention kernel once on a small and a FLUX-sized case against the CPU: run
+/// alone first by `run.sh`, under a time limit, so that a kernel that hangs or faults cannot take
+/// the rest of the device check with it.
+fn smoke(dev: &Device, r: &mut Report) -> Result<()> {
+    println!(
+        "== smoke: the default attention kernel ({})",
+        kernels(dev, 128)[0].label()
+    );
+    r.info(
+        "device".into(),
+        format!(
+            "Hopper kernel {}",
+            if hopper(dev) {
+                "in use"
+            } else {
+                "not in use (not a 9.x device, not built, or FLUX_CUDA_ATTENTION=mma.sync)"
+            }
+        ),
+    );
+    for (b, h, lq, lk) in [(1usize, 2usize, 300usize, 200usize), (1, 24, 4608, 4608)] {
+        let q = randn(&[b, h, lq, 128], DType::BF16)?;
+        let k = randn(&[b, h, lk, 128], DType::BF16)?;
+        let v = randn(&[b, h, lk, 128], DType::BF16)?;
+        let hn = h.min(2);
+        let f = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, hn)?.to_dtype(DType::F32)?) };
+        let cpu = fk::attention_composite(&f(&q)?, &f(&k)?, &f(&v)?, Default::default())?;
+        let kern = kernels(dev, 128)[0];
+        kern.select()?;
+        let gpu = fk::attention(
+            &q.to_device(dev)?,
+            &k.to_device(dev)?,
+            &v.to_device(dev)?,
+            Default::default(),
+        )?;
+        dev.synchronize()?;
+        let ran = kern.ran();
+        let (e, finite) = rel_err(&gpu.narrow(1, 0, hn)?, &cpu)?;
+        r.check(
+            format!(
+                "smoke attention bf16 B{b} H{h} Lq{lq} Lk{lk} D128 ({})",
+                kern.label()
+            ),
+            format!(
+                "rel err {e:.2e}{}",
+                if ran { "" } else { ", another kernel ran" }
+            ),
+            finite && e < bound(DType::BF16) && ran,
+        );
+    }
+    Ok(())
+}
+
 fn ops(dev: &Device, r: &mut Report) -> Result<()> {
     println!("== CUDA ops vs their CPU twins");
     // attention: (B, H, Lq, Lk, D); the big FLUX shapes compare 4 heads to keep the CPU side short
@@ -193,7 +252,11 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
     }
     // token-major output, from strided q/k/v (views of one qkv projection, as the DiT passes
     // them) and from contiguous (B, H, L, D) inputs
-    for (b, l, h, d) in [(2usize, 300usize, 4usize, 128usize), (1, 4608, 3, 128), (1, 77, 2, 64)] {
+    for (b, l, h, d) in [
+        (2usize, 300usize, 4usize, 128usize),
+        (1, 4608, 3, 128),
+        (1, 77, 2, 64),
+    ] {
         let qkv = randn(&[b, l, 3 * h, d], DType::BF16)?;
         let part = |t: &Tensor, i: usize| -> Result<Tensor> {
             Ok(t.narrow(2, i * h, h)?.transpose(1, 2)?)
@@ -213,16 +276,24 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
                     let t = part(&g, i)?;
                     Ok(if contiguous { t.contiguous()? } else { t })
                 };
-                let gpu = fk::attention_tokens(&view(0)?, &view(1)?, &view(2)?, Default::default())?;
+                let gpu =
+                    fk::attention_tokens(&view(0)?, &view(1)?, &view(2)?, Default::default())?;
                 let ran = kern.ran();
                 let (e, finite) = rel_err(&gpu, &cpu)?;
                 r.check(
                     format!(
                         "attention_tokens bf16 B{b} L{l} H{h} D{d} {} → (B, L, H·D) ({})",
-                        if contiguous { "contiguous (B, H, L, D)" } else { "strided qkv views" },
+                        if contiguous {
+                            "contiguous (B, H, L, D)"
+                        } else {
+                            "strided qkv views"
+                        },
                         kern.label()
                     ),
-                    format!("rel err {e:.2e}{}", if ran { "" } else { ", another kernel ran" }),
+                    format!(
+                        "rel err {e:.2e}{}",
+                        if ran { "" } else { ", another kernel ran" }
+                    ),
                     finite && e < bound(DType::BF16) && gpu.dims() == [b, l, h * d] && ran,
                 );
             }
@@ -398,8 +469,9 @@ fn kernels(dev: &Device, d: usize) -> Vec<Kern> {
     v
 }
 
-/// Whether the device is a Hopper (compute capability 9.x) and this build carries the Hopper
-/// attention kernel.
+/// Whether the device is a Hopper (compute capability 9.x), this build carries the Hopper
+/// attention kernel and `FLUX_CUDA_ATTENTION` does not opt out of it (`run.sh` sets
+/// `mma.sync` when the smoke run of the Hopper kernel failed).
 fn hopper(dev: &Device) -> bool {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = dev {
@@ -409,7 +481,8 @@ fn hopper(dev: &Device) -> bool {
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .unwrap_or(0);
-        return major == 9 && fk::has_hopper_kernel();
+        let opted_out = std::env::var(fk::FlashKernel::ENV).is_ok_and(|v| v.trim() == "mma.sync");
+        return major == 9 && fk::has_hopper_kernel() && !opted_out;
     }
     let _ = dev;
     false
