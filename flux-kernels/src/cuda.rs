@@ -134,6 +134,53 @@ fn tensor_map(
     Some((unsafe { map.assume_init() }.opaque, swap))
 }
 
+/// The candle custom-op wrapper of one CUDA kernel, written once for all of them: the CPU
+/// entry refuses (CPU tensors take the composite paths), the CUDA entry runs `$call` with `$T`
+/// the Rust type of the first input's dtype, for the dtypes listed; any other dtype is an error
+/// that names the op.
+macro_rules! cuda_op {
+    (
+        $op:ty, $trait:ident, $name:literal,
+        [$($dt:ident => $rt:ty),+],
+        ($this:ident, $x:ident, $xl:ident $(, $s:ident, $l:ident)*),
+        |$T:ident| $call:expr
+    ) => {
+        impl $trait for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                $x: &CpuStorage,
+                $xl: &Layout,
+                $($s: &CpuStorage, $l: &Layout,)*
+            ) -> candle::Result<(CpuStorage, Shape)> {
+                let _ = ($x, $xl $(, $s, $l)*);
+                Err(cpu_only($name))
+            }
+
+            fn cuda_fwd(
+                &$this,
+                $x: &CudaStorage,
+                $xl: &Layout,
+                $($s: &CudaStorage, $l: &Layout,)*
+            ) -> candle::Result<(CudaStorage, Shape)> {
+                match $x.dtype() {
+                    $(DType::$dt => {
+                        type $T = $rt;
+                        $call
+                    })+
+                    d => Err(candle::Error::Msg(format!(
+                        "{}: unsupported dtype {d:?} on CUDA",
+                        $name
+                    ))),
+                }
+            }
+        }
+    };
+}
+
 fn cpu_only(name: &str) -> candle::Error {
     candle::Error::Msg(format!(
         "{name} is a CUDA kernel; CPU tensors take the composite path"
@@ -197,13 +244,22 @@ pub(crate) struct FlashAttn {
 impl FlashAttn {
     fn run<T: CudaDType + DeviceRepr>(
         &self,
-        dev: &CudaDevice,
         q: (&CudaStorage, &Layout),
         k: (&CudaStorage, &Layout),
         v: (&CudaStorage, &Layout),
-        name: &str,
     ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = q.0.device().clone();
+        let dev = &dev;
         let (b, h, lq, d) = q.1.shape().dims4()?;
+        if !FLASH_HEAD_DIMS.contains(&d) {
+            return Err(candle::Error::Msg(format!(
+                "flash attention: head dim {d} not in {FLASH_HEAD_DIMS:?}"
+            )));
+        }
+        let name = format!(
+            "flash_attn_{}_d{d}",
+            suffix(q.0.dtype(), "flash attention")?
+        );
         let lk = k.1.dims()[2];
         let qs = strides4("flash attention q", q.1)?;
         let ks = strides4("flash attention k", k.1)?;
@@ -352,49 +408,14 @@ impl FlashAttn {
     }
 }
 
-impl CustomOp3 for FlashAttn {
-    fn name(&self) -> &'static str {
-        "flux-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> candle::Result<(CudaStorage, Shape)> {
-        let d = ql.dims()[3];
-        if !FLASH_HEAD_DIMS.contains(&d) {
-            return Err(candle::Error::Msg(format!(
-                "flash attention: head dim {d} not in {FLASH_HEAD_DIMS:?}"
-            )));
-        }
-        let dev = q.device().clone();
-        let name = format!("flash_attn_{}_d{d}", suffix(q.dtype(), "flash attention")?);
-        match q.dtype() {
-            DType::BF16 => self.run::<bf16>(&dev, (q, ql), (k, kl), (v, vl), &name),
-            DType::F16 => self.run::<f16>(&dev, (q, ql), (k, kl), (v, vl), &name),
-            d => Err(candle::Error::Msg(format!(
-                "flash attention: dtype {d:?} (bf16 or f16 only)"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    FlashAttn,
+    CustomOp3,
+    "flux-flash-attention",
+    [BF16 => bf16, F16 => f16],
+    (self, q, ql, k, kl, v, vl),
+    |T| self.run::<T>((q, ql), (k, kl), (v, vl))
+);
 
 /// RMSNorm (learned scale) then RoPE, one pass; x a `(B, H, L, D)` view, scale `(D)`.
 pub(crate) struct QkNormRope {
@@ -464,38 +485,14 @@ impl QkNormRope {
     }
 }
 
-impl CustomOp2 for QkNormRope {
-    fn name(&self) -> &'static str {
-        "flux-qk-norm-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        s: &CudaStorage,
-        sl: &Layout,
-    ) -> candle::Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => self.run::<f32>((x, xl), (s, sl)),
-            DType::BF16 => self.run::<bf16>((x, xl), (s, sl)),
-            DType::F16 => self.run::<f16>((x, xl), (s, sl)),
-            d => Err(candle::Error::Msg(format!(
-                "qk_norm_rope: unsupported dtype {d:?}"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    QkNormRope,
+    CustomOp2,
+    "flux-qk-norm-rope",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, xl, s, sl),
+    |T| self.run::<T>((x, xl), (s, sl))
+);
 
 /// `(1 + scale)·LN(x) + shift`; x contiguous `(B, L, C)`, shift/scale `(B, 1, C)` views.
 pub(crate) struct LnModulate {
@@ -547,42 +544,14 @@ impl LnModulate {
     }
 }
 
-impl CustomOp3 for LnModulate {
-    fn name(&self) -> &'static str {
-        "flux-ln-modulate"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        sh: &CudaStorage,
-        shl: &Layout,
-        sc: &CudaStorage,
-        scl: &Layout,
-    ) -> candle::Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => self.run::<f32>((x, xl), (sh, shl), (sc, scl)),
-            DType::BF16 => self.run::<bf16>((x, xl), (sh, shl), (sc, scl)),
-            DType::F16 => self.run::<f16>((x, xl), (sh, shl), (sc, scl)),
-            d => Err(candle::Error::Msg(format!(
-                "ln_modulate: unsupported dtype {d:?}"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    LnModulate,
+    CustomOp3,
+    "flux-ln-modulate",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, xl, sh, shl, sc, scl),
+    |T| self.run::<T>((x, xl), (sh, shl), (sc, scl))
+);
 
 /// `x + gate·y`; x, y contiguous `(B, L, C)`, gate a `(B, 1, C)` view.
 pub(crate) struct GatedResidual;
@@ -636,42 +605,14 @@ impl GatedResidual {
     }
 }
 
-impl CustomOp3 for GatedResidual {
-    fn name(&self) -> &'static str {
-        "flux-gated-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-        y: &CudaStorage,
-        yl: &Layout,
-    ) -> candle::Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => Self::run::<f32>((x, xl), (g, gl), (y, yl)),
-            DType::BF16 => Self::run::<bf16>((x, xl), (g, gl), (y, yl)),
-            DType::F16 => Self::run::<f16>((x, xl), (g, gl), (y, yl)),
-            d => Err(candle::Error::Msg(format!(
-                "gated_residual: unsupported dtype {d:?}"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    GatedResidual,
+    CustomOp3,
+    "flux-gated-residual",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, xl, g, gl, y, yl),
+    |T| Self::run::<T>((x, xl), (g, gl), (y, yl))
+);
 
 /// GELU (tanh approximation) in f32, one pass; x contiguous.
 pub(crate) struct GeluTanh;
@@ -709,26 +650,14 @@ impl GeluTanh {
     }
 }
 
-impl CustomOp1 for GeluTanh {
-    fn name(&self) -> &'static str {
-        "flux-gelu-tanh"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> candle::Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => Self::run::<f32>(x, l),
-            DType::BF16 => Self::run::<bf16>(x, l),
-            DType::F16 => Self::run::<f16>(x, l),
-            d => Err(candle::Error::Msg(format!(
-                "gelu_tanh: unsupported dtype {d:?}"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    GeluTanh,
+    CustomOp1,
+    "flux-gelu-tanh",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, l),
+    |T| Self::run::<T>(x, l)
+);
 
 /// `y + b` with b `(cols)` broadcast over the rows of a contiguous `(rows, cols)` y.
 pub(crate) struct BiasAdd;
@@ -777,38 +706,14 @@ impl BiasAdd {
     }
 }
 
-impl CustomOp2 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "flux-bias-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        yl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> candle::Result<(CudaStorage, Shape)> {
-        match y.dtype() {
-            DType::F32 => Self::run::<f32>((y, yl), (b, bl)),
-            DType::BF16 => Self::run::<bf16>((y, yl), (b, bl)),
-            DType::F16 => Self::run::<f16>((y, yl), (b, bl)),
-            d => Err(candle::Error::Msg(format!(
-                "bias_add: unsupported dtype {d:?}"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    BiasAdd,
+    CustomOp2,
+    "flux-bias-add",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, y, yl, b, bl),
+    |T| Self::run::<T>((y, yl), (b, bl))
+);
 
 /// `[a, gelu(m)]` along the last dimension; a, m `(rows, C)` views with evenly spaced rows.
 pub(crate) struct CatGelu;
@@ -876,35 +781,11 @@ impl CatGelu {
     }
 }
 
-impl CustomOp2 for CatGelu {
-    fn name(&self) -> &'static str {
-        "flux-cat-gelu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle::Result<(CpuStorage, Shape)> {
-        Err(cpu_only(self.name()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        a: &CudaStorage,
-        al: &Layout,
-        m: &CudaStorage,
-        ml: &Layout,
-    ) -> candle::Result<(CudaStorage, Shape)> {
-        match a.dtype() {
-            DType::F32 => Self::run::<f32>((a, al), (m, ml)),
-            DType::BF16 => Self::run::<bf16>((a, al), (m, ml)),
-            DType::F16 => Self::run::<f16>((a, al), (m, ml)),
-            d => Err(candle::Error::Msg(format!(
-                "cat_gelu: unsupported dtype {d:?}"
-            ))),
-        }
-    }
-}
+cuda_op!(
+    CatGelu,
+    CustomOp2,
+    "flux-cat-gelu",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, a, al, m, ml),
+    |T| Self::run::<T>((a, al), (m, ml))
+);

@@ -46,10 +46,12 @@ const LIBS: &[(&str, &str)] = &[
 /// The most the staged folder may take: a GPU machine accepts 64 MiB with the checkout (≈ 14 MiB).
 const STAGE_LIMIT: u64 = 44 << 20;
 
-pub const HELP: &str = "\
-  gpu check                        compile flux-kernels' .cu files for sm_90a with the pinned
+pub const HELP: &str =
+    "  gpu check                        compile flux-kernels' .cu files for sm_90a with the pinned
                                    CUDA 13.0 from PyPI (installed once into target/cuda) and
-                                   print ptxas' register/shared-memory/spill report
+                                   print ptxas' register/shared-memory/spill report; fails
+                                   if the Hopper attention kernel spills or ptxas serialises
+                                   its wgmma
   gpu build                        build `flux` and `flux-gpu-check` with --features cuda for
                                    sm_90 (fake CUDA root + stub libcuda, no GPU needed), strip
                                    and xz them, stage them with run.sh in target/gpu-stage

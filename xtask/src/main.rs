@@ -71,9 +71,46 @@ pub fn root() -> PathBuf {
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
+/// The lines of the help for one command (its entries and their continuation lines), or
+/// `None` for a command the help does not name.
+fn command_help(cmd: &str) -> Option<String> {
+    let full = format!("{HELP}{}", gpu::HELP);
+    let mut out = String::new();
+    let mut inside = false;
+    for line in full.lines() {
+        let entry = line.strip_prefix("  ").filter(|l| !l.starts_with(' '));
+        match entry {
+            Some(l) => inside = l.split_whitespace().next() == Some(cmd),
+            None if !line.starts_with("   ") => inside = false,
+            None => {}
+        }
+        if inside {
+            out += line;
+            out += "\n";
+        }
+    }
+    (!out.is_empty()).then(|| format!("cargo xtask {cmd} …\n\n{out}"))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // `cargo xtask CMD --help` (or -h, or `help` after the command): that command's help, before
+    // anything runs
+    if let [cmd, rest @ ..] = args.as_slice() {
+        if rest.iter().any(|a| matches!(*a, "--help" | "-h" | "help")) {
+            match command_help(cmd) {
+                Some(h) => {
+                    print!("{h}");
+                    return Ok(());
+                }
+                None => {
+                    eprint!("{HELP}{}", gpu::HELP);
+                    bail!("unknown command {cmd:?}");
+                }
+            }
+        }
+    }
     match args.as_slice() {
         ["golden", "gen", rest @ ..] => golden::generate(rest),
         ["golden", rest @ ..] => golden::check(rest),
@@ -89,5 +126,31 @@ fn main() -> Result<()> {
             eprint!("{HELP}{}", gpu::HELP);
             bail!("unknown command {other:?}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_help;
+
+    #[test]
+    fn every_command_has_its_own_help() {
+        for (cmd, wants) in [
+            ("gpu", ["gpu check", "gpu build", "gpu run"].as_slice()),
+            ("golden", &["golden [--crate NAME]", "golden gen"]),
+            ("bench", &["bench [--depth D]", "bench --quant"]),
+            ("fullsize", &["fullsize [--threads T]"]),
+            ("fuzz", &["fuzz --minutes N"]),
+        ] {
+            let h = command_help(cmd).unwrap_or_else(|| panic!("no help for {cmd}"));
+            for w in wants {
+                assert!(h.contains(w), "{cmd}: {w:?} missing from\n{h}");
+            }
+            // only that command's entries
+            assert!(!h.contains("  help "), "{cmd}:\n{h}");
+        }
+        assert!(command_help("gpu").unwrap().contains("ptxas"));
+        assert!(!command_help("gpu").unwrap().contains("golden gen"));
+        assert!(command_help("nope").is_none());
     }
 }
