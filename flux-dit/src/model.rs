@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use candle::{DType, Device, Tensor, TensorId, D};
 use flux_kernels::{
-    attention_composite, attention_tokens, cat_gelu_tanh, gated_residual, gelu_tanh,
-    layer_norm_modulate, qk_norm_rope, rope_table, silu, AngleMode, AttnOpts, Linear, RopeTable,
+    attention_composite, attention_tokens, cat_gelu_tanh, gated_residual, layer_norm_modulate,
+    qk_norm_rope, rope_table, silu, AngleMode, AttnOpts, Linear, RopeTable,
 };
 
 use crate::config::Config;
@@ -198,7 +198,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&gelu_tanh(&self.fc0.forward(x)?)?)?)
+        Ok(self.fc2.forward(&self.fc0.forward_gelu(x)?)?)
     }
 }
 

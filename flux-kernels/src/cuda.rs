@@ -789,3 +789,308 @@ cuda_op!(
     (self, a, al, m, ml),
     |T| Self::run::<T>((a, al), (m, ml))
 );
+
+/// `x·Wᵀ (+ b) (then GELU-tanh)` as one cuBLASLt call: the bias and the GELU run in the
+/// product's epilogue instead of separate passes over the output. x `(rows, in)`, W `(out, in)`,
+/// b `(out)`, all contiguous in one dtype.
+pub(crate) struct LtLinear {
+    pub gelu: bool,
+}
+
+cuda_op!(
+    LtLinear,
+    CustomOp2,
+    "flux-lt-linear",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, xl, w, wl),
+    |T| lt::linear::<T>((x, xl), (w, wl), None, self.gelu)
+);
+
+cuda_op!(
+    LtLinear,
+    CustomOp3,
+    "flux-lt-linear-bias",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, xl, w, wl, b, bl),
+    |T| lt::linear::<T>((x, xl), (w, wl), Some((b, bl)), self.gelu)
+);
+
+/// cuBLASLt plans: one handle and workspace per device, one plan (descriptors and the algorithm
+/// cuBLASLt's heuristic picked) per (device, shape, dtype, epilogue, alignment), made on first use
+/// and kept for the process.
+mod lt {
+    use super::*;
+    use candle::cuda_backend::cudarc::cublaslt::{result, sys as lts};
+    use candle::cuda_backend::cudarc::driver::CudaSlice;
+    use std::collections::HashMap;
+    use std::sync::{Arc, OnceLock};
+
+    fn err(what: &str, e: impl std::fmt::Debug) -> candle::Error {
+        candle::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+    }
+
+    /// A cuBLASLt handle and its workspace (32 MiB, what cuBLASLt asks for on Hopper).
+    struct Handle {
+        raw: lts::cublasLtHandle_t,
+        workspace: CudaSlice<u8>,
+    }
+    // SAFETY: the handle is only used under the plan's lock, on the device's one stream.
+    unsafe impl Send for Handle {}
+    unsafe impl Sync for Handle {}
+
+    const WORKSPACE: usize = 32 << 20;
+
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    struct Key {
+        device: candle::cuda_backend::DeviceId,
+        dtype: DType,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        gelu: bool,
+        /// the alignment (bytes, at most 256) the pointers of x, W, y and b share
+        align: u32,
+    }
+
+    /// Descriptors and the chosen algorithm of one product.
+    struct Plan {
+        desc: lts::cublasLtMatmulDesc_t,
+        a: lts::cublasLtMatrixLayout_t,
+        b: lts::cublasLtMatrixLayout_t,
+        d: lts::cublasLtMatrixLayout_t,
+        algo: lts::cublasLtMatmulAlgo_t,
+    }
+    // SAFETY: as for Handle; a plan is used by one call at a time (its mutex).
+    unsafe impl Send for Plan {}
+
+    type Plans = Mutex<HashMap<Key, Arc<Mutex<Plan>>>>;
+    static PLANS: OnceLock<Plans> = OnceLock::new();
+    static HANDLES: OnceLock<Mutex<HashMap<candle::cuda_backend::DeviceId, Arc<Handle>>>> =
+        OnceLock::new();
+
+    fn handle(dev: &CudaDevice) -> candle::Result<Arc<Handle>> {
+        let mut map = HANDLES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(&dev.id()) {
+            return Ok(h.clone());
+        }
+        let raw = result::create_handle().map_err(|e| err("handle", e))?;
+        // SAFETY: cuBLASLt only writes the workspace.
+        let workspace = unsafe { dev.alloc::<u8>(WORKSPACE)? };
+        let h = Arc::new(Handle { raw, workspace });
+        map.insert(dev.id(), h.clone());
+        Ok(h)
+    }
+
+    fn data_type(dtype: DType) -> candle::Result<lts::cudaDataType> {
+        Ok(match dtype {
+            DType::F32 => lts::cudaDataType::CUDA_R_32F,
+            DType::BF16 => lts::cudaDataType::CUDA_R_16BF,
+            DType::F16 => lts::cudaDataType::CUDA_R_16F,
+            d => return Err(err("dtype", d)),
+        })
+    }
+
+    /// # Safety
+    /// `value` points to a live `T`.
+    unsafe fn set_desc<T>(
+        desc: lts::cublasLtMatmulDesc_t,
+        attr: lts::cublasLtMatmulDescAttributes_t,
+        value: &T,
+    ) -> candle::Result<()> {
+        // SAFETY: the caller's value outlives the call, which copies it.
+        unsafe {
+            result::set_matmul_desc_attribute(
+                desc,
+                attr,
+                value as *const T as *const _,
+                std::mem::size_of::<T>(),
+            )
+        }
+        .map_err(|e| err("descriptor", e))
+    }
+
+    /// Builds the plan: row-major `y (rows, out) = x (rows, in) · Wᵀ` is, in cuBLASLt's
+    /// column-major terms, `yᵀ (out × rows) = op_T(W: in × out) · xᵀ (in × rows)`; the bias
+    /// (length out) adds per row of that result, as the BIAS epilogues do.
+    fn make_plan(h: &Handle, key: &Key, bias_ptr: u64) -> candle::Result<Plan> {
+        use lts::cublasLtMatmulDescAttributes_t as A;
+        let ty = data_type(key.dtype)?;
+        let (m, n, k) = (key.out as u64, key.rows as u64, key.inp as u64);
+        let desc = result::create_matmul_desc(
+            lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lts::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| err("descriptor", e))?;
+        let epilogue = match (key.bias, key.gelu) {
+            (true, true) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+            (true, false) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            (false, true) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU,
+            (false, false) => lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+        };
+        // SAFETY: every value is a live local of the attribute's type.
+        unsafe {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+            if key.bias {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+            }
+        }
+        let layout = |rows: u64, cols: u64, ld: u64| {
+            result::create_matrix_layout(ty, rows, cols, ld as i64).map_err(|e| err("layout", e))
+        };
+        let (a, b, d) = (layout(k, m, k)?, layout(k, n, k)?, layout(m, n, m)?);
+        let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
+        use lts::cublasLtMatmulPreferenceAttributes_t as P;
+        let ws = WORKSPACE as u64;
+        let align = key.align;
+        // SAFETY: live locals of the attributes' types; the layouts and descriptor are live.
+        let heuristic = unsafe {
+            for (attr, v) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align),
+            ] {
+                result::set_matmul_pref_attribute(
+                    pref,
+                    attr,
+                    &v as *const u32 as *const _,
+                    std::mem::size_of::<u32>(),
+                )
+                .map_err(|e| err("preference", e))?;
+            }
+            result::set_matmul_pref_attribute(
+                pref,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const _,
+                std::mem::size_of::<u64>(),
+            )
+            .map_err(|e| err("preference", e))?;
+            let r = result::get_matmul_algo_heuristic(h.raw, desc, a, b, d, d, pref);
+            let _ = result::destroy_matmul_pref(pref);
+            r.map_err(|e| err(&format!("no algorithm for {key:?}"), e))?
+        };
+        Ok(Plan {
+            desc,
+            a,
+            b,
+            d,
+            algo: heuristic.algo,
+        })
+    }
+
+    /// The largest power of two up to 256 that divides every address.
+    fn alignment(ptrs: &[u64]) -> u32 {
+        let all = ptrs
+            .iter()
+            .fold(256u64, |acc, p| acc.min(1 << p.trailing_zeros().min(8)));
+        all as u32
+    }
+
+    pub(super) fn linear<T: CudaDType + DeviceRepr>(
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        b: Option<(&CudaStorage, &Layout)>,
+        gelu: bool,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device().clone();
+        let (rows, inp) = x.1.shape().dims2()?;
+        let (out, w_in) = w.1.shape().dims2()?;
+        let contiguous = x.1.is_contiguous()
+            && w.1.is_contiguous()
+            && b.is_none_or(|(_, l)| l.is_contiguous() && l.dims() == [out]);
+        if w_in != inp || !contiguous || rows == 0 {
+            return Err(candle::Error::Msg(format!(
+                "lt linear: needs contiguous x (rows, {inp}), W ({out}, {inp}), b ({out}); got {:?}, {:?}, {:?}",
+                x.1.dims(),
+                w.1.dims(),
+                b.map(|(_, l)| l.dims().to_vec())
+            )));
+        }
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let (xv, wv) = (slice::<T>(x.0, x.1)?, slice::<T>(w.0, w.1)?);
+        let bv = b.map(|(s, l)| slice::<T>(s, l)).transpose()?;
+        // SAFETY: cuBLASLt writes every element of y (beta = 0).
+        let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+        {
+            use candle::cuda_backend::cudarc::driver::DevicePtrMut;
+            let (xp, _gx) = xv.device_ptr(&stream);
+            let (wp, _gw) = wv.device_ptr(&stream);
+            let bp = bv.as_ref().map(|v| v.device_ptr(&stream));
+            let (yp, _gy) = y.device_ptr_mut(&stream);
+            let (wsp, _gws) = h.workspace.device_ptr(&stream);
+            let bias_ptr = bp.as_ref().map_or(0, |(p, _)| *p);
+            let mut ptrs = vec![xp, wp, yp];
+            ptrs.extend(bp.as_ref().map(|(p, _)| *p));
+            if alignment(&ptrs) < 16 {
+                return Err(candle::Error::Msg(
+                    "lt linear: operands must be 16-byte aligned".into(),
+                ));
+            }
+            let key = Key {
+                device: dev.id(),
+                dtype: x.0.dtype(),
+                rows,
+                inp,
+                out,
+                bias: b.is_some(),
+                gelu,
+                align: alignment(&ptrs),
+            };
+            let plan = {
+                let mut plans = PLANS
+                    .get_or_init(Default::default)
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                match plans.get(&key) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = Arc::new(Mutex::new(make_plan(&h, &key, bias_ptr)?));
+                        plans.insert(key, p.clone());
+                        p
+                    }
+                }
+            };
+            let plan = plan.lock().unwrap_or_else(|e| e.into_inner());
+            let (alpha, beta) = (1f32, 0f32);
+            // SAFETY: the plan's descriptors are live; the pointers are live device buffers of
+            // the sizes the layouts describe (checked above); the call is enqueued on the
+            // device's stream, which orders it with the producers and users of x, W, b and y.
+            unsafe {
+                if b.is_some() {
+                    set_desc(
+                        plan.desc,
+                        lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        &bias_ptr,
+                    )?;
+                }
+                result::matmul(
+                    h.raw,
+                    plan.desc,
+                    &alpha as *const f32 as *const _,
+                    &beta as *const f32 as *const _,
+                    wp as *const _,
+                    plan.a,
+                    xp as *const _,
+                    plan.b,
+                    yp as *const _,
+                    plan.d,
+                    yp as *mut _,
+                    plan.d,
+                    &plan.algo,
+                    wsp as *mut _,
+                    WORKSPACE,
+                    stream.cu_stream() as *mut _,
+                )
+                .map_err(|e| err("matmul", e))?;
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), (rows, out).into()))
+    }
+}

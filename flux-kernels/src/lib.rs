@@ -27,7 +27,10 @@ pub use checkpoint::{
 #[cfg(feature = "cuda")]
 pub use cuda::{has_hopper_kernel, last_flash_kernel, set_flash_config};
 pub use error::{over_limit, preview, Error, LoadError, Result};
-pub use linear::{set_quant_matmul, Linear, LinearWeight, QuantMatmul, RuntimeDelta};
+pub use linear::{
+    cuda_linear, set_cuda_linear, set_quant_matmul, CudaLinear, Linear, LinearWeight, QuantMatmul,
+    RuntimeDelta,
+};
 pub use ops::{
     cat_gelu_tanh, gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate,
     modulate, quick_gelu, rms_norm, silu,

@@ -58,6 +58,64 @@ pub enum QuantMatmul {
     Integer,
 }
 
+/// How [`Linear`] multiplies on CUDA (process-wide; see [`set_cuda_linear`]). CPU tensors never
+/// look at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CudaLinear {
+    /// One cuBLASLt call per layer with the bias (and, for [`Linear::forward_gelu`], the
+    /// GELU-tanh) in the product's epilogue; the plan (descriptors and the algorithm cuBLASLt's
+    /// heuristic picks) is made once per shape and kept. The default.
+    #[default]
+    CublasLt,
+    /// candle's cuBLAS product, then our bias kernel and a separate GELU pass: the plain twin
+    /// the cuBLASLt path is checked against.
+    Cublas,
+}
+
+impl CudaLinear {
+    /// The environment variable that chooses it before the first product: `cublaslt` or
+    /// `cublas`.
+    pub const ENV: &'static str = "FLUX_CUDA_LINEAR";
+}
+
+impl std::str::FromStr for CudaLinear {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "cublaslt" => Ok(CudaLinear::CublasLt),
+            "cublas" => Ok(CudaLinear::Cublas),
+            other => Err(Error::InvalidArgument(format!(
+                "{}={other:?}: expected cublaslt or cublas",
+                CudaLinear::ENV
+            ))),
+        }
+    }
+}
+
+/// `None` until chosen; then [`cuda_linear`] reads the environment once.
+static CUDA_LINEAR: std::sync::Mutex<Option<CudaLinear>> = std::sync::Mutex::new(None);
+
+/// Chooses how [`Linear`] multiplies on CUDA from now on (see [`CudaLinear`]).
+pub fn set_cuda_linear(policy: CudaLinear) {
+    *CUDA_LINEAR.lock().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+}
+
+/// The CUDA product in use: the one [`set_cuda_linear`] chose, else `FLUX_CUDA_LINEAR`, else
+/// cuBLASLt. A value of the variable that names neither is an error.
+pub fn cuda_linear() -> Result<CudaLinear> {
+    let mut p = CUDA_LINEAR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = *p {
+        return Ok(p);
+    }
+    let chosen = match std::env::var(CudaLinear::ENV) {
+        Ok(v) if !v.trim().is_empty() => v.parse()?,
+        _ => CudaLinear::CublasLt,
+    };
+    *p = Some(chosen);
+    Ok(chosen)
+}
+
 static QUANT_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Chooses how [`Linear`]s built from now on multiply packed GGUF weights on the CPU.
@@ -546,12 +604,69 @@ impl Linear {
         Ok(y)
     }
 
-    /// The plain candle twin: `x·Wᵀ` then `+ b` (on CUDA the bias add is one fused kernel pass);
-    /// without the run-time adapter.
+    /// `gelu_tanh(self.forward(x))`, the MLP's first layer. On CUDA (with cuBLASLt, and no
+    /// run-time adapter, which adds after the product) the GELU runs in the product's
+    /// epilogue.
+    ///
+    /// # Shapes
+    /// `x`: `(…, in)`. Returns `(…, out)`.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.runtime.is_none() && x.device().is_cuda() {
+            let (inp, out) = self.dims();
+            if x.dims().last() == Some(&inp) {
+                let rows = x.elem_count() / inp.max(1);
+                let x2 = x.reshape((rows, inp))?;
+                if let Some(y) = self.forward_lt(&x2, true)? {
+                    let mut shape = x.dims().to_vec();
+                    *shape.last_mut().expect("rank ≥ 1") = out;
+                    return Ok(y.reshape(shape)?);
+                }
+            }
+        }
+        crate::gelu_tanh(&self.forward(x)?)
+    }
+
+    /// The cuBLASLt product with its epilogue (bias, GELU) on CUDA; `None` where it does not
+    /// apply (CPU, [`CudaLinear::Cublas`], mixed dtypes, a weight format without a dense
+    /// device form).
+    #[cfg(feature = "cuda")]
+    fn forward_lt(&self, x: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+        if !x.device().is_cuda() || cuda_linear()? != CudaLinear::CublasLt {
+            return Ok(None);
+        }
+        let dtype = x.dtype();
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Ok(None);
+        }
+        let w = match &self.weight {
+            Weight::DenseT(wt) => wt.t()?,
+            Weight::Device(d) => d.decode()?,
+            _ => return Ok(None),
+        };
+        let bias_ok = self.bias.as_ref().is_none_or(|b| b.dtype() == dtype);
+        if w.dtype() != dtype || !w.is_contiguous() || !bias_ok || !w.device().is_cuda() {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let op = crate::cuda::LtLinear { gelu };
+        Ok(Some(match &self.bias {
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op)?,
+            None => x.apply_op2_no_bwd(&w, &op)?,
+        }))
+    }
+
+    /// `x·Wᵀ` then `+ b`, without the run-time adapter: on CUDA one cuBLASLt call with the bias
+    /// in its epilogue ([`CudaLinear::CublasLt`]), else candle's product and one bias pass (our
+    /// kernel on CUDA), the plain twin.
     ///
     /// # Shapes
     /// `x`: `(rows, in)`. Returns `(rows, out)`.
     pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.forward_lt(x, false)? {
+            return Ok(y);
+        }
         let wt = self.weight_t(x.dtype())?;
         let y = x.matmul(&wt)?;
         Ok(match &self.bias {

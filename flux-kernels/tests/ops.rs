@@ -139,6 +139,46 @@ fn flash_kernel_names_parse_and_bad_ones_are_named_errors() {
 }
 
 #[test]
+fn cuda_linear_names_parse_and_forward_gelu_is_gelu_of_forward() {
+    assert_eq!(
+        "cublaslt".parse::<CudaLinear>().unwrap(),
+        CudaLinear::CublasLt
+    );
+    assert_eq!(
+        " cublas ".parse::<CudaLinear>().unwrap(),
+        CudaLinear::Cublas
+    );
+    let e = "cutlass".parse::<CudaLinear>().unwrap_err().to_string();
+    assert!(
+        e.contains("FLUX_CUDA_LINEAR") && e.contains("\"cutlass\""),
+        "{e}"
+    );
+    set_cuda_linear(CudaLinear::Cublas);
+    assert_eq!(cuda_linear().unwrap(), CudaLinear::Cublas);
+    set_cuda_linear(CudaLinear::CublasLt);
+    assert_eq!(cuda_linear().unwrap(), CudaLinear::CublasLt);
+    // on the CPU the fused entry is exactly GELU after the layer, with or without a bias and
+    // with a run-time adapter (which adds before the GELU)
+    let x = randn(&[2, 3, 8], 5);
+    for bias in [None, Some(randn(&[6], 6))] {
+        let mut lin = Linear::new(randn(&[6, 8], 7), bias).unwrap();
+        let want = gelu_tanh(&lin.forward(&x).unwrap()).unwrap();
+        assert_eq!(max_diff(&lin.forward_gelu(&x).unwrap(), &want), 0.0);
+        let delta = RuntimeDelta {
+            down: Some(randn(&[2, 8], 8)),
+            up: Some(randn(&[6, 2], 9)),
+            dense: None,
+            bias: None,
+        };
+        lin.set_runtime(Some(delta), DType::F32, &Device::Cpu)
+            .unwrap();
+        let want = gelu_tanh(&lin.forward(&x).unwrap()).unwrap();
+        assert_eq!(max_diff(&lin.forward_gelu(&x).unwrap(), &want), 0.0);
+        assert_eq!(lin.forward_gelu(&x).unwrap().dims(), [2, 3, 6]);
+    }
+}
+
+#[test]
 fn rope_is_identity_at_position_zero() {
     let zeros = Tensor::zeros((1, 4, 3), DType::F32, &Device::Cpu).unwrap();
     for mode in [AngleMode::F32, AngleMode::F64] {

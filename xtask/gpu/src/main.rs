@@ -1,7 +1,7 @@
 //! `flux-gpu-check`: the CUDA path checked and timed on a GPU machine, from the repository root.
 //!
 //! ```text
-//! flux-gpu-check [all|smoke|ops|goldens|attn|dit|profile]...
+//! flux-gpu-check [all|smoke|ops|goldens|attn|gemm|dit|profile]...
 //! ```
 //! - `smoke` (not in `all`): the default attention kernel (the Hopper kernel on an H100/H200)
 //!   once on a small and a FLUX-sized case; `run.sh` runs it alone first, under a time limit;
@@ -12,6 +12,8 @@
 //! - `attn`: our attention kernels (the Hopper kernel with and without ping-pong, the mma.sync
 //!   kernel) vs the composite matmul+softmax path, B=1, H=24, D=128, L from 1024 to 16384
 //!   (TFLOP/s);
+//! - `gemm`: every GEMM shape of a FLUX.1-dev step, bf16, cuBLASLt with bias/GELU epilogues
+//!   against cuBLAS plus separate passes (TFLOP/s, and the sum per step);
 //! - `profile` (not in `all`): the DiT's ops one by one at the 1024² shapes, to see where a
 //!   step's time goes;
 //! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
@@ -87,6 +89,9 @@ fn main() -> Result<()> {
     }
     if all || parts.contains(&"attn") {
         bench_attention(&dev, &mut r)?;
+    }
+    if all || parts.contains(&"gemm") {
+        bench_gemm(&dev, &mut r)?;
     }
     if all || parts.contains(&"dit") {
         bench_dit(&dev, &mut r)?;
@@ -306,16 +311,37 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
             let w = (randn(&[out, inp], dtype)? * 0.05)?;
             let bias = randn(&[out], dtype)?;
             let x = randn(&[rows, inp], dtype)?;
-            let lin = fk::Linear::new(w.to_device(dev)?, Some(bias.to_device(dev)?))?;
-            let gpu = lin.forward(&x.to_device(dev)?)?;
             let f = |t: &Tensor| t.to_dtype(DType::F32);
-            let cpu = fk::Linear::new(f(&w)?, Some(f(&bias)?))?.forward(&f(&x)?)?;
-            let (e, finite) = rel_err(&gpu, &cpu)?;
-            r.check(
-                format!("Linear {} rows{rows} {inp}→{out}", name(dtype)),
-                format!("rel err {e:.2e}"),
-                finite && e < bound(dtype),
-            );
+            let xg = x.to_device(dev)?;
+            for with_bias in [true, false] {
+                let b = with_bias.then_some(&bias);
+                let lin =
+                    fk::Linear::new(w.to_device(dev)?, b.map(|b| b.to_device(dev)).transpose()?)?;
+                let cpu_lin = fk::Linear::new(f(&w)?, b.map(f).transpose()?)?;
+                let cpu = cpu_lin.forward(&f(&x)?)?;
+                let cpu_gelu = cpu_lin.forward_gelu(&f(&x)?)?;
+                for mode in [fk::CudaLinear::CublasLt, fk::CudaLinear::Cublas] {
+                    fk::set_cuda_linear(mode);
+                    let what = format!(
+                        "Linear {} rows{rows} {inp}→{out}{} ({mode:?})",
+                        name(dtype),
+                        if with_bias { "" } else { " no bias" }
+                    );
+                    let (e, finite) = rel_err(&lin.forward(&xg)?, &cpu)?;
+                    r.check(
+                        what.clone(),
+                        format!("rel err {e:.2e}"),
+                        finite && e < bound(dtype),
+                    );
+                    let (e, finite) = rel_err(&lin.forward_gelu(&xg)?, &cpu_gelu)?;
+                    r.check(
+                        format!("{what} + GELU-tanh"),
+                        format!("rel err {e:.2e}"),
+                        finite && e < bound(dtype),
+                    );
+                }
+                fk::set_cuda_linear(fk::CudaLinear::CublasLt);
+            }
         }
         // QK-norm + RoPE, from a strided qkv view, tables of random angles
         for &(b, h, l, d) in &[
@@ -764,6 +790,68 @@ fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Every GEMM shape of a FLUX.1-dev step at 1024² (rows × in → out, calls per step, GELU after
+/// it), bf16: cuBLASLt with the bias (and GELU) in its epilogue against candle's cuBLAS
+/// product plus our bias kernel (plus the GELU pass).
+fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
+    println!("== FLUX GEMMs, bf16: cuBLASLt epilogues vs cuBLAS + bias pass (CUDA events)");
+    let shapes: [(&str, usize, usize, usize, usize, bool); 10] = [
+        ("double img qkv", 4096, 3072, 9216, 19, false),
+        ("double img proj", 4096, 3072, 3072, 19, false),
+        ("double img mlp.0 (+GELU)", 4096, 3072, 12288, 19, true),
+        ("double img mlp.2", 4096, 12288, 3072, 19, false),
+        ("double txt qkv", 512, 3072, 9216, 19, false),
+        ("double txt proj", 512, 3072, 3072, 19, false),
+        ("double txt mlp.0 (+GELU)", 512, 3072, 12288, 19, true),
+        ("double txt mlp.2", 512, 12288, 3072, 19, false),
+        ("single linear1", 4608, 3072, 21504, 38, false),
+        ("single linear2", 4608, 15360, 3072, 38, false),
+    ];
+    let mut per_step = [0f64; 2];
+    for (what, rows, inp, out, calls, gelu) in shapes {
+        let w = (Tensor::randn(0f32, 0.02, (out, inp), dev)?).to_dtype(DType::BF16)?;
+        let b = Tensor::randn(0f32, 1., out, dev)?.to_dtype(DType::BF16)?;
+        let x = Tensor::randn(0f32, 1., (rows, inp), dev)?.to_dtype(DType::BF16)?;
+        let lin = fk::Linear::new(w, Some(b))?;
+        let flops = 2.0 * (rows * inp * out) as f64;
+        let mut line = vec![];
+        for (i, mode) in [fk::CudaLinear::CublasLt, fk::CudaLinear::Cublas]
+            .into_iter()
+            .enumerate()
+        {
+            fk::set_cuda_linear(mode);
+            let secs = time(dev, 9, 10, || {
+                if gelu {
+                    lin.forward_gelu(&x)?;
+                } else {
+                    lin.forward(&x)?;
+                }
+                Ok(())
+            })?;
+            per_step[i] += secs * calls as f64;
+            line.push(format!(
+                "{mode:?} {:.3} ms {:.0} TFLOP/s",
+                secs * 1e3,
+                flops / secs / 1e12
+            ));
+        }
+        fk::set_cuda_linear(fk::CudaLinear::CublasLt);
+        r.info(
+            format!("GEMM {what} {rows}×{inp}→{out} ×{calls}"),
+            line.join(", "),
+        );
+    }
+    r.info(
+        "GEMMs per step (sum of the table)".into(),
+        format!(
+            "cuBLASLt {:.1} ms, cuBLAS + passes {:.1} ms",
+            per_step[0] * 1e3,
+            per_step[1] * 1e3
+        ),
+    );
+    Ok(())
+}
+
 fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
     use flux_dit::{
         bfl_tensor_shapes, img_ids, txt_ids, Config, DitInput, Flux, FluxOptions, Layout, Weights,
@@ -796,14 +884,18 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
     let ts = Tensor::new(&[0.5f32], dev)?.to_dtype(DType::BF16)?;
     let g = Tensor::new(&[3.5f32], dev)?;
     let mut results = vec![];
-    // the default kernel first, the composite last; on a Hopper also today's mma.sync kernel
-    let mut runs = vec![(false, kernels(dev, 128)[0])];
+    // the defaults first (cuBLASLt epilogues, the default attention kernel), then cuBLAS with
+    // separate passes, on a Hopper also today's mma.sync attention, the composite last
+    let lt = fk::CudaLinear::CublasLt;
+    let mut runs = vec![(false, kernels(dev, 128)[0], lt)];
+    runs.push((false, kernels(dev, 128)[0], fk::CudaLinear::Cublas));
     if hopper(dev) {
-        runs.push((false, Kern::Mma(FLASH_CONFIGS[0])));
+        runs.push((false, Kern::Mma(FLASH_CONFIGS[0]), lt));
     }
-    runs.push((true, kernels(dev, 128)[0]));
-    for &(composite, kern) in &runs {
+    runs.push((true, kernels(dev, 128)[0], lt));
+    for &(composite, kern, linear) in &runs {
         kern.select()?;
+        fk::set_cuda_linear(linear);
         let ckpt =
             fk::Checkpoint::from_tensors(tensors.clone(), DType::BF16, dev, "random weights")?;
         let weights = Weights::from_checkpoint(ckpt, Layout::Bfl);
@@ -829,7 +921,7 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         let label = if composite {
             "candle composite attention".to_string()
         } else {
-            format!("ours (fused kernels, attention {})", kern.label())
+            format!("ours (attention {}, linear {linear:?})", kern.label())
         };
         r.info(
             format!("DiT step 1024² bf16, {label}"),
@@ -838,11 +930,15 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         results.push(out.expect("ran"));
     }
     select_default(dev)?;
+    fk::set_cuda_linear(lt);
     let last = results.len() - 1;
-    for (i, &(_, kern)) in runs.iter().enumerate().take(last) {
+    for (i, &(_, kern, linear)) in runs.iter().enumerate().take(last) {
         let (e, finite) = rel_err(&results[i], &results[last])?;
         r.check(
-            format!("DiT step: fused ({}) vs composite outputs", kern.label()),
+            format!(
+                "DiT step: ours (attention {}, linear {linear:?}) vs composite outputs",
+                kern.label()
+            ),
             format!("rel err {e:.2e}"),
             finite && e < 2e-2,
         );
