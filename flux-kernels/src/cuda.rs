@@ -797,6 +797,10 @@ pub(crate) struct LtLinear {
     pub gelu: bool,
 }
 
+/// How [`LtLinear`] says that cuBLASLt has no algorithm for the operands (their alignment, the
+/// shape): the caller then takes the cuBLAS path. Every other error is real.
+pub(crate) const LT_UNSUPPORTED: &str = "cuBLASLt cannot run this product";
+
 cuda_op!(
     LtLinear,
     CustomOp2,
@@ -864,7 +868,8 @@ mod lt {
     // SAFETY: as for Handle; a plan is used by one call at a time (its mutex).
     unsafe impl Send for Plan {}
 
-    type Plans = Mutex<HashMap<Key, Arc<Mutex<Plan>>>>;
+    /// `None`: cuBLASLt had no algorithm for the key (asked once).
+    type Plans = Mutex<HashMap<Key, Option<Arc<Mutex<Plan>>>>>;
     static PLANS: OnceLock<Plans> = OnceLock::new();
     static HANDLES: OnceLock<Mutex<HashMap<candle::cuda_backend::DeviceId, Arc<Handle>>>> =
         OnceLock::new();
@@ -973,7 +978,13 @@ mod lt {
             .map_err(|e| err("preference", e))?;
             let r = result::get_matmul_algo_heuristic(h.raw, desc, a, b, d, d, pref);
             let _ = result::destroy_matmul_pref(pref);
-            r.map_err(|e| err(&format!("no algorithm for {key:?}"), e))?
+            if r.is_err() {
+                let _ = result::destroy_matmul_desc(desc);
+                for l in [a, b, d] {
+                    let _ = result::destroy_matrix_layout(l);
+                }
+            }
+            r.map_err(|e| candle::Error::Msg(format!("{LT_UNSUPPORTED}: {key:?}: {e:?}")))?
         };
         Ok(Plan {
             desc,
@@ -1029,9 +1040,9 @@ mod lt {
             let mut ptrs = vec![xp, wp, yp];
             ptrs.extend(bp.as_ref().map(|(p, _)| *p));
             if alignment(&ptrs) < 16 {
-                return Err(candle::Error::Msg(
-                    "lt linear: operands must be 16-byte aligned".into(),
-                ));
+                return Err(candle::Error::Msg(format!(
+                    "{LT_UNSUPPORTED}: operands not 16-byte aligned"
+                )));
             }
             let key = Key {
                 device: dev.id(),
@@ -1048,14 +1059,19 @@ mod lt {
                     .get_or_init(Default::default)
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                match plans.get(&key) {
+                let entry = match plans.get(&key) {
                     Some(p) => p.clone(),
                     None => {
-                        let p = Arc::new(Mutex::new(make_plan(&h, &key, bias_ptr)?));
+                        let p = match make_plan(&h, &key, bias_ptr) {
+                            Ok(p) => Some(Arc::new(Mutex::new(p))),
+                            Err(e) if e.to_string().contains(LT_UNSUPPORTED) => None,
+                            Err(e) => return Err(e),
+                        };
                         plans.insert(key, p.clone());
                         p
                     }
-                }
+                };
+                entry.ok_or_else(|| candle::Error::Msg(format!("{LT_UNSUPPORTED}: {key:?}")))?
             };
             let plan = plan.lock().unwrap_or_else(|e| e.into_inner());
             let (alpha, beta) = (1f32, 0f32);

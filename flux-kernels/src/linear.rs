@@ -650,10 +650,16 @@ impl Linear {
         }
         let x = x.contiguous()?;
         let op = crate::cuda::LtLinear { gelu };
-        Ok(Some(match &self.bias {
-            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op)?,
-            None => x.apply_op2_no_bwd(&w, &op)?,
-        }))
+        let y = match &self.bias {
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
+            None => x.apply_op2_no_bwd(&w, &op),
+        };
+        match y {
+            Ok(y) => Ok(Some(y)),
+            // no cuBLASLt algorithm for these operands: the cuBLAS path takes them
+            Err(e) if e.to_string().contains(crate::cuda::LT_UNSUPPORTED) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// `x·Wᵀ` then `+ b`, without the run-time adapter: on CUDA one cuBLASLt call with the bias
