@@ -1110,3 +1110,42 @@ mod lt {
         Ok((CudaStorage::wrap_cuda_slice(y, dev), (rows, out).into()))
     }
 }
+
+/// Starts compiling every CUDA module the model uses (candle's eleven and ours) on a background
+/// thread, so that the driver's JIT of their PTX (seconds on a fresh machine) overlaps the
+/// loading of the weights instead of delaying the first step. Returns at once; the thread ends
+/// when every module is loaded (a failure only means the module is compiled later, on first
+/// use). With `CUDA_CACHE_PATH`/`CUDA_CACHE_MAXSIZE` the driver keeps the compiled code between
+/// runs (see the README).
+pub fn warm_up(dev: &CudaDevice) -> std::thread::JoinHandle<()> {
+    let dev = dev.clone();
+    std::thread::spawn(move || {
+        use candle::cuda_backend::kernels as k;
+        for m in [
+            &k::AFFINE,
+            &k::BINARY,
+            &k::CAST,
+            &k::CONV,
+            &k::FILL,
+            &k::INDEXING,
+            &k::QUANTIZED,
+            &k::REDUCE,
+            &k::SORT,
+            &k::TERNARY,
+            &k::UNARY,
+        ] {
+            // the module is compiled and kept by candle even though no function has this name
+            let _ = dev.get_or_load_func("flux_warm_up", m);
+        }
+        let _ = dev.get_or_load_custom_func("bias_add_bf16", "flux_fused", FUSED_PTX);
+        let _ =
+            dev.get_or_load_custom_func("flash_attn_bf16_d128_r64_o3", "flux_flash_attn", ATTN_PTX);
+        if has_hopper_kernel() {
+            let _ = dev.get_or_load_custom_func(
+                "flash_attn_sm90_bf16_d128_pp",
+                "flux_flash_attn_sm90",
+                ATTN_SM90_PTX,
+            );
+        }
+    })
+}

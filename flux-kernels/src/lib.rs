@@ -25,7 +25,7 @@ pub use checkpoint::{
     read_text, shard_names, sharded_files, Checkpoint, StoredType, MAX_CONFIG_BYTES,
 };
 #[cfg(feature = "cuda")]
-pub use cuda::{has_hopper_kernel, last_flash_kernel, set_flash_config};
+pub use cuda::{has_hopper_kernel, last_flash_kernel, set_flash_config, warm_up as warm_up_cuda};
 pub use error::{over_limit, preview, Error, LoadError, Result};
 pub use linear::{
     cuda_linear, set_cuda_linear, set_quant_matmul, CudaLinear, Linear, LinearWeight, QuantMatmul,

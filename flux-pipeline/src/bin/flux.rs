@@ -283,8 +283,17 @@ fn open_device(arg: DeviceArg) -> Result<Device, Error> {
                     "this flux was built without CUDA support; rebuild with `--features cuda` (needs the CUDA toolkit)".into(),
                 ));
             }
-            Device::new_cuda(0)
-                .map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}")))
+            let dev = Device::new_cuda(0)
+                .map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}")))?;
+            // the driver compiles the kernels' PTX while the weights load (FLUX_CUDA_WARM_UP=0:
+            // on first use instead, for comparison)
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(cuda) = &dev {
+                if std::env::var("FLUX_CUDA_WARM_UP").as_deref() != Ok("0") {
+                    drop(flux_kernels::warm_up_cuda(cuda));
+                }
+            }
+            Ok(dev)
         }
     }
 }
