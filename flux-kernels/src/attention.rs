@@ -40,43 +40,23 @@ impl std::str::FromStr for FlashKernel {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        [
-            FlashKernel::Auto,
-            FlashKernel::HopperNoPingPong,
-            FlashKernel::MmaSync,
-        ]
-        .into_iter()
-        .find(|k| k.name() == s.trim())
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{}={s:?}: expected auto, hopper-no-pingpong or mma.sync",
-                FlashKernel::ENV
-            ))
-        })
+        use FlashKernel::*;
+        crate::switch::parse_named(Self::ENV, s, &[Auto, HopperNoPingPong, MmaSync], Self::name)
     }
 }
 
-/// `None` until chosen: then [`flash_kernel`] reads the environment once.
-static FLASH_KERNEL: std::sync::Mutex<Option<FlashKernel>> = std::sync::Mutex::new(None);
+static FLASH_KERNEL: crate::switch::Switch<FlashKernel> =
+    crate::switch::Switch::new(FlashKernel::ENV);
 
 /// Chooses the CUDA attention kernel for this process (see [`FlashKernel`]).
 pub fn set_flash_kernel(kernel: FlashKernel) {
-    *FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner()) = Some(kernel);
+    FLASH_KERNEL.set(kernel);
 }
 
 /// The CUDA attention kernel in use: the one [`set_flash_kernel`] chose, else
 /// `FLUX_CUDA_ATTENTION`, else `Auto`. A value of the variable that names no kernel is an error.
 pub fn flash_kernel() -> Result<FlashKernel> {
-    let mut k = FLASH_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(k) = *k {
-        return Ok(k);
-    }
-    let chosen = match std::env::var(FlashKernel::ENV) {
-        Ok(v) if !v.trim().is_empty() => v.parse()?,
-        _ => FlashKernel::Auto,
-    };
-    *k = Some(chosen);
-    Ok(chosen)
+    FLASH_KERNEL.get()
 }
 
 /// Options of [`attention`].

@@ -15,6 +15,7 @@ pub mod lora;
 mod ops;
 mod quant;
 mod rope;
+mod switch;
 
 pub use alloc::ReuseAlloc;
 pub use attention::{

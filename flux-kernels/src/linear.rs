@@ -73,47 +73,38 @@ pub enum CudaLinear {
 }
 
 impl CudaLinear {
-    /// The environment variable that chooses it before the first product: `cublaslt` or
-    /// `cublas`.
+    /// The environment variable that chooses it before the first product.
     pub const ENV: &'static str = "FLUX_CUDA_LINEAR";
+
+    /// The name `FLUX_CUDA_LINEAR` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaLinear::CublasLt => "cublaslt",
+            CudaLinear::Cublas => "cublas",
+        }
+    }
 }
 
 impl std::str::FromStr for CudaLinear {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s.trim() {
-            "cublaslt" => Ok(CudaLinear::CublasLt),
-            "cublas" => Ok(CudaLinear::Cublas),
-            other => Err(Error::InvalidArgument(format!(
-                "{}={other:?}: expected cublaslt or cublas",
-                CudaLinear::ENV
-            ))),
-        }
+        use CudaLinear::*;
+        crate::switch::parse_named(Self::ENV, s, &[CublasLt, Cublas], Self::name)
     }
 }
 
-/// `None` until chosen; then [`cuda_linear`] reads the environment once.
-static CUDA_LINEAR: std::sync::Mutex<Option<CudaLinear>> = std::sync::Mutex::new(None);
+static CUDA_LINEAR: crate::switch::Switch<CudaLinear> = crate::switch::Switch::new(CudaLinear::ENV);
 
 /// Chooses how [`Linear`] multiplies on CUDA from now on (see [`CudaLinear`]).
 pub fn set_cuda_linear(policy: CudaLinear) {
-    *CUDA_LINEAR.lock().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    CUDA_LINEAR.set(policy);
 }
 
 /// The CUDA product in use: the one [`set_cuda_linear`] chose, else `FLUX_CUDA_LINEAR`, else
 /// cuBLASLt. A value of the variable that names neither is an error.
 pub fn cuda_linear() -> Result<CudaLinear> {
-    let mut p = CUDA_LINEAR.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = *p {
-        return Ok(p);
-    }
-    let chosen = match std::env::var(CudaLinear::ENV) {
-        Ok(v) if !v.trim().is_empty() => v.parse()?,
-        _ => CudaLinear::CublasLt,
-    };
-    *p = Some(chosen);
-    Ok(chosen)
+    CUDA_LINEAR.get()
 }
 
 static QUANT_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
