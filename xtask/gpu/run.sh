@@ -77,8 +77,10 @@ if [ -z "${SKIP_CLI:-}" ]; then
     "$bin/flux" generate --model flux-pipeline/tests/golden/tiny-dev --device cuda --dtype bf16 \
       --prompt "a red fox in the snow" --width 256 --height 256 --seed 42 \
       --output "$pngs/tiny-cuda-$run-{seed}.png" 2>&1 | tee -a "$out/flux-cli.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    echo "first image, fresh process, JIT cache $run: $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s" \
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || status=1
+    secs=$(python3 -c "print(round($(date +%s.%N) - $t0, 2))")
+    echo "first image, fresh process, JIT cache $run: ${secs} s$([ "$rc" -eq 0 ] || echo " (FAILED, rc $rc)")" \
       | tee -a "$out/first-image.log"
   done
   cp "$pngs/tiny-cuda-cached-42.png" "$out/" 2>/dev/null
