@@ -627,7 +627,7 @@ impl Linear {
             return Ok(None);
         }
         let dtype = x.dtype();
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || x.elem_count() == 0 {
             return Ok(None);
         }
         let w = match &self.weight {
