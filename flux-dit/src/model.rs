@@ -76,12 +76,51 @@ impl MlpEmbedder {
     }
 }
 
+/// A modulation layer's outputs for every step [`Flux::prepare_steps`] prepared: one product
+/// over all the steps' rows instead of one small product per step. Shared by the model's clones
+/// (like its RoPE cache); found by the id of the step's SiLU(vec) rows.
+#[derive(Debug, Clone, Default)]
+struct Prepared(Arc<Mutex<Option<PreparedRows>>>);
+
+#[derive(Debug)]
+struct PreparedRows {
+    /// per prepared step: the id of its SiLU(vec) view, and where its rows start
+    steps: Vec<(TensorId, usize, usize)>,
+    /// `lin(SiLU(vec))` for every step's rows
+    out: Tensor,
+}
+
+impl Prepared {
+    /// Computes `lin(all)` once; `steps` are the views of `all` the forward passes will bring.
+    fn fill(&self, lin: &Linear, all: &Tensor, steps: Vec<(TensorId, usize, usize)>) -> Result<()> {
+        let out = lin.forward(all)?;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(PreparedRows { steps, out });
+        Ok(())
+    }
+
+    fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// `lin(vec_act)` when `vec_act` is a prepared step's rows, else computed now.
+    fn forward(&self, lin: &Linear, vec_act: &Tensor) -> Result<Tensor> {
+        let id = vec_act.id();
+        if let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if let Some(&(_, start, rows)) = p.steps.iter().find(|s| s.0 == id) {
+                return Ok(p.out.narrow(0, start, rows)?);
+            }
+        }
+        Ok(lin.forward(vec_act)?)
+    }
+}
+
 /// adaLN modulation: `lin(SiLU(vec))` split into 3 (single) or 6 (double) chunks
 /// `(shift, scale, gate[, shift2, scale2, gate2])`.
 #[derive(Debug, Clone)]
 pub struct Modulation {
     lin: Linear,
     chunks: usize,
+    prepared: Prepared,
 }
 
 /// One `(shift, scale, gate)` triple, each `(B, 1, C)`.
@@ -101,12 +140,13 @@ impl Modulation {
         Ok(Modulation {
             lin: w.linear(&format!("{p}.lin"), hidden, chunks * hidden, true)?,
             chunks,
+            prepared: Prepared::default(),
         })
     }
 
     /// Takes `SiLU(vec)` (computed once per forward) and returns the triples.
     fn forward(&self, vec_act: &Tensor) -> Result<Vec<ModulationOut>> {
-        let out = self.lin.forward(vec_act)?.unsqueeze(1)?; // (b, 1, m·c)
+        let out = self.prepared.forward(&self.lin, vec_act)?.unsqueeze(1)?; // (b, 1, m·c)
         let c = out.chunk(self.chunks, D::Minus1)?;
         Ok(c.chunks(3)
             .map(|t| ModulationOut {
@@ -363,6 +403,7 @@ impl SingleStreamBlock {
 pub struct LastLayer {
     linear: Linear,
     ada_ln: Linear,
+    prepared: Prepared,
 }
 
 impl LastLayer {
@@ -371,13 +412,14 @@ impl LastLayer {
         Ok(LastLayer {
             linear: w.linear("final_layer.linear", h, cfg.out_channels, true)?,
             ada_ln: w.linear("final_layer.adaLN_modulation.1", h, 2 * h, true)?,
+            prepared: Prepared::default(),
         })
     }
 
     /// # Shapes
     /// `x`: `(B, L_img, C)`, `vec_act` = SiLU(vec): `(B, C)`. Returns `(B, L_img, out_channels)`.
     pub fn forward(&self, x: &Tensor, vec_act: &Tensor) -> Result<Tensor> {
-        let m = self.ada_ln.forward(vec_act)?.unsqueeze(1)?;
+        let m = self.prepared.forward(&self.ada_ln, vec_act)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
         let x = layer_norm_modulate(x, &c[0], &c[1], NORM_EPS)?;
         Ok(self.linear.forward(&x)?)
@@ -425,6 +467,13 @@ struct RopeCache {
     table: RopeTable,
 }
 
+/// One step [`Flux::prepare_steps`] prepared.
+#[derive(Debug, Clone)]
+struct PreparedStep {
+    key: (TensorId, TensorId, Option<TensorId>),
+    vec_act: Tensor,
+}
+
 /// What adapters may change besides the linear layers (which keep their own originals): the
 /// config (a control LoRA widens `img_in`) and the QK-norm scales (which it replaces).
 pub(crate) type LoraBase = (Config, Vec<(String, Tensor)>);
@@ -445,6 +494,9 @@ pub struct Flux {
     /// The RoPE table of the last `(txt_ids, img_ids)` pair: a sampler passes the same id
     /// tensors at every step, so the table is built once per image, not once per step.
     rope_cache: Arc<Mutex<Option<RopeCache>>>,
+    /// The steps [`Flux::prepare_steps`] prepared: their (timesteps, y, guidance) ids and
+    /// SiLU(vec) rows.
+    prepared_steps: Arc<Mutex<Vec<PreparedStep>>>,
     dtype: DType,
     device: Device,
     /// While adapters are attached: the config and QK-norm scales as loaded.
@@ -481,6 +533,7 @@ impl Flux {
             cfg: cfg.clone(),
             opts,
             rope_cache: Arc::default(),
+            prepared_steps: Arc::default(),
             dtype: w.dtype(),
             device: w.device().clone(),
             lora_base: None,
@@ -640,6 +693,94 @@ impl Flux {
         Ok((vec + self.vector_in.forward(&y.to_dtype(dt)?)?)?)
     }
 
+    /// Computes the conditioning of many forward passes at once: for each `(timesteps,
+    /// guidance, y)` (the tensors the passes will bring in their [`DitInput`]), SiLU(vec) and
+    /// every modulation layer's output, as one product per layer over all the passes' rows
+    /// instead of one small product per pass (the adaLN weights, about 3.2 B parameters at full
+    /// size, are read once per image instead of once per step). Forward passes whose three
+    /// tensors are one of these, by identity, use them; others compute their own. Replaces what
+    /// an earlier call prepared; [`Flux::clear_prepared`] frees it.
+    ///
+    /// # Shapes
+    /// Each entry: `timesteps`, `guidance` `(B)`, `y` `(B, vec_in_dim)` (B may differ between
+    /// entries).
+    pub fn prepare_steps(&self, steps: &[(&Tensor, Option<&Tensor>, &Tensor)]) -> Result<()> {
+        self.clear_prepared();
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let with_guidance = steps[0].1.is_some();
+        if steps.iter().any(|s| s.1.is_some() != with_guidance) {
+            return Err(Error::Kernels(flux_kernels::Error::InvalidArgument(
+                "prepare_steps: give a guidance for every step or for none".into(),
+            )));
+        }
+        // timesteps and guidance keep the dtype the passes give (the embedding's rounding
+        // follows it), the rows of all steps side by side
+        fn cat(parts: Vec<&Tensor>) -> Result<Tensor> {
+            let dtype = parts[0].dtype();
+            let parts = parts
+                .iter()
+                .map(|p| p.to_dtype(dtype))
+                .collect::<candle::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        }
+        let t = cat(steps.iter().map(|s| s.0).collect())?;
+        let y = cat(steps.iter().map(|s| s.2).collect())?;
+        let g = if with_guidance {
+            Some(cat(steps.iter().filter_map(|s| s.1).collect())?)
+        } else {
+            None
+        };
+        let all = silu(&self.embed_vec(&t, g.as_ref(), &y)?)?;
+        let mut rows = vec![];
+        let mut prepared = vec![];
+        let mut start = 0;
+        for (ts, gd, y) in steps {
+            let b = ts.dim(0)?;
+            let vec_act = all.narrow(0, start, b)?;
+            rows.push((vec_act.id(), start, b));
+            prepared.push(PreparedStep {
+                key: (ts.id(), y.id(), gd.map(Tensor::id)),
+                vec_act,
+            });
+            start += b;
+        }
+        for m in self.modulations() {
+            m.prepared.fill(&m.lin, &all, rows.clone())?;
+        }
+        self.final_layer
+            .prepared
+            .fill(&self.final_layer.ada_ln, &all, rows)?;
+        *self
+            .prepared_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = prepared;
+        Ok(())
+    }
+
+    /// Frees what [`Flux::prepare_steps`] prepared.
+    pub fn clear_prepared(&self) {
+        self.prepared_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        for m in self.modulations() {
+            m.prepared.clear();
+        }
+        self.final_layer.prepared.clear();
+    }
+
+    /// Every block's modulation layers.
+    fn modulations(&self) -> Vec<&Modulation> {
+        let mut v = vec![];
+        for b in &self.double_blocks {
+            v.extend([&b.img.modulation, &b.txt.modulation]);
+        }
+        v.extend(self.single_blocks.iter().map(|b| &b.modulation));
+        v
+    }
+
     /// The RoPE table for `[txt_ids; img_ids]` with this model's axes, theta and angle mode.
     ///
     /// # Shapes
@@ -673,6 +814,8 @@ impl Flux {
     /// Every linear layer with its BFL module name (`double_blocks.0.img_attn.qkv`), for the
     /// LoRA key map.
     pub(crate) fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        // the prepared modulations were computed with the weights about to change
+        self.clear_prepared();
         let mut v: Vec<(String, &mut Linear)> = vec![("img_in".into(), &mut self.img_in)];
         v.push(("time_in.in_layer".into(), &mut self.time_in.in_layer));
         v.push(("time_in.out_layer".into(), &mut self.time_in.out_layer));
@@ -772,11 +915,22 @@ impl Flux {
         let (_, l_txt, _) = self.check_inputs(x)?;
         let dt = self.dtype;
         let img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
-        let vec = self.embed_vec(x.timesteps, x.guidance, x.y)?;
         let txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
         let pe = self.rope_cached(x.txt_ids, x.img_ids)?;
-        // SiLU(vec) feeds every modulation: compute it once.
-        let vec_act = silu(&vec)?;
+        // SiLU(vec) feeds every modulation: computed once per forward, or once for every step
+        // when the caller prepared them
+        let key = (x.timesteps.id(), x.y.id(), x.guidance.map(Tensor::id));
+        let prepared = self
+            .prepared_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.vec_act.clone());
+        let vec_act = match prepared {
+            Some(v) => v,
+            None => silu(&self.embed_vec(x.timesteps, x.guidance, x.y)?)?,
+        };
         let (mut img, mut txt) = (img, txt);
         // the table's text and image rows, split once for every double block
         let pe_split = split_rope(&pe, l_txt, img.dim(1)?)?;

@@ -116,6 +116,82 @@ fn full_model_case(name: &str) {
         &a,
         Tolerance::EXACT,
     );
+    // Every step's modulations prepared at once (this pass among others with other timesteps
+    // and batch sizes) give the reference's output too, and what they were computed for only.
+    let other_t = (&i.timesteps * 0.5).unwrap();
+    let other_g = i.guidance.as_ref().map(|g| (g * 2.0).unwrap());
+    let one_t = i.timesteps.narrow(0, 0, 1).unwrap();
+    let one_g = i.guidance.as_ref().map(|g| g.narrow(0, 0, 1).unwrap());
+    let one_y = i.y.narrow(0, 0, 1).unwrap();
+    from_bfl
+        .prepare_steps(&[
+            (&other_t, other_g.as_ref(), &i.y),
+            (&i.timesteps, i.guidance.as_ref(), &i.y),
+            (&one_t, one_g.as_ref(), &one_y),
+        ])
+        .unwrap();
+    let p = run(&from_bfl, &i);
+    g.check(
+        "output/f32 (modulations of several steps prepared at once)",
+        &p,
+        &g.tensor("output/f32"),
+        Tolerance::F32_SINUSOID,
+    );
+    g.check(
+        "prepared vs per-pass modulations",
+        &p,
+        &b,
+        Tolerance::new(1e-5, 1e-6),
+    );
+    // and the prepared rows are what the pass used: a Var keeps its tensor's id when its
+    // values change, so a pass that still matches b after the change used the prepared rows
+    let t_var = candle::Var::from_tensor(&i.timesteps).unwrap();
+    from_bfl
+        .prepare_steps(&[(t_var.as_tensor(), i.guidance.as_ref(), &i.y)])
+        .unwrap();
+    t_var.set(&other_t).unwrap();
+    let moved = Inputs {
+        timesteps: t_var.as_tensor().clone(),
+        ..inputs(&g, DType::F32)
+    };
+    let moved = Inputs {
+        y: i.y.clone(),
+        guidance: i.guidance.clone(),
+        ..moved
+    };
+    g.check(
+        "a prepared pass uses the prepared rows",
+        &run(&from_bfl, &moved),
+        &b,
+        Tolerance::new(1e-5, 1e-6),
+    );
+    from_bfl.clear_prepared();
+    let unprepared = run(&from_bfl, &moved);
+    assert!(
+        flux_golden::max_abs_diff(&unprepared, &b) > 1e-3,
+        "the changed timesteps must change an unprepared pass"
+    );
+    // the same values in other tensors are not what was prepared: computed per pass
+    from_bfl
+        .prepare_steps(&[(&i.timesteps, i.guidance.as_ref(), &i.y)])
+        .unwrap();
+    let fresh = Inputs {
+        timesteps: i.timesteps.copy().unwrap(),
+        ..inputs(&g, DType::F32)
+    };
+    g.check(
+        "unprepared pass beside prepared ones",
+        &run(&from_bfl, &fresh),
+        &b,
+        Tolerance::EXACT,
+    );
+    from_bfl.clear_prepared();
+    g.check(
+        "after clear_prepared",
+        &run(&from_bfl, &i),
+        &b,
+        Tolerance::EXACT,
+    );
 }
 
 #[test]

@@ -1137,6 +1137,30 @@ impl Group<'_> {
             y = Tensor::cat(&[&y, &neg_y.repeat((g, 1))?], 0)?;
         }
         let rows = txt.dim(0)?;
+        // Every step's timesteps and guidance, and the passes' pooled-text rows, made before
+        // the loop so that the transformer computes all their modulations at once
+        // (`Flux::prepare_steps`); each pass brings these very tensors.
+        let neg_y_rows = match self.negative {
+            Some((_, _, neg_y)) if !joint => Some(neg_y.repeat((g, 1))?),
+            _ => None,
+        };
+        let per_step = flux_sampler::step_infos(&self.ts[first..], self.sopts)
+            .iter()
+            .map(|info| {
+                let t = Tensor::from_vec(vec![info.model_t; rows], rows, dev)?;
+                let gd = info
+                    .model_guidance
+                    .map(|v| Tensor::from_vec(vec![v; rows], rows, dev))
+                    .transpose()?;
+                Ok((t, gd))
+            })
+            .collect::<candle::Result<Vec<_>>>()?;
+        let passes_y: Vec<&Tensor> = std::iter::once(&y).chain(neg_y_rows.as_ref()).collect();
+        let entries: Vec<(&Tensor, Option<&Tensor>, &Tensor)> = per_step
+            .iter()
+            .flat_map(|(t, gd)| passes_y.iter().map(move |y| (t, gd.as_ref(), *y)))
+            .collect();
+        self.dit.prepare_steps(&entries)?;
         let ids_img = self.ids_img.repeat((rows, 1, 1))?;
         let ids_txt = self.ids_txt.repeat((rows, 1, 1))?;
         let ids_neg = match self.negative {
@@ -1151,11 +1175,16 @@ impl Group<'_> {
                     Some(n) if txt.dim(1)? != ids_txt.dim(1)? => n.clone(),
                     _ => ids_txt.narrow(0, 0, rows)?,
                 };
-                let t = Tensor::from_vec(vec![info.model_t; rows], rows, dev)?;
-                let gd = info
-                    .model_guidance
-                    .map(|v| Tensor::from_vec(vec![v; rows], rows, dev))
-                    .transpose()?;
+                // the prepared tensors where the rows match (always, as run builds the passes)
+                let (t, gd) = match per_step.get(info.index) {
+                    Some((t, gd)) if t.dim(0)? == rows => (t.clone(), gd.clone()),
+                    _ => (
+                        Tensor::from_vec(vec![info.model_t; rows], rows, dev)?,
+                        info.model_guidance
+                            .map(|v| Tensor::from_vec(vec![v; rows], rows, dev))
+                            .transpose()?,
+                    ),
+                };
                 let v = self.dit.forward(&DitInput {
                     img,
                     img_ids: &ids_img.narrow(0, 0, rows)?,
@@ -1179,8 +1208,11 @@ impl Group<'_> {
                 // to both
                 Some((scale, neg_txt, neg_y)) => {
                     let pos = predict(&img, &txt, &y, g)?;
-                    let neg =
-                        predict(&img, &neg_txt.repeat((g, 1, 1))?, &neg_y.repeat((g, 1))?, g)?;
+                    let neg_y = match &neg_y_rows {
+                        Some(r) => r.clone(),
+                        None => neg_y.repeat((g, 1))?,
+                    };
+                    let neg = predict(&img, &neg_txt.repeat((g, 1, 1))?, &neg_y, g)?;
                     Ok(true_cfg(&pos, &neg, *scale)?)
                 }
             }
@@ -1218,7 +1250,10 @@ impl Group<'_> {
                     }
                 }
             },
-        )?;
+        );
+        // the prepared modulations are this run's only: free them whatever happened
+        self.dit.clear_prepared();
+        let lat = lat?;
         check_finite(&lat, "transformer")?;
         Ok(lat)
     }

@@ -14,7 +14,7 @@ pub use noise::{
     latent_shape, seeded_noise, seeded_noise_with, torch_randn, NoiseDtype, NoiseOptions,
     SizeRounding, TorchCpuKernel, TorchGenerator,
 };
-pub use sample::{sample, sample_with, Denoiser, SampleOptions, StepInfo};
+pub use sample::{sample, sample_with, step_infos, Denoiser, SampleOptions, StepInfo};
 pub use schedule::{diffusers_sigmas, schedule, validate_schedule, ShiftParams};
 pub use timestep::{
     embedded_guidance, embedded_timestep, model_guidance, model_timestep, round_bf16,

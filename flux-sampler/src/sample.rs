@@ -82,6 +82,24 @@ where
     sample_with(x, timesteps, opts, denoiser, |_, x| Ok(x), on_step)
 }
 
+/// The steps [`sample`] takes over `timesteps` with `opts`, in order: what its denoiser is
+/// called with, known before the loop (a model can prepare every step's conditioning at once).
+pub fn step_infos(timesteps: &[f32], opts: &SampleOptions) -> Vec<StepInfo> {
+    let num_steps = timesteps.len().saturating_sub(1);
+    timesteps
+        .windows(2)
+        .enumerate()
+        .map(|(index, w)| StepInfo {
+            index,
+            num_steps,
+            t_curr: w[0],
+            t_prev: w[1],
+            model_t: model_timestep(w[0], opts.rounding),
+            model_guidance: opts.guidance.map(|g| model_guidance(g, opts.rounding)),
+        })
+        .collect()
+}
+
 /// [`sample`] with `after_step` applied to each stepped latent before the next step (and
 /// before `on_step` sees it): inpainting's re-noise-and-blend of the kept region.
 pub fn sample_with<D, A, C>(
@@ -106,17 +124,9 @@ where
             });
         }
     }
-    let num_steps = timesteps.len() - 1;
     let mut x = x;
-    for (index, w) in timesteps.windows(2).enumerate() {
-        let info = StepInfo {
-            index,
-            num_steps,
-            t_curr: w[0],
-            t_prev: w[1],
-            model_t: model_timestep(w[0], opts.rounding),
-            model_guidance: opts.guidance.map(|g| model_guidance(g, opts.rounding)),
-        };
+    for info in step_infos(timesteps, opts) {
+        let index = info.index;
         let v = denoiser
             .velocity(&x, &info)
             .map_err(|source| Error::Denoiser {
