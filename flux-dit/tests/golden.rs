@@ -152,12 +152,9 @@ fn full_model_case(name: &str) {
     t_var.set(&other_t).unwrap();
     let moved = Inputs {
         timesteps: t_var.as_tensor().clone(),
-        ..inputs(&g, DType::F32)
-    };
-    let moved = Inputs {
         y: i.y.clone(),
         guidance: i.guidance.clone(),
-        ..moved
+        ..inputs(&g, DType::F32)
     };
     g.check(
         "a prepared pass uses the prepared rows",

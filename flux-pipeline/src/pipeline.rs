@@ -313,6 +313,10 @@ struct Plan {
 
 const MAX_SIDE: usize = 8192;
 const MAX_STEPS: usize = 1000;
+/// The most rows (steps × passes × batch) whose modulations a run prepares up front: each row
+/// holds every layer's modulation, 1.06 M values at full size (4.2 MB in f32), so 64 rows cost
+/// ≈ 270 MB. Longer or wider runs compute them per step, as before.
+const MAX_PREPARED_ROWS: usize = 64;
 
 impl FluxPipeline {
     /// Prepares a pipeline for located files; weights are loaded when first needed.
@@ -1160,7 +1164,10 @@ impl Group<'_> {
             .iter()
             .flat_map(|(t, gd)| passes_y.iter().map(move |y| (t, gd.as_ref(), *y)))
             .collect();
-        self.dit.prepare_steps(&entries)?;
+        let prepared_rows = entries.len() * rows;
+        if prepared_rows <= MAX_PREPARED_ROWS {
+            self.dit.prepare_steps(&entries)?;
+        }
         let ids_img = self.ids_img.repeat((rows, 1, 1))?;
         let ids_txt = self.ids_txt.repeat((rows, 1, 1))?;
         let ids_neg = match self.negative {
