@@ -458,6 +458,11 @@ pub struct FluxOptions {
     /// Encode the blocks' dense weights while loading (`--quantize q8_0|q4_k|…|fp8`; see
     /// [`Weights::set_quantize`]). Default `None`: weights as stored.
     pub quantize: Option<flux_kernels::Encoding>,
+    /// Multiply the blocks' linear layers in fp8 (`--fp8-gemm`; see [`Weights::set_fp8_gemm`]):
+    /// e4m3 weights with one scale each, activations quantized per tensor before each product;
+    /// on CUDA cuBLASLt's fp8 GEMM, elsewhere an emulation of its rounding. `quantize` may then
+    /// only be fp8 e4m3 (or `None`). Default `false`.
+    pub fp8_gemm: bool,
 }
 
 /// A RoPE table and the ids it was built from.
@@ -511,7 +516,14 @@ impl Flux {
     pub fn load(cfg: &Config, w: &Weights, opts: FluxOptions) -> Result<Self> {
         cfg.validate()?;
         w.check_looks_like(cfg)?;
+        let e4m3 = flux_kernels::Encoding::Fp8(flux_kernels::Fp8Kind::E4M3);
+        if let (true, Some(q)) = (opts.fp8_gemm, opts.quantize.filter(|q| *q != e4m3)) {
+            return Err(Error::InvalidConfig(format!(
+                "fp8 GEMMs take e4m3 weights: they cannot be combined with quantizing to {q}"
+            )));
+        }
         w.set_quantize(opts.quantize);
+        w.set_fp8_gemm(opts.fp8_gemm);
         let h = cfg.hidden_size;
         let mut model = Flux {
             img_in: w.linear("img_in", cfg.in_channels, h, true)?,

@@ -233,6 +233,7 @@ pub struct Weights {
     ckpt: Checkpoint,
     layout: Layout,
     quantize: std::cell::Cell<Option<flux_kernels::Encoding>>,
+    fp8_gemm: std::cell::Cell<bool>,
 }
 
 impl Weights {
@@ -250,6 +251,7 @@ impl Weights {
             ckpt,
             layout,
             quantize: Default::default(),
+            fp8_gemm: Default::default(),
         })
     }
 
@@ -354,6 +356,7 @@ impl Weights {
             ckpt,
             layout,
             quantize: Default::default(),
+            fp8_gemm: Default::default(),
         }
     }
 
@@ -363,6 +366,15 @@ impl Weights {
     /// norms stay as stored. Weights already packed in the file are kept as they are.
     pub fn set_quantize(&self, q: Option<flux_kernels::Encoding>) {
         self.quantize.set(q);
+    }
+
+    /// Makes the blocks' linear layers (the same ones as [`Weights::set_quantize`]) multiply in
+    /// fp8 while loading (`--fp8-gemm`): dense weights encoded to e4m3 with one scale each,
+    /// fp8 weights re-encoded so where they have another kind or a scale per row (see
+    /// [`flux_kernels::LinearWeight::for_fp8_gemm`] and [`flux_kernels::Linear::set_fp8_gemm`]).
+    /// GGUF weights keep their path. Takes precedence over [`Weights::set_quantize`].
+    pub fn set_fp8_gemm(&self, on: bool) {
+        self.fp8_gemm.set(on);
     }
 
     /// Maps a diffusers `transformer/` folder: its `config.json`, and either
@@ -448,26 +460,24 @@ impl Weights {
         bias: bool,
     ) -> Result<flux_kernels::Linear> {
         let (wk, bk) = (format!("{name}.weight"), format!("{name}.bias"));
-        let quantize = self
-            .quantize
-            .get()
-            .filter(|_| name.starts_with("double_blocks.") || name.starts_with("single_blocks."));
-        if self.layout == Layout::Bfl {
-            let b = bias.then_some(bk.as_str());
-            return Ok(self.ckpt.linear_as(&wk, b, inp, out, quantize)?);
-        }
-        let w = flux_kernels::LinearWeight::Dense(self.get(&wk, &[out, inp])?).encoded(quantize)?;
+        let block = name.starts_with("double_blocks.") || name.starts_with("single_blocks.");
+        let fp8 = block && self.fp8_gemm.get();
+        let w = match self.layout {
+            Layout::Bfl => self.ckpt.get_weight(&wk, &[out, inp])?,
+            Layout::Diffusers => flux_kernels::LinearWeight::Dense(self.get(&wk, &[out, inp])?),
+        };
+        let w = match (fp8, self.quantize.get().filter(|_| block)) {
+            (true, _) => w.for_fp8_gemm()?,
+            (false, q) => w.encoded(q)?,
+        };
         let b = if bias {
             Some(self.get(&bk, &[out])?)
         } else {
             None
         };
-        Ok(flux_kernels::Linear::from_weight(
-            w,
-            b,
-            self.device(),
-            self.dtype(),
-        )?)
+        let mut linear = flux_kernels::Linear::from_weight(w, b, self.device(), self.dtype())?;
+        linear.set_fp8_gemm(fp8);
+        Ok(linear)
     }
 
     /// Before any tensor is read: fails with [`Error::NotAFluxTransformer`] when the file has

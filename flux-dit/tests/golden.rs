@@ -24,6 +24,7 @@ const DIFFUSERS: FluxOptions = FluxOptions {
     rope: AngleMode::F64,
     composite_attention: false,
     quantize: None,
+    fp8_gemm: false,
 };
 
 fn load_both(name: &str, dtype: DType) -> (Flux, Flux) {

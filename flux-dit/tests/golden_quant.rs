@@ -19,6 +19,7 @@ const DIFFUSERS: FluxOptions = FluxOptions {
     rope: AngleMode::F64,
     composite_attention: false,
     quantize: None,
+    fp8_gemm: false,
 };
 
 fn forward(model: &Flux, g: &Golden, p: &str, t: f32, guidance: f32) -> Tensor {
@@ -98,7 +99,8 @@ fn scaled_fp8_with_all_in_one_prefix() {
 /// `--quantize` on a dense checkpoint: the same wide model, decoded to dense f32 and quantized
 /// again while loading, against the reference output of the dense weights. This records each
 /// type's own error (the table in the README; measured: cosine Q8_0 0.99998, Q6_K 0.99971,
-/// Q5_K 0.99837, Q4_K 0.99527, Q4_0 0.99128, fp8 e4m3 0.99901 on these random-block weights);
+/// Q5_K 0.99837, Q4_K 0.99527, Q4_0 0.99128, fp8 e4m3 0.99901, fp8 GEMMs (activations rounded
+/// too) 0.99838 on these random-block weights);
 /// the bounds are loose guards, not targets.
 #[test]
 fn quantize_while_loading_error_per_type() {
@@ -118,30 +120,56 @@ fn quantize_while_loading_error_per_type() {
         .map(|(k, s)| (k.clone(), file.get(&k, Some(&s)).unwrap()))
         .collect();
     let want = g.tensor("output/gguf");
-    for (enc, min_cos) in [
-        (Encoding::Gguf(QuantType::Q8_0), 0.9999),
-        (Encoding::Gguf(QuantType::Q6_K), 0.999),
-        (Encoding::Gguf(QuantType::Q5_K), 0.997),
-        (Encoding::Gguf(QuantType::Q4_K), 0.99),
-        (Encoding::Gguf(QuantType::Q4_0), 0.98),
-        (Encoding::Fp8(Fp8Kind::E4M3), 0.998),
+    let e4m3 = Encoding::Fp8(Fp8Kind::E4M3);
+    for (enc, fp8_gemm, min_cos) in [
+        (Encoding::Gguf(QuantType::Q8_0), false, 0.9999),
+        (Encoding::Gguf(QuantType::Q6_K), false, 0.999),
+        (Encoding::Gguf(QuantType::Q5_K), false, 0.997),
+        (Encoding::Gguf(QuantType::Q4_K), false, 0.99),
+        (Encoding::Gguf(QuantType::Q4_0), false, 0.98),
+        (e4m3, false, 0.998),
+        // fp8 GEMMs: the activations of every block product rounded to e4m3 per tensor too
+        (e4m3, true, 0.995),
     ] {
         let ck =
             Checkpoint::from_tensors(dense.clone(), DType::F32, &Device::Cpu, "decoded").unwrap();
         let w = Weights::from_checkpoint(ck, Layout::Bfl);
         let opts = FluxOptions {
-            quantize: Some(enc),
+            quantize: (!fp8_gemm).then_some(enc),
+            fp8_gemm,
             ..DIFFUSERS
         };
         let model = Flux::load(&cfg, &w, opts).unwrap();
         let out = forward(&model, &g, "input/", 0.7, 3.5);
         let tol = Tolerance::new(f64::INFINITY, 0.0).with_min_cosine(min_cos);
-        let c = g.check(&format!("quantize_{enc}_vs_dense"), &out, &want, tol);
+        let label = if fp8_gemm {
+            "fp8 GEMM".into()
+        } else {
+            enc.to_string()
+        };
+        let c = g.check(&format!("quantize_{label}_vs_dense"), &out, &want, tol);
         eprintln!(
-            "quantize {enc}: cosine {:.6}, max abs {:.3e}",
+            "quantize {label}: cosine {:.6}, max abs {:.3e}",
             c.cosine, c.max_abs
         );
+        if fp8_gemm {
+            // the wide model's block linears multiply in fp8, the embedders do not
+            let layers = model.linears();
+            let n = layers.iter().filter(|(_, l)| l.is_fp8_gemm()).count();
+            assert!(n >= 6, "{n} fp8 layers");
+            assert!(layers.iter().any(|(_, l)| !l.is_fp8_gemm()));
+        }
     }
+    // fp8 GEMMs take e4m3 weights only
+    let ck = Checkpoint::from_tensors(dense, DType::F32, &Device::Cpu, "decoded").unwrap();
+    let w = Weights::from_checkpoint(ck, Layout::Bfl);
+    let opts = FluxOptions {
+        quantize: Some(Encoding::Gguf(QuantType::Q8_0)),
+        fp8_gemm: true,
+        ..DIFFUSERS
+    };
+    let e = Flux::load(&cfg, &w, opts);
+    assert!(matches!(e, Err(Error::InvalidConfig(m)) if m.contains("fp8")));
 }
 
 /// `flux convert`: the wide model rewritten as Q4_K / Q8_0 GGUF, city96's type policy, read back

@@ -24,6 +24,7 @@ const OPTS: FluxOptions = FluxOptions {
     rope: AngleMode::F64,
     composite_attention: false,
     quantize: None,
+    fp8_gemm: false,
 };
 
 fn base_opts(quantize: Option<flux_kernels::Encoding>) -> FluxOptions {

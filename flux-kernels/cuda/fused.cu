@@ -12,9 +12,16 @@
 //   of a GELU pass and a concatenation pass.
 // - bias_add: `y + b` with b broadcast over rows (the Linear layer's bias; candle's broadcast
 //   add indexes every element through its strided path and costs several times more).
+// - fp8_absmax + fp8_quantize: an fp8 GEMM's activations, e4m3 with one scale per tensor
+//   (max |x| / 448): the first pass leaves one partial maximum per block, the second reduces
+//   those (a few hundred values, from L2) in every block and converts; no host round trip, no
+//   memset. `fp8_round` writes the decoded values instead of the bytes (the emulation and the
+//   check of the rounding against the CPU's, which rounds identically: ties to even, ±inf to
+//   ±448, NaN to 0).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 namespace {
@@ -218,6 +225,63 @@ __device__ void cat_gelu(const T* __restrict__ a, const T* __restrict__ m, T* __
     }
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Maximum over the block (as block_sum); every thread gets the result.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float s = lane < warps ? scratch[lane] : 0.f;
+    return warp_max(s);
+}
+
+// partial[blockIdx.x] = max |x| over the finite values this block's grid-stride share holds.
+template <typename T>
+__device__ void fp8_absmax(const T* __restrict__ x, long long n, float* __restrict__ partial) {
+    __shared__ float scratch[32];
+    float m = 0.f;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = fabsf(to_f(x[i]));
+        if (isfinite(v)) m = fmaxf(m, v);
+    }
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = m;
+}
+
+// The e4m3 bytes of x / scale (q, with the scale written to *scale_out by block 0) or, with q
+// null, the decoded values `byte · scale` in T (rounded).
+template <typename T>
+__device__ void fp8_quantize(const T* __restrict__ x, long long n, const float* __restrict__ partial, int parts,
+                             unsigned char* __restrict__ q, float* __restrict__ scale_out, T* __restrict__ rounded) {
+    __shared__ float scratch[32];
+    float m = 0.f;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) m = fmaxf(m, partial[i]);
+    m = block_max(m, scratch);
+    const float scale = m > 0.f ? m / 448.f : 1.f;
+    if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float v = to_f(x[i]);
+        v = isnan(v) ? 0.f : v / scale;
+        const __nv_fp8_storage_t b = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+        if (q != nullptr) {
+            q[i] = b;
+        } else {
+            __nv_fp8_e4m3 f;
+            f.__x = b;
+            rounded[i] = from_f<T>(static_cast<float>(f) * scale);
+        }
+    }
+}
+
 // y: contiguous (rows, cols); b: (cols). 16-byte vectors when cols allows it.
 template <typename T>
 __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __restrict__ out, long long n, int cols,
@@ -270,6 +334,14 @@ __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __
     extern "C" __global__ void bias_add_##SUFFIX(const T* y, const T* b, T* out, long long n, int cols,     \
                                                  int vec_ok) {                                             \
         bias_add<T>(y, b, out, n, cols, vec_ok);                                                            \
+    }                                                                                                      \
+    extern "C" __global__ void fp8_absmax_##SUFFIX(const T* x, long long n, float* partial) {               \
+        fp8_absmax<T>(x, n, partial);                                                                       \
+    }                                                                                                      \
+    extern "C" __global__ void fp8_quantize_##SUFFIX(const T* x, long long n, const float* partial,        \
+                                                     int parts, unsigned char* q, float* scale_out,         \
+                                                     T* rounded) {                                          \
+        fp8_quantize<T>(x, n, partial, parts, q, scale_out, rounded);                                       \
     }
 
 FUSED(f32, float)

@@ -792,31 +792,161 @@ cuda_op!(
 
 /// `x·Wᵀ (+ b) (then GELU-tanh)` as one cuBLASLt call: the bias and the GELU run in the
 /// product's epilogue instead of separate passes over the output. x `(rows, in)`, W `(out, in)`,
-/// b `(out)`, all contiguous in one dtype.
+/// b `(out)`, all contiguous in one dtype; or, with `fp8`, x the output of
+/// [`Fp8Quantize`] (its scale, then the e4m3 bytes of a `(rows, in)` tensor), W e4m3 bytes
+/// `(out, in)` and b in the output's dtype.
 pub(crate) struct LtLinear {
     pub gelu: bool,
+    pub fp8: Option<LtFp8>,
+}
+
+/// The fp8 form of [`LtLinear`]: `y = alpha · x_scale · (x8 · W8ᵀ) + b` in `out` (bf16, f16),
+/// fp32 accumulation with Hopper's fast accumulation, `alpha` the weight's per-tensor scale.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LtFp8 {
+    pub rows: usize,
+    pub alpha: f32,
+    pub out: DType,
 }
 
 /// How [`LtLinear`] says that cuBLASLt has no algorithm for the operands (their alignment, the
 /// shape): the caller then takes the cuBLAS path. Every other error is real.
 pub(crate) const LT_UNSUPPORTED: &str = "cuBLASLt cannot run this product";
 
+impl LtLinear {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        b: Option<(&CudaStorage, &Layout)>,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match (self.fp8, x.0.dtype()) {
+            (None, DType::U8) | (Some(_), DType::F32 | DType::BF16 | DType::F16) => Err(
+                candle::Error::Msg("lt linear: fp8 operands go with an fp8 plan".into()),
+            ),
+            (None, _) => lt::linear::<T>(x, w, b, self.gelu),
+            (Some(f), _) => match f.out {
+                DType::BF16 => lt::linear_fp8::<bf16>(x, w, b, self.gelu, f),
+                DType::F16 => lt::linear_fp8::<f16>(x, w, b, self.gelu, f),
+                d => Err(candle::Error::Msg(format!(
+                    "lt linear: fp8 products write bf16 or f16, not {d:?}"
+                ))),
+            },
+        }
+    }
+}
+
 cuda_op!(
     LtLinear,
     CustomOp2,
     "flux-lt-linear",
-    [F32 => f32, BF16 => bf16, F16 => f16],
+    [F32 => f32, BF16 => bf16, F16 => f16, U8 => u8],
     (self, x, xl, w, wl),
-    |T| lt::linear::<T>((x, xl), (w, wl), None, self.gelu)
+    |T| self.run::<T>((x, xl), (w, wl), None)
 );
 
 cuda_op!(
     LtLinear,
     CustomOp3,
     "flux-lt-linear-bias",
-    [F32 => f32, BF16 => bf16, F16 => f16],
+    [F32 => f32, BF16 => bf16, F16 => f16, U8 => u8],
     (self, x, xl, w, wl, b, bl),
-    |T| lt::linear::<T>((x, xl), (w, wl), Some((b, bl)), self.gelu)
+    |T| self.run::<T>((x, xl), (w, wl), Some((b, bl)))
+);
+
+/// Bytes before the e4m3 values in [`Fp8Quantize`]'s output: the f32 scale, padded so that the
+/// values start 16-byte aligned (as cuBLASLt's fp8 products want them).
+pub(crate) const FP8_HEADER: usize = 16;
+
+/// An fp8 GEMM's activations: x (contiguous, f32/bf16/f16) quantized to e4m3 with one scale
+/// per tensor, as a flat u8 tensor of [`FP8_HEADER`] + n bytes (the scale, then the values); with
+/// `round`, the decoded values instead, in x's dtype and shape (see
+/// [`crate::fp8_round_tensor`]).
+pub(crate) struct Fp8Quantize {
+    pub round: bool,
+}
+
+impl Fp8Quantize {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device().clone();
+        if !x.1.is_contiguous() {
+            return Err(candle::Error::Msg(
+                "fp8 quantize: needs a contiguous tensor".into(),
+            ));
+        }
+        let n = x.1.shape().elem_count();
+        let sfx = suffix(x.0.dtype(), "fp8 quantize")?;
+        let absmax =
+            dev.get_or_load_custom_func(&format!("fp8_absmax_{sfx}"), "flux_fused", FUSED_PTX)?;
+        let quant =
+            dev.get_or_load_custom_func(&format!("fp8_quantize_{sfx}"), "flux_fused", FUSED_PTX)?;
+        let xv = slice::<T>(x.0, x.1)?;
+        // a few hundred partial maxima: enough blocks to read at full bandwidth, few enough
+        // that every block of the second pass reduces them cheaply
+        let parts = n.div_ceil(256 * 8).clamp(1, 512);
+        // SAFETY: the first kernel writes every partial (one per block of its grid).
+        let partial = unsafe { dev.alloc::<f32>(parts)? };
+        let ni = n as i64;
+        let cfg = |blocks: usize| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = absmax.builder();
+        bld.arg(&xv).arg(&ni).arg(&partial);
+        // SAFETY: arguments match the kernel's signature; `parts` blocks write `parts` values.
+        unsafe { bld.launch(cfg(parts)) }.w()?;
+        let blocks = n.div_ceil(256).clamp(1, 4096);
+        let parts_i = parts as i32;
+        let null = 0u64;
+        if self.round {
+            // SAFETY: the grid-stride loop writes every element.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let mut bld = quant.builder();
+            bld.arg(&xv)
+                .arg(&ni)
+                .arg(&partial)
+                .arg(&parts_i)
+                .arg(&null)
+                .arg(&null)
+                .arg(&out);
+            // SAFETY: as above; null q and scale pointers select the rounding output.
+            unsafe { bld.launch(cfg(blocks)) }.w()?;
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev), x.1.shape().clone()));
+        }
+        // SAFETY: block 0 writes the scale, the grid-stride loop every value; the header's
+        // padding is never read.
+        let out = unsafe { dev.alloc::<u8>(FP8_HEADER + n)? };
+        {
+            let (scale, q) = (out.slice(0..4), out.slice(FP8_HEADER..));
+            let mut bld = quant.builder();
+            bld.arg(&xv)
+                .arg(&ni)
+                .arg(&partial)
+                .arg(&parts_i)
+                .arg(&q)
+                .arg(&scale)
+                .arg(&null);
+            // SAFETY: as above; q holds n bytes, scale 4 (an f32; the allocation is aligned).
+            unsafe { bld.launch(cfg(blocks)) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            (FP8_HEADER + n).into(),
+        ))
+    }
+}
+
+cuda_op!(
+    Fp8Quantize,
+    CustomOp1,
+    "flux-fp8-quantize",
+    [F32 => f32, BF16 => bf16, F16 => f16],
+    (self, x, xl),
+    |T| self.run::<T>((x, xl))
 );
 
 /// cuBLASLt plans: one handle and workspace per device, one plan (descriptors and the algorithm
@@ -847,7 +977,10 @@ mod lt {
     #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
     struct Key {
         device: candle::cuda_backend::DeviceId,
+        /// the output's (and the bias'; the operands' too unless `fp8`)
         dtype: DType,
+        /// e4m3 operands scaled per tensor, fast accumulation
+        fp8: bool,
         rows: usize,
         inp: usize,
         out: usize,
@@ -924,6 +1057,11 @@ mod lt {
     fn make_plan(h: &Handle, key: &Key, bias_ptr: u64) -> candle::Result<Plan> {
         use lts::cublasLtMatmulDescAttributes_t as A;
         let ty = data_type(key.dtype)?;
+        let in_ty = if key.fp8 {
+            lts::cudaDataType::CUDA_R_8F_E4M3
+        } else {
+            ty
+        };
         let (m, n, k) = (key.out as u64, key.rows as u64, key.inp as u64);
         let desc = result::create_matmul_desc(
             lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -943,12 +1081,21 @@ mod lt {
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
             if key.bias {
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ty)?;
+            }
+            if key.fp8 {
+                // no periodic promotion to f32 inside the tensor cores' accumulation
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
             }
         }
-        let layout = |rows: u64, cols: u64, ld: u64| {
+        let layout = |ty, rows: u64, cols: u64, ld: u64| {
             result::create_matrix_layout(ty, rows, cols, ld as i64).map_err(|e| err("layout", e))
         };
-        let (a, b, d) = (layout(k, m, k)?, layout(k, n, k)?, layout(m, n, m)?);
+        let (a, b, d) = (
+            layout(in_ty, k, m, k)?,
+            layout(in_ty, k, n, k)?,
+            layout(ty, m, n, m)?,
+        );
         let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
         use lts::cublasLtMatmulPreferenceAttributes_t as P;
         let ws = WORKSPACE as u64;
@@ -1003,109 +1150,225 @@ mod lt {
         all as u32
     }
 
+    /// Device addresses of one product's operands (`y = alpha · x_scale · x·Wᵀ + b`).
+    struct Operands {
+        x: u64,
+        w: u64,
+        y: u64,
+        bias: Option<u64>,
+        /// fp8 only: where the activations' scale is
+        x_scale: Option<u64>,
+        alpha: f32,
+    }
+
+    /// Runs `key`'s plan (made on first use) on `ops`, on the device's stream.
+    fn run(dev: &CudaDevice, key: Key, ops: Operands) -> candle::Result<()> {
+        use lts::cublasLtMatmulDescAttributes_t as A;
+        let stream = dev.cuda_stream();
+        let h = handle(dev)?;
+        let plan = {
+            let mut plans = PLANS
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let entry = match plans.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = match make_plan(&h, &key, ops.bias.unwrap_or(0)) {
+                        Ok(p) => Some(Arc::new(Mutex::new(p))),
+                        Err(e) if e.to_string().contains(LT_UNSUPPORTED) => None,
+                        Err(e) => return Err(e),
+                    };
+                    plans.insert(key, p.clone());
+                    p
+                }
+            };
+            entry.ok_or_else(|| candle::Error::Msg(format!("{LT_UNSUPPORTED}: {key:?}")))?
+        };
+        let plan = plan.lock().unwrap_or_else(|e| e.into_inner());
+        let (wsp, _gws) = h.workspace.device_ptr(&stream);
+        let beta = 0f32;
+        // SAFETY: the plan's descriptors are live; the pointers are live device buffers of the
+        // sizes the layouts describe (checked by the callers, which hold them until the call is
+        // enqueued); the call is enqueued on the device's stream, which orders it with the
+        // producers and users of the operands.
+        unsafe {
+            if let Some(bias) = ops.bias {
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            }
+            if let Some(scale) = ops.x_scale {
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale)?;
+            }
+            result::matmul(
+                h.raw,
+                plan.desc,
+                &ops.alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                ops.w as *const _,
+                plan.a,
+                ops.x as *const _,
+                plan.b,
+                ops.y as *const _,
+                plan.d,
+                ops.y as *mut _,
+                plan.d,
+                &plan.algo,
+                wsp as *mut _,
+                WORKSPACE,
+                stream.cu_stream() as *mut _,
+            )
+            .map_err(|e| err("matmul", e))?;
+        }
+        Ok(())
+    }
+
+    /// Checks `(rows, inp)`·`(out, inp)ᵀ` operands (and an `(out)` bias) are contiguous and fit.
+    fn check(
+        x: &Layout,
+        (rows, inp): (usize, usize),
+        w: &Layout,
+        b: Option<&Layout>,
+    ) -> candle::Result<usize> {
+        let (out, w_in) = w.shape().dims2()?;
+        let contiguous = x.is_contiguous()
+            && w.is_contiguous()
+            && b.is_none_or(|l| l.is_contiguous() && l.dims() == [out]);
+        if w_in != inp || !contiguous || rows == 0 {
+            return Err(candle::Error::Msg(format!(
+                "lt linear: needs contiguous x ({rows}, {inp}), W ({out}, {inp}), b ({out}); got {:?}, {:?}, {:?}",
+                x.dims(),
+                w.dims(),
+                b.map(|l| l.dims().to_vec())
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The key of a product on `ptrs` (which must share 16-byte alignment).
+    fn key(
+        dev: &CudaDevice,
+        dtype: DType,
+        fp8: bool,
+        (rows, inp, out): (usize, usize, usize),
+        (bias, gelu): (bool, bool),
+        ptrs: &[u64],
+    ) -> candle::Result<Key> {
+        let align = alignment(ptrs);
+        if align < 16 {
+            return Err(candle::Error::Msg(format!(
+                "{LT_UNSUPPORTED}: operands not 16-byte aligned"
+            )));
+        }
+        Ok(Key {
+            device: dev.id(),
+            dtype,
+            fp8,
+            rows,
+            inp,
+            out,
+            bias,
+            gelu,
+            align,
+        })
+    }
+
     pub(super) fn linear<T: CudaDType + DeviceRepr>(
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         b: Option<(&CudaStorage, &Layout)>,
         gelu: bool,
     ) -> candle::Result<(CudaStorage, Shape)> {
+        use candle::cuda_backend::cudarc::driver::DevicePtrMut;
         let dev = x.0.device().clone();
         let (rows, inp) = x.1.shape().dims2()?;
-        let (out, w_in) = w.1.shape().dims2()?;
-        let contiguous = x.1.is_contiguous()
-            && w.1.is_contiguous()
-            && b.is_none_or(|(_, l)| l.is_contiguous() && l.dims() == [out]);
-        if w_in != inp || !contiguous || rows == 0 {
-            return Err(candle::Error::Msg(format!(
-                "lt linear: needs contiguous x (rows, {inp}), W ({out}, {inp}), b ({out}); got {:?}, {:?}, {:?}",
-                x.1.dims(),
-                w.1.dims(),
-                b.map(|(_, l)| l.dims().to_vec())
-            )));
-        }
+        let out = check(x.1, (rows, inp), w.1, b.map(|b| b.1))?;
         let stream = dev.cuda_stream();
-        let h = handle(&dev)?;
         let (xv, wv) = (slice::<T>(x.0, x.1)?, slice::<T>(w.0, w.1)?);
         let bv = b.map(|(s, l)| slice::<T>(s, l)).transpose()?;
         // SAFETY: cuBLASLt writes every element of y (beta = 0).
         let mut y = unsafe { dev.alloc::<T>(rows * out)? };
         {
-            use candle::cuda_backend::cudarc::driver::DevicePtrMut;
             let (xp, _gx) = xv.device_ptr(&stream);
             let (wp, _gw) = wv.device_ptr(&stream);
             let bp = bv.as_ref().map(|v| v.device_ptr(&stream));
             let (yp, _gy) = y.device_ptr_mut(&stream);
-            let (wsp, _gws) = h.workspace.device_ptr(&stream);
-            let bias_ptr = bp.as_ref().map_or(0, |(p, _)| *p);
+            let bias = bp.as_ref().map(|(p, _)| *p);
             let mut ptrs = vec![xp, wp, yp];
-            ptrs.extend(bp.as_ref().map(|(p, _)| *p));
-            if alignment(&ptrs) < 16 {
-                return Err(candle::Error::Msg(format!(
-                    "{LT_UNSUPPORTED}: operands not 16-byte aligned"
-                )));
-            }
-            let key = Key {
-                device: dev.id(),
-                dtype: x.0.dtype(),
-                rows,
-                inp,
-                out,
-                bias: b.is_some(),
-                gelu,
-                align: alignment(&ptrs),
+            ptrs.extend(bias);
+            let shape = (rows, inp, out);
+            let key = key(&dev, x.0.dtype(), false, shape, (b.is_some(), gelu), &ptrs)?;
+            let ops = Operands {
+                x: xp,
+                w: wp,
+                y: yp,
+                bias,
+                x_scale: None,
+                alpha: 1.0,
             };
-            let plan = {
-                let mut plans = PLANS
-                    .get_or_init(Default::default)
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let entry = match plans.get(&key) {
-                    Some(p) => p.clone(),
-                    None => {
-                        let p = match make_plan(&h, &key, bias_ptr) {
-                            Ok(p) => Some(Arc::new(Mutex::new(p))),
-                            Err(e) if e.to_string().contains(LT_UNSUPPORTED) => None,
-                            Err(e) => return Err(e),
-                        };
-                        plans.insert(key, p.clone());
-                        p
-                    }
-                };
-                entry.ok_or_else(|| candle::Error::Msg(format!("{LT_UNSUPPORTED}: {key:?}")))?
+            run(&dev, key, ops)?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), (rows, out).into()))
+    }
+
+    /// The fp8 product: x the [`Fp8Quantize`] bytes of `(f.rows, in)` activations, W e4m3
+    /// `(out, in)`, b and y of type `Y`.
+    pub(super) fn linear_fp8<Y: CudaDType + DeviceRepr>(
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        b: Option<(&CudaStorage, &Layout)>,
+        gelu: bool,
+        f: LtFp8,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        use candle::cuda_backend::cudarc::driver::DevicePtrMut;
+        let dev = x.0.device().clone();
+        let (_, inp) = w.1.shape().dims2()?;
+        let rows = f.rows;
+        if w.0.dtype() != DType::U8
+            || x.1.dims() != [FP8_HEADER + rows * inp]
+            || b.is_some_and(|(s, _)| s.dtype() != f.out)
+        {
+            return Err(candle::Error::Msg(format!(
+                "lt fp8 linear: needs quantized activations of ({rows}, {inp}), e4m3 W (out, {inp}) and a {:?} bias; got {:?}, {:?} {:?}",
+                f.out,
+                x.1.dims(),
+                w.0.dtype(),
+                w.1.dims()
+            )));
+        }
+        let out = check(
+            &Layout::contiguous((rows, inp)),
+            (rows, inp),
+            w.1,
+            b.map(|b| b.1),
+        )?;
+        if !x.1.is_contiguous() {
+            return Err(candle::Error::Msg("lt fp8 linear: x not contiguous".into()));
+        }
+        let stream = dev.cuda_stream();
+        let (xv, wv) = (slice::<u8>(x.0, x.1)?, slice::<u8>(w.0, w.1)?);
+        let bv = b.map(|(s, l)| slice::<Y>(s, l)).transpose()?;
+        // SAFETY: cuBLASLt writes every element of y (beta = 0).
+        let mut y = unsafe { dev.alloc::<Y>(rows * out)? };
+        {
+            let (sp, _gx) = xv.device_ptr(&stream);
+            let xp = sp + FP8_HEADER as u64;
+            let (wp, _gw) = wv.device_ptr(&stream);
+            let bp = bv.as_ref().map(|v| v.device_ptr(&stream));
+            let (yp, _gy) = y.device_ptr_mut(&stream);
+            let bias = bp.as_ref().map(|(p, _)| *p);
+            let mut ptrs = vec![xp, wp, yp];
+            ptrs.extend(bias);
+            let shape = (rows, inp, out);
+            let key = key(&dev, f.out, true, shape, (b.is_some(), gelu), &ptrs)?;
+            let ops = Operands {
+                x: xp,
+                w: wp,
+                y: yp,
+                bias,
+                x_scale: Some(sp),
+                alpha: f.alpha,
             };
-            let plan = plan.lock().unwrap_or_else(|e| e.into_inner());
-            let (alpha, beta) = (1f32, 0f32);
-            // SAFETY: the plan's descriptors are live; the pointers are live device buffers of
-            // the sizes the layouts describe (checked above); the call is enqueued on the
-            // device's stream, which orders it with the producers and users of x, W, b and y.
-            unsafe {
-                if b.is_some() {
-                    set_desc(
-                        plan.desc,
-                        lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                        &bias_ptr,
-                    )?;
-                }
-                result::matmul(
-                    h.raw,
-                    plan.desc,
-                    &alpha as *const f32 as *const _,
-                    &beta as *const f32 as *const _,
-                    wp as *const _,
-                    plan.a,
-                    xp as *const _,
-                    plan.b,
-                    yp as *const _,
-                    plan.d,
-                    yp as *mut _,
-                    plan.d,
-                    &plan.algo,
-                    wsp as *mut _,
-                    WORKSPACE,
-                    stream.cu_stream() as *mut _,
-                )
-                .map_err(|e| err("matmul", e))?;
-            }
+            run(&dev, key, ops)?;
         }
         Ok((CudaStorage::wrap_cuda_slice(y, dev), (rows, out).into()))
     }

@@ -33,10 +33,11 @@ pub use linear::{
     RuntimeDelta,
 };
 pub use ops::{
-    cat_gelu_tanh, gated_residual, gelu_tanh, group_norm, layer_norm, layer_norm_modulate,
-    modulate, quick_gelu, rms_norm, silu,
+    cat_gelu_tanh, fp8_round_tensor, gated_residual, gelu_tanh, group_norm, layer_norm,
+    layer_norm_modulate, modulate, quick_gelu, rms_norm, silu,
 };
 pub use quant::{
-    dequantize, dequantize_into, fp8_into, quantize, Encoding, Fp8Kind, PackedWeight, QuantType,
+    dequantize, dequantize_into, fp8_into, fp8_round, quantize, Encoding, Fp8Kind, PackedWeight,
+    QuantType,
 };
 pub use rope::{apply_rope, qk_norm_rope, rope_table, AngleMode, RopeTable};

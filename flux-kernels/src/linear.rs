@@ -43,6 +43,33 @@ impl LinearWeight {
     }
 }
 
+impl LinearWeight {
+    /// The weight as an fp8 GEMM takes it ([`Linear::set_fp8_gemm`]): e4m3 with at most one
+    /// scale. A dense weight is encoded (one scale, max |w| onto 448); an fp8 weight of the
+    /// other kind or with a scale per row is decoded and encoded so; an e4m3 weight with one
+    /// scale (or none) is kept as the file has it. GGUF weights stay as they are (their layers
+    /// then multiply as before).
+    pub fn for_fp8_gemm(self) -> Result<Self> {
+        let e4m3 = Encoding::Fp8(crate::Fp8Kind::E4M3);
+        match self {
+            LinearWeight::Packed(p) if p.encoding() == e4m3 && p.scale().len() <= 1 => {
+                Ok(LinearWeight::Packed(p))
+            }
+            LinearWeight::Packed(p) if matches!(p.encoding(), Encoding::Fp8(_)) => {
+                let (out, inp) = p.dims();
+                Ok(LinearWeight::Packed(PackedWeight::encode(
+                    e4m3,
+                    &p.dequantize()?,
+                    out,
+                    inp,
+                )?))
+            }
+            w @ LinearWeight::Packed(_) => Ok(w),
+            w => w.encoded(Some(e4m3)),
+        }
+    }
+}
+
 /// How packed GGUF weights are multiplied on the CPU (see [`set_quant_matmul`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QuantMatmul {
@@ -166,6 +193,8 @@ enum DevicePacked {
         table: Tensor,
         scale: Option<Tensor>,
         dtype: DType,
+        /// e4m3 with at most one scale: that scale (1 without), what an fp8 GEMM multiplies by
+        per_tensor: Option<f32>,
     },
 }
 
@@ -182,6 +211,8 @@ pub struct Linear {
     /// The weight and bias as loaded, while a merged adapter replaces them.
     original: Option<Box<(Weight, Option<Tensor>)>>,
     runtime: Option<Box<Runtime>>,
+    /// Products in fp8 ([`Linear::set_fp8_gemm`]).
+    fp8_gemm: bool,
 }
 
 /// A run-time adapter of one [`Linear`], already scaled: `y += U·(D·x) + Δ·x + c`.
@@ -231,6 +262,7 @@ impl Linear {
             bias: bias.map(|b| b.contiguous()).transpose()?,
             original: None,
             runtime: None,
+            fp8_gemm: false,
         })
     }
 
@@ -280,6 +312,7 @@ impl Linear {
             bias: bias.map(|b| b.contiguous()).transpose()?,
             original: None,
             runtime: None,
+            fp8_gemm: false,
         })
     }
 
@@ -297,6 +330,7 @@ impl Linear {
             bias: bias.map(|b| b.contiguous()).transpose()?,
             original: None,
             runtime: None,
+            fp8_gemm: false,
         })
     }
 
@@ -312,6 +346,9 @@ impl Linear {
 
     /// How the weight is stored: `"dense"`, or the packed encoding (`Q4_K`, `float8_e4m3fn`).
     pub fn encoding(&self) -> String {
+        if self.fp8_gemm {
+            return "float8_e4m3fn (fp8 GEMM)".into();
+        }
         match &self.weight {
             Weight::DenseT(w) => format!("dense {:?}", w.dtype()),
             Weight::Packed(p) => p.encoding().to_string(),
@@ -347,6 +384,32 @@ impl Linear {
             Weight::DenseT(w) => Ok(w.clone()),
             _ => Ok(self.decoded(dtype)?.t()?),
         }
+    }
+
+    /// Multiplies in fp8 from now on (`on`), or as before (`!on`): the activations quantized to
+    /// e4m3 with one scale for the tensor right before each product, the weight e4m3 with its
+    /// one scale (see [`LinearWeight::for_fp8_gemm`]). On CUDA, for bf16/f16 activations, that
+    /// is one cuBLASLt fp8 GEMM (fast accumulation, the activations' dtype out, the bias and
+    /// GELU in its epilogue) after one quantization kernel; elsewhere, and for shapes cuBLASLt
+    /// has no fp8 algorithm for, the same rounding is emulated (the decoded values through the
+    /// ordinary product; the oracle of the CUDA path, slower than without fp8 on a CPU).
+    /// Run-time adapters add their terms from the unrounded activations. Returns whether the
+    /// layer multiplies in fp8 now: never for a weight other than e4m3 with at most one scale.
+    pub fn set_fp8_gemm(&mut self, on: bool) -> bool {
+        let eligible = match &self.weight {
+            Weight::Packed(p) => {
+                p.encoding() == Encoding::Fp8(crate::Fp8Kind::E4M3) && p.scale().len() <= 1
+            }
+            Weight::Device(DevicePacked::Fp8 { per_tensor, .. }) => per_tensor.is_some(),
+            _ => false,
+        };
+        self.fp8_gemm = on && eligible;
+        self.fp8_gemm
+    }
+
+    /// Whether the layer multiplies in fp8 ([`Linear::set_fp8_gemm`]).
+    pub fn is_fp8_gemm(&self) -> bool {
+        self.fp8_gemm
     }
 
     /// Whether the weight is dense (adapters can be merged into it).
@@ -630,6 +693,9 @@ impl Linear {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || x.elem_count() == 0 {
             return Ok(None);
         }
+        if self.fp8_gemm {
+            return self.forward_lt_fp8(x, gelu);
+        }
         let w = match &self.weight {
             Weight::DenseT(wt) => wt.t()?,
             Weight::Device(d) => d.decode()?,
@@ -640,7 +706,7 @@ impl Linear {
             return Ok(None);
         }
         let x = x.contiguous()?;
-        let op = crate::cuda::LtLinear { gelu };
+        let op = crate::cuda::LtLinear { gelu, fp8: None };
         let y = match &self.bias {
             Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
             None => x.apply_op2_no_bwd(&w, &op),
@@ -648,6 +714,46 @@ impl Linear {
         match y {
             Ok(y) => Ok(Some(y)),
             // no cuBLASLt algorithm for these operands: the cuBLAS path takes them
+            Err(e) if e.to_string().contains(crate::cuda::LT_UNSUPPORTED) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The cuBLASLt fp8 product ([`Linear::set_fp8_gemm`]): `None` where it does not apply (f32
+    /// activations, a bias of another dtype, no fp8 algorithm for the shape).
+    #[cfg(feature = "cuda")]
+    fn forward_lt_fp8(&self, x: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+        let dtype = x.dtype();
+        let Weight::Device(DevicePacked::Fp8 {
+            bytes,
+            per_tensor: Some(alpha),
+            ..
+        }) = &self.weight
+        else {
+            return Ok(None);
+        };
+        let bias_ok = self.bias.as_ref().is_none_or(|b| b.dtype() == dtype);
+        if !matches!(dtype, DType::BF16 | DType::F16) || !bias_ok || !bytes.device().is_cuda() {
+            return Ok(None);
+        }
+        let rows = x.dim(0)?;
+        let xq = x
+            .contiguous()?
+            .apply_op1_no_bwd(&crate::cuda::Fp8Quantize { round: false })?;
+        let op = crate::cuda::LtLinear {
+            gelu,
+            fp8: Some(crate::cuda::LtFp8 {
+                rows,
+                alpha: *alpha,
+                out: dtype,
+            }),
+        };
+        let y = match &self.bias {
+            Some(b) => xq.apply_op3_no_bwd(bytes, &b.contiguous()?, &op),
+            None => xq.apply_op2_no_bwd(bytes, &op),
+        };
+        match y {
+            Ok(y) => Ok(Some(y)),
             Err(e) if e.to_string().contains(crate::cuda::LT_UNSUPPORTED) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -665,7 +771,11 @@ impl Linear {
             return Ok(y);
         }
         let wt = self.weight_t(x.dtype())?;
-        let y = x.matmul(&wt)?;
+        let y = if self.fp8_gemm {
+            crate::fp8_round_tensor(x)?.matmul(&wt)?
+        } else {
+            x.matmul(&wt)?
+        };
         Ok(match &self.bias {
             // candle's broadcast add on CUDA costs more than the product itself on wide layers
             #[cfg(feature = "cuda")]
@@ -721,6 +831,14 @@ impl Linear {
             return Ok(None);
         };
         let xv = &xv[x0..x1];
+        // what the product multiplies: x, or x as fp8 holds it (the adapters take x itself)
+        let rounded;
+        let xm = if self.fp8_gemm {
+            rounded = crate::fp8_round(crate::Fp8Kind::E4M3, xv);
+            &rounded[..]
+        } else {
+            xv
+        };
         match &self.weight {
             Weight::DenseT(wt) => {
                 if wt.dtype() != DType::F32 {
@@ -735,12 +853,12 @@ impl Linear {
                     return Ok(None);
                 };
                 // (in, out) row-major: element (k, n) at k·out + n
-                gemm_into(&mut dst, xv, &wv[w0..w1], (rows, inp, out), (out, 1));
+                gemm_into(&mut dst, xm, &wv[w0..w1], (rows, inp, out), (out, 1));
             }
             Weight::Packed(p) => {
                 let w = p.dequantize()?;
                 // (out, in) row-major: element (k, n) at n·in + k
-                gemm_into(&mut dst, xv, &w, (rows, inp, out), (1, inp));
+                gemm_into(&mut dst, xm, &w, (rows, inp, out), (1, inp));
             }
             Weight::Device(_) | Weight::Integer { .. } => return Ok(None),
         }
@@ -858,11 +976,14 @@ impl DevicePacked {
                     1 => Some(Tensor::from_slice(w.scale(), (), device)?),
                     _ => Some(Tensor::from_slice(w.scale(), (out, 1), device)?),
                 };
+                let per_tensor = (k == crate::Fp8Kind::E4M3 && w.scale().len() <= 1)
+                    .then(|| w.scale().first().copied().unwrap_or(1.0));
                 DevicePacked::Fp8 {
                     bytes,
                     table,
                     scale,
                     dtype,
+                    per_tensor,
                 }
             }
         })
@@ -890,6 +1011,7 @@ impl DevicePacked {
                 table,
                 scale,
                 dtype,
+                ..
             } => {
                 let (o, i) = bytes.dims2()?;
                 let idx = bytes.flatten_all()?.to_dtype(DType::U32)?;

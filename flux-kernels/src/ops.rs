@@ -188,6 +188,26 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.gelu()?.to_dtype(dtype)?)
 }
 
+/// `x` as an fp8 GEMM sees its activations: quantized to e4m3 with one scale for the whole
+/// tensor (max |x| onto 448, nearest value with ties to even) and decoded again, in `x`'s dtype.
+/// On CUDA one reduction and one rounding pass; elsewhere [`crate::quant::fp8_round`] on the
+/// host, its twin (both round the same way: equal results).
+///
+/// # Shapes
+/// Any. Returns `x`'s shape and dtype.
+pub fn fp8_round_tensor(x: &Tensor) -> Result<Tensor> {
+    let dtype = float_dtype("fp8_round_tensor", x)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && dtype != DType::F64 {
+        return Ok(x
+            .contiguous()?
+            .apply_op1_no_bwd(&crate::cuda::Fp8Quantize { round: true })?);
+    }
+    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let r = crate::quant::fp8_round(crate::Fp8Kind::E4M3, &v);
+    Ok(Tensor::from_vec(r, x.shape(), x.device())?.to_dtype(dtype)?)
+}
+
 /// `cat([a, gelu_tanh(m)], -1)`, the input of FLUX's single-block output projection. On CUDA one
 /// kernel pass reading both views; elsewhere the two ops, its plain twin.
 ///

@@ -434,8 +434,18 @@ pub fn fp8_into(kind: Fp8Kind, bytes: &[u8], scale: &[f32], out: &mut [f32]) -> 
     Ok(())
 }
 
-/// fp8 bytes of `values / scale` (nearest value; NaN and ±inf saturate to ±max) and the
-/// per-tensor scale.
+/// `values` as a per-tensor-scaled fp8 tensor holds them: encoded as [`PackedWeight::encode`]
+/// does (scale = max |finite value| / the format's largest value, nearest byte with ties to
+/// even, ±inf saturating, NaN to 0) and decoded again. This is what an fp8 GEMM makes of its
+/// activations (the CUDA kernel rounds the same way); also the CPU's emulation of that GEMM.
+pub fn fp8_round(kind: Fp8Kind, values: &[f32]) -> Vec<f32> {
+    let (bytes, scale) = fp8_encode(kind, values);
+    let lut = kind.table();
+    bytes.par_iter().map(|&b| lut[b as usize] * scale).collect()
+}
+
+/// fp8 bytes of `values / scale` (nearest value, ties to even; ±inf saturates to ±max, NaN is 0)
+/// and the per-tensor scale.
 fn fp8_encode(kind: Fp8Kind, values: &[f32]) -> (Vec<u8>, f32) {
     let table = kind.table();
     // the non-negative finite values and their bytes, ascending
@@ -451,25 +461,26 @@ fn fp8_encode(kind: Fp8Kind, values: &[f32]) -> (Vec<u8>, f32) {
         .fold(0f32, |m, v| m.max(v.abs()));
     let scale = if amax > 0.0 { amax / max } else { 1.0 };
     let nearest = |x: f32| -> u8 {
-        let a = if x.is_nan() {
-            0.0
-        } else {
-            (x.abs() / scale).min(max)
-        };
+        if x.is_nan() {
+            return 0;
+        }
+        let a = (x.abs() / scale).min(max);
         let i = pos.partition_point(|p| p.0 < a);
         let b = match (pos.get(i.wrapping_sub(1)), pos.get(i)) {
-            (Some(lo), Some(hi)) => {
-                if a - lo.0 <= hi.0 - a {
-                    lo.1
-                } else {
-                    hi.1
-                }
-            }
+            // nearest, ties to the even byte (round half to even, as torch and the GPU's
+            // conversion do: consecutive bytes are consecutive values)
+            (Some(lo), Some(hi)) => match (a - lo.0).total_cmp(&(hi.0 - a)) {
+                std::cmp::Ordering::Less => lo.1,
+                std::cmp::Ordering::Greater => hi.1,
+                std::cmp::Ordering::Equal if lo.1 % 2 == 0 => lo.1,
+                std::cmp::Ordering::Equal => hi.1,
+            },
             (Some(lo), None) => lo.1,
             (None, Some(hi)) => hi.1,
             (None, None) => 0,
         };
-        if x.is_sign_negative() && b != 0 {
+        // the sign even of a zero (−0 is 0x80 in both formats), as torch's cast keeps it
+        if x.is_sign_negative() {
             b | 0x80
         } else {
             b

@@ -81,3 +81,100 @@ fn fp8_tables_match_torch() {
         assert_bits(&g, key, kind.table(), &want);
     }
 }
+
+fn fp8_golden() -> Golden {
+    Golden::open(env!("CARGO_MANIFEST_DIR"), "fp8_gemm")
+}
+
+/// The activations' rounding of an fp8 GEMM equals torch's per-tensor e4m3 cast bit for bit,
+/// exact ties (rounded to even) and signed zeros included, on the host and through the tensor
+/// function the layers use.
+#[test]
+fn fp8_rounding_matches_torch() {
+    let g = fp8_golden();
+    for key in ["fp8/ties", "fp8/x"] {
+        let x = g.tensor(key);
+        let want = g
+            .tensor(&format!("{key}_rounded"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_bits(&g, key, &flux_kernels::fp8_round(Fp8Kind::E4M3, &v), &want);
+        let t = flux_kernels::fp8_round_tensor(&x).unwrap();
+        assert_eq!(t.dims(), x.dims());
+        let t = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_bits(&g, &format!("{key} (tensor)"), &t, &want);
+    }
+    // all zeros keep scale 1 and stay zero
+    assert_eq!(
+        flux_kernels::fp8_round(Fp8Kind::E4M3, &[0.0; 5]),
+        vec![0.0; 5]
+    );
+}
+
+/// A layer multiplying in fp8 (weight encoded at load, activations rounded per product) equals
+/// the reference's fp8 linear in f32, densely built and from an fp8 weight, plain and with
+/// the GELU; bf16 activations stay close. Without fp8 it differs (the check can fail).
+#[test]
+fn fp8_linear_matches_reference() {
+    use flux_kernels::{Linear, LinearWeight};
+    let g = fp8_golden();
+    let (x, w, b) = (g.tensor("fp8/x"), g.tensor("fp8/w"), g.tensor("fp8/b"));
+    let want = g.tensor("fp8/linear");
+    let tol = Tolerance::new(1e-5, 1e-5);
+    let dense = LinearWeight::Dense(w.clone()).for_fp8_gemm().unwrap();
+    let mut lin = Linear::from_weight(dense, Some(b.clone()), &Device::Cpu, DType::F32).unwrap();
+    let plain = lin.forward(&x).unwrap();
+    assert!(lin.set_fp8_gemm(true));
+    assert!(lin.encoding().contains("fp8 GEMM"), "{}", lin.encoding());
+    g.check("fp8 linear f32", &lin.forward(&x).unwrap(), &want, tol);
+    let gelu = flux_kernels::gelu_tanh(&want).unwrap();
+    g.check(
+        "fp8 linear + GELU",
+        &lin.forward_gelu(&x).unwrap(),
+        &gelu,
+        tol,
+    );
+    // activations not rounded: clearly off
+    let c = flux_golden::compare(&plain, &want, tol).unwrap();
+    assert!(!c.passed && c.max_abs > 1e-3, "{c:?}");
+    // bf16 activations and bias: x is rounded to bf16 before fp8, which moves a few values
+    // next to a tie by one e4m3 step, so only close overall
+    let lin16 = {
+        let w = LinearWeight::Dense(w.clone()).for_fp8_gemm().unwrap();
+        let b = b.to_dtype(DType::BF16).unwrap();
+        let mut l = Linear::from_weight(w, Some(b), &Device::Cpu, DType::BF16).unwrap();
+        assert!(l.set_fp8_gemm(true));
+        l
+    };
+    let y16 = lin16.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+    g.check(
+        "fp8 linear bf16",
+        &y16.to_dtype(DType::F32).unwrap(),
+        &want,
+        Tolerance::new(0.1, 0.0).with_min_cosine(0.999),
+    );
+    // an e5m2 weight with a scale per row is re-encoded into e4m3 with one scale
+    let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let e5 =
+        flux_kernels::PackedWeight::encode(flux_kernels::Encoding::Fp8(Fp8Kind::E5M2), &v, 32, 64)
+            .unwrap();
+    let LinearWeight::Packed(p) = LinearWeight::Packed(e5).for_fp8_gemm().unwrap() else {
+        panic!("packed stays packed");
+    };
+    assert_eq!(p.encoding(), flux_kernels::Encoding::Fp8(Fp8Kind::E4M3));
+    assert_eq!(p.scale().len(), 1);
+    // GGUF weights keep their path
+    let q8 = flux_kernels::PackedWeight::quantize(QuantType::Q8_0, &v, 32, 64).unwrap();
+    let mut lq = Linear::from_weight(
+        LinearWeight::Packed(q8).for_fp8_gemm().unwrap(),
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert!(!lq.set_fp8_gemm(true));
+    assert!(!lq.is_fp8_gemm());
+}

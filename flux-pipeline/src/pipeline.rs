@@ -43,6 +43,11 @@ pub struct PipelineOptions {
     /// (`--quantize`), e.g. `Encoding::Gguf(QuantType::Q8_0)`; weights already quantized in the
     /// file stay as they are.
     pub quantize: Option<flux_kernels::Encoding>,
+    /// Multiply the transformer's block layers in fp8 (`--fp8-gemm`; see
+    /// [`flux_dit::FluxOptions::fp8_gemm`]): e4m3 weights, activations quantized per tensor; on
+    /// CUDA cuBLASLt's fp8 GEMMs, elsewhere an emulation (for checking quality, not speed).
+    /// `quantize` may then only be fp8 e4m3 or `None`.
+    pub fp8_gemm: bool,
     /// Transformer rows per pass: images denoised together, with true CFG counting each
     /// image's negative row too (so 2 runs the positive and negative passes as one batch).
     /// Results equal one-at-a-time runs up to float rounding; memory for activations grows
@@ -69,6 +74,7 @@ impl Default for PipelineOptions {
             release_text: false,
             tiled_vae: None,
             quantize: None,
+            fp8_gemm: false,
             batch: 1,
             loras: LoraSet::new(),
             lora: LoraOptions::default(),
@@ -568,6 +574,7 @@ impl FluxPipeline {
             let o = FluxOptions {
                 rope,
                 quantize: self.opts.quantize,
+                fp8_gemm: self.opts.fp8_gemm,
                 ..Default::default()
             };
             let (d, dt) = (&self.opts.device, self.opts.dtype);
@@ -939,6 +946,7 @@ impl FluxPipeline {
                             device: Some(if dev.is_cuda() { "cuda" } else { "cpu" }.into()),
                             quantize: self.opts.quantize.map(|q| q.to_string()),
                             tiled_vae: tiled.is_some(),
+                            fp8_gemm: self.opts.fp8_gemm,
                             negative_prompt: req.negative_prompt.clone().filter(|_| cfg.is_some()),
                             true_cfg: cfg,
                             strength: req.image.as_ref().map(|i| i.strength),

@@ -65,6 +65,9 @@ pub struct ImageParams {
     /// Decoded in tiles (`--tiled-vae`; changes pixels slightly).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tiled_vae: bool,
+    /// The transformer's block products ran in fp8 (`--fp8-gemm`; changes pixels slightly).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fp8_gemm: bool,
     /// Files that replaced parts of the model (`transformer`, `t5`, `clip`, `vae`,
     /// `checkpoint`), and the task's pictures (`image`, `mask`, `edit`, `canny`, `depth`):
     /// absolute paths, or `owner/name:file` on the hub.

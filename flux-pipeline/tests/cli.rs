@@ -393,3 +393,48 @@ fn convert_writes_gguf_that_generates_and_never_overwrites() {
     ]);
     assert!(!bad.status.success());
 }
+
+/// `--fp8-gemm`: the image is recorded as made so and re-runs identically from its metadata; it
+/// is close to the one without (the transformer's products only lose fp8's precision) but not
+/// equal; with a GGUF `--quantize` it is refused before anything loads.
+#[test]
+fn fp8_gemm_generates_records_and_reruns() {
+    let plain = tiny_image("fp8-off.png", &[]);
+    let fp8 = tiny_image("fp8-on.png", &["--fp8-gemm"]);
+    assert_eq!(plain.len(), fp8.len());
+    let diff: f64 = plain
+        .iter()
+        .zip(&fp8)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+        .sum::<f64>()
+        / plain.len() as f64;
+    assert!(diff > 0.0 && diff < 8.0, "mean pixel difference {diff}");
+    let first = tmp("fp8-on.png");
+    let p = read_png(&first).unwrap().params.expect("parameters");
+    assert!(p.fp8_gemm);
+    let again = tmp("fp8-again.png");
+    let o = flux(&[
+        "generate",
+        "--from-image",
+        first.to_str().unwrap(),
+        "--output",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_png(&again).unwrap().image.data, fp8);
+    let m = tiny();
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--fp8-gemm",
+            "--quantize",
+            "q8_0",
+            "--offline",
+        ],
+        "--fp8-gemm",
+    );
+}

@@ -4,7 +4,8 @@ attention = torch scaled_dot_product_attention (with additive bias, causal mask 
 scale too); RoPE tables = diffusers FluxPosEmbed (f64 angles) and BFL's `rope` restated (f32
 angles, as at HEAD); RoPE application = diffusers apply_rotary_emb; RMSNorm = torch.nn.RMSNorm
 as diffusers' QK-norm; LayerNorm = F.layer_norm without affine; GELU = F.gelu(approximate="tanh");
-modulate = `(1 + scale) * x + shift` as BFL writes it.
+modulate = `(1 + scale) * x + shift` as BFL writes it; fp8 GEMM numerics = torch's e4m3 cast of
+per-tensor-scaled activations.
 
 Usage: python gen_kernels.py --out flux-kernels/tests/golden
 """
@@ -69,6 +70,38 @@ def main():
             "tolerance": {"f32": "abs=1e-5,rel=1e-5", "bf16": "abs=3e-2,rel=3e-2,cos>=0.999"}}
     common.save(args.out, "ops", t, meta)
     gen_quant(args.out)
+    gen_fp8(args.out)
+
+
+def round_fp8(x):
+    """x as an fp8 GEMM's per-tensor e4m3 quantization holds it: scale = max |x| / 448 (1 for
+    an all-zero x), x / scale clamped to ±448 and cast (torch rounds half to even), decoded and
+    multiplied by the scale again, all in f32."""
+    amax = x.abs().max()
+    s = amax / 448.0 if amax > 0 else torch.tensor(1.0)
+    return (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s
+
+
+def gen_fp8(out):
+    """fp8 GEMM numerics: the per-tensor e4m3 rounding of activations (exact ties at scale 1,
+    and a random tensor with an outlier), and an fp8 linear layer y = round(x)·round(W)ᵀ + b
+    computed in f64 from those roundings."""
+    g = torch.Generator().manual_seed(13)
+    t = {}
+    # 448 makes the scale 1; then each of these lies exactly halfway between two e4m3 values
+    # (or on one): 1.0625 → 1, 1.1875 → 1.25, 17 → 16, 19 → 20, 2^-10 → 0, 3·2^-10 → 2^-8
+    t["fp8/ties"] = torch.tensor([448.0, 1.0625, 1.1875, -1.1875, 17.0, 19.0, -19.0, 2.0**-10,
+                                  3 * 2.0**-10, -3 * 2.0**-10, 0.0, -0.0, 1.0, 0.3])
+    t["fp8/ties_rounded"] = round_fp8(t["fp8/ties"])
+    x = torch.randn(6, 64, generator=g) * 2.7
+    x[0, 0] = 40.0
+    w = torch.randn(32, 64, generator=g) * 0.05
+    b = torch.randn(32, generator=g) * 0.1
+    t["fp8/x"], t["fp8/w"], t["fp8/b"] = x, w, b
+    t["fp8/x_rounded"] = round_fp8(x)
+    t["fp8/linear"] = (round_fp8(x).double() @ round_fp8(w).double().T + b.double()).float()
+    meta = {"seed": 13, "tolerance": "rounding bit-exact; linear abs=1e-5,rel=1e-5 (f32 GEMM)"}
+    common.save(out, "fp8_gemm", t, meta)
 
 
 def gen_quant(out):

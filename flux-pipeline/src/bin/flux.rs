@@ -71,6 +71,9 @@ struct ModelArgs {
     /// Quantize the transformer and T5 while loading (as flux generate --quantize).
     #[arg(long, value_parser = parse_encoding)]
     quantize: Option<flux_kernels::Encoding>,
+    /// Multiply the transformer's block layers in fp8 (as flux generate --fp8-gemm).
+    #[arg(long)]
+    fp8_gemm: bool,
     /// Release the models after every job (the CLI's memory policy: T5 and the transformer are
     /// never resident together) instead of keeping them loaded.
     #[arg(long)]
@@ -100,6 +103,7 @@ impl ModelArgs {
             None if device.is_cuda() => DType::BF16,
             None => DType::F32,
         };
+        check_fp8_gemm(self.fp8_gemm, self.quantize)?;
         let located = ModelSource::parse(&self.model, self.offline)?.resolve()?;
         let release_text = !self.low_memory
             && text_must_go(located.memory_estimate(dtype, self.quantize), &device);
@@ -109,6 +113,7 @@ impl ModelArgs {
             keep_loaded: !self.low_memory,
             release_text,
             quantize: self.quantize,
+            fp8_gemm: self.fp8_gemm,
             ..Default::default()
         };
         FluxPipeline::new(located, opts)
@@ -337,6 +342,19 @@ fn parse_border(s: &str) -> Result<[usize; 4], String> {
     })
 }
 
+/// `--fp8-gemm` multiplies e4m3 weights: `--quantize` may then only be fp8 (checked before
+/// anything loads). Memory estimates keep counting the block weights at `--quantize`'s size (an
+/// overestimate with fp8 GEMMs: the text encoders are released sooner, never later).
+fn check_fp8_gemm(fp8_gemm: bool, quantize: Option<flux_kernels::Encoding>) -> Result<(), Error> {
+    let e4m3 = flux_kernels::Encoding::Fp8(flux_kernels::Fp8Kind::E4M3);
+    match quantize {
+        Some(q) if fp8_gemm && q != e4m3 => Err(Error::InvalidRequest(format!(
+            "--fp8-gemm multiplies e4m3 weights: it cannot be combined with --quantize {q}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `--quantize`: a GGUF block type or `fp8` (e4m3 with a per-tensor scale).
 fn parse_encoding(s: &str) -> Result<flux_kernels::Encoding, String> {
     use flux_kernels::{Encoding, Fp8Kind};
@@ -498,6 +516,12 @@ struct Generate {
     /// q6_k, q5_k, q4_k, q4_0 or fp8 (weights already quantized in the file are kept).
     #[arg(long, value_parser = parse_encoding)]
     quantize: Option<flux_kernels::Encoding>,
+    /// Multiply the transformer's block layers in fp8: weights in e4m3 with one scale each
+    /// (dense ones encoded while loading), activations quantized per tensor before each product,
+    /// cuBLASLt's fp8 GEMMs on CUDA (Hopper/Ada; bf16 or f16 out). On the CPU the rounding is
+    /// emulated, to see its effect on an image (slower, not faster). With --quantize only fp8.
+    #[arg(long)]
+    fp8_gemm: bool,
     /// How quantized weights are multiplied on the CPU: `decode` (into f32 per product; weights
     /// stay at their file size) or `integer` (candle's integer kernels for Q8_0/Q4_K/Q6_K where
     /// this CPU has them: faster, about twice the weight memory).
@@ -760,6 +784,8 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
             (None, None) => None,
         };
     let tiled_vae = args.tiled_vae || from.as_ref().is_some_and(|p| p.tiled_vae);
+    let fp8_gemm = args.fp8_gemm || from.as_ref().is_some_and(|p| p.fp8_gemm);
+    check_fp8_gemm(fp8_gemm, quantize)?;
     // a new prompt replaces the image's, its T5 prompt included
     if let Some(p) = args.prompt {
         req.prompts = vec![p];
@@ -936,6 +962,7 @@ fn run(args: Generate, mode: Mode) -> Result<(), Error> {
         reference,
         tiled_vae: tiled_vae.then(Default::default),
         quantize,
+        fp8_gemm,
         batch: args.batch,
         loras,
         lora: flux_pipeline::LoraOptions {
