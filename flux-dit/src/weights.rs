@@ -466,18 +466,18 @@ impl Weights {
             Layout::Bfl => self.ckpt.get_weight(&wk, &[out, inp])?,
             Layout::Diffusers => flux_kernels::LinearWeight::Dense(self.get(&wk, &[out, inp])?),
         };
-        let w = match (fp8, self.quantize.get().filter(|_| block)) {
-            (true, _) => w.for_fp8_gemm()?,
-            (false, q) => w.encoded(q)?,
-        };
         let b = if bias {
             Some(self.get(&bk, &[out])?)
         } else {
             None
         };
-        let mut linear = flux_kernels::Linear::from_weight(w, b, self.device(), self.dtype())?;
-        linear.set_fp8_gemm(fp8);
-        Ok(linear)
+        let (device, dtype) = (self.device(), self.dtype());
+        Ok(if fp8 {
+            flux_kernels::Linear::from_weight_fp8(w, b, device, dtype)?
+        } else {
+            let q = self.quantize.get().filter(|_| block);
+            flux_kernels::Linear::from_weight(w.encoded(q)?, b, device, dtype)?
+        })
     }
 
     /// Before any tensor is read: fails with [`Error::NotAFluxTransformer`] when the file has

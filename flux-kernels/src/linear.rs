@@ -316,6 +316,49 @@ impl Linear {
         })
     }
 
+    /// A layer that multiplies in fp8 ([`Linear::set_fp8_gemm`]) from a checkpoint's weight:
+    /// the weight made e4m3 with one scale as [`LinearWeight::for_fp8_gemm`] says, a dense
+    /// weight already on a CUDA device encoded there (the same rounding, by the activations'
+    /// quantization kernel). GGUF weights give an ordinary layer.
+    pub fn from_weight_fp8(
+        weight: LinearWeight,
+        bias: Option<Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let LinearWeight::Dense(w) = &weight {
+            if device.is_cuda() && w.rank() == 2 {
+                let (out, inp) = w.dims2()?;
+                check_bias(bias.as_ref(), out)?;
+                let w = w.to_device(device)?.contiguous()?;
+                let q = w.apply_op1_no_bwd(&crate::cuda::Fp8Quantize { round: false })?;
+                let head = q.narrow(0, 0, 4)?.to_vec1::<u8>()?;
+                let scale = f32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+                let bytes = q
+                    .narrow(0, crate::cuda::FP8_HEADER, out * inp)?
+                    .reshape((out, inp))?;
+                let kind = crate::Fp8Kind::E4M3;
+                return Ok(Linear {
+                    weight: Weight::Device(DevicePacked::Fp8 {
+                        bytes,
+                        table: Tensor::from_slice(kind.table(), 256, device)?,
+                        scale: Some(Tensor::new(scale, device)?),
+                        dtype,
+                        per_tensor: Some(scale),
+                    }),
+                    bias: bias.map(|b| b.contiguous()).transpose()?,
+                    original: None,
+                    runtime: None,
+                    fp8_gemm: true,
+                });
+            }
+        }
+        let mut linear = Self::from_weight(weight.for_fp8_gemm()?, bias, device, dtype)?;
+        linear.set_fp8_gemm(true);
+        Ok(linear)
+    }
+
     /// Like [`Linear::from_weight`], but decodes through the path other devices use (candle's
     /// dequantization, the fp8 table as a tensor) even on the CPU: for tests of that path.
     #[doc(hidden)]
@@ -753,7 +796,10 @@ impl Linear {
             None => xq.apply_op2_no_bwd(bytes, &op),
         };
         match y {
-            Ok(y) => Ok(Some(y)),
+            Ok(y) => {
+                FP8_GEMMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(Some(y))
+            }
             Err(e) if e.to_string().contains(crate::cuda::LT_UNSUPPORTED) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -884,6 +930,16 @@ impl Linear {
         drop(xs);
         Ok(Some(Tensor::from_vec(dst, (rows, out), x.device())?))
     }
+}
+
+#[cfg(feature = "cuda")]
+static FP8_GEMMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many products ran as cuBLASLt fp8 GEMMs so far in this process (the rest of the fp8
+/// layers' products were emulated): lets a check prove which path ran.
+#[cfg(feature = "cuda")]
+pub fn fp8_gemm_calls() -> u64 {
+    FP8_GEMMS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Calls `f` with the values of a contiguous f32 CPU tensor.

@@ -8,16 +8,20 @@
 //! - `ops`: every CUDA op against its CPU twin on fresh random inputs of several shapes (FLUX's
 //!   B=1, H=24, L=4608/4352, D=128, odd lengths, strided views), relative error
 //!   ‖gpu − cpu‖/‖cpu‖ against the bound for the dtype;
-//! - `goldens`: the tiny flux-dit, flux-vae and pipeline goldens on CUDA, f32 and bf16;
+//!   fp8 GEMMs: the activations' rounding and the weight's device encoding bit for bit
+//!   against the CPU's, fp8 layers against the CPU's emulation (and that cuBLASLt's fp8 ran);
+//! - `goldens`: the tiny flux-dit, flux-vae and pipeline goldens on CUDA, f32 and bf16; the
+//!   dit golden with fp8 GEMMs against the reference (quality) and the CPU's emulation;
 //! - `attn`: our attention kernels (the Hopper kernel with and without ping-pong, the mma.sync
 //!   kernel) vs the composite matmul+softmax path, B=1, H=24, D=128, L from 1024 to 16384
 //!   (TFLOP/s);
-//! - `gemm`: every GEMM shape of a FLUX.1-dev step, bf16, cuBLASLt with bias/GELU epilogues
-//!   against cuBLAS plus separate passes (TFLOP/s, and the sum per step);
+//! - `gemm`: every GEMM shape of a FLUX.1-dev step: fp8 (quantization + cuBLASLt fp8), bf16
+//!   cuBLASLt with bias/GELU epilogues, cuBLAS plus separate passes (TFLOP/s, sum per step);
 //! - `profile` (not in `all`): the DiT's ops one by one at the 1024² shapes, to see where a
 //!   step's time goes;
 //! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
-//!   weights made on the device) with our kernels and with the composite attention.
+//!   weights made on the device) with our kernels, with the composite attention, and with
+//!   fp8 GEMMs (their cosine and max error against the bf16 step).
 //!
 //! Prints a table last; exits non-zero if a check failed. Timings: CUDA events around batches
 //! of calls (warm-up first), median over batches.
@@ -424,6 +428,122 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
             );
         }
     }
+    ops_fp8(dev, r)
+}
+
+/// The fp8 GEMM path against its CPU twin: the activations' rounding (bit for bit), the
+/// weight's encoding on the device (bit for bit with the host's), and fp8 layers (cuBLASLt fp8
+/// with fast accumulation) against the CPU's emulation, with a proof that cuBLASLt's fp8 path
+/// ran where it should.
+fn ops_fp8(dev: &Device, r: &mut Report) -> Result<()> {
+    use fk::{Linear, LinearWeight};
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for n in [1usize, 1000, 4608 * 3072] {
+            let x = (randn(&[n], dtype)? * 3.0)?;
+            let gpu = fk::fp8_round_tensor(&x.to_device(dev)?)?;
+            let cpu = fk::fp8_round_tensor(&x)?;
+            let d = (gpu.to_device(&Device::Cpu)?.to_dtype(DType::F32)?
+                - cpu.to_dtype(DType::F32)?)?
+            .abs()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+            r.check(
+                format!("fp8 rounding {} n={n}", name(dtype)),
+                format!("max |gpu − cpu| {d:e}"),
+                d == 0.0,
+            );
+        }
+    }
+    let zeros = Tensor::zeros(777, DType::BF16, dev)?;
+    let z = fk::fp8_round_tensor(&zeros)?
+        .to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    r.check("fp8 rounding of zeros".into(), format!("sum {z}"), z == 0.0);
+    // the weight encoded on the device equals the host's encoding
+    let w = (randn(&[512, 3072], DType::F32)? * 0.05)?;
+    let on_gpu = Linear::from_weight_fp8(
+        LinearWeight::Dense(w.to_device(dev)?),
+        None,
+        dev,
+        DType::F32,
+    )?;
+    let on_cpu = Linear::from_weight_fp8(
+        LinearWeight::Dense(w.clone()),
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let d = (on_gpu.weight()?.to_device(&Device::Cpu)? - on_cpu.weight()?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    r.check(
+        "fp8 weight encoded on the device vs the host (512×3072)".into(),
+        format!("max diff {d:e}"),
+        d == 0.0 && on_gpu.is_fp8_gemm() && on_cpu.is_fp8_gemm(),
+    );
+    for dtype in [DType::BF16, DType::F16] {
+        for &(rows, inp, out, must) in &[
+            (4608usize, 3072usize, 512usize, true),
+            (512, 3072, 1024, true),
+            (77, 64, 96, false),
+            (1, 3072, 2048, false),
+            (5, 16, 24, false),
+        ] {
+            let w = (randn(&[out, inp], dtype)? * 0.05)?;
+            let bias = randn(&[out], dtype)?;
+            let x = randn(&[rows, inp], dtype)?;
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let xg = x.to_device(dev)?;
+            for with_bias in [true, false] {
+                let b = with_bias.then_some(&bias);
+                let lin = Linear::from_weight_fp8(
+                    LinearWeight::Dense(w.to_device(dev)?),
+                    b.map(|b| b.to_device(dev)).transpose()?,
+                    dev,
+                    dtype,
+                )?;
+                let cpu_lin = Linear::from_weight_fp8(
+                    LinearWeight::Dense(f(&w)?),
+                    b.map(f).transpose()?,
+                    &Device::Cpu,
+                    DType::F32,
+                )?;
+                let cpu = cpu_lin.forward(&f(&x)?)?;
+                let cpu_gelu = cpu_lin.forward_gelu(&f(&x)?)?;
+                let what = format!(
+                    "fp8 Linear {} rows{rows} {inp}→{out}{}",
+                    name(dtype),
+                    if with_bias { "" } else { " no bias" }
+                );
+                for gelu in [false, true] {
+                    let before = fk::fp8_gemm_calls();
+                    let y = if gelu {
+                        lin.forward_gelu(&xg)?
+                    } else {
+                        lin.forward(&xg)?
+                    };
+                    let ran = fk::fp8_gemm_calls() > before;
+                    let (e, finite) = rel_err(&y, if gelu { &cpu_gelu } else { &cpu })?;
+                    r.check(
+                        format!("{what}{}", if gelu { " + GELU-tanh" } else { "" }),
+                        format!(
+                            "rel err {e:.2e} vs the CPU's emulation, {}",
+                            if ran {
+                                "cuBLASLt fp8"
+                            } else {
+                                "emulated (no fp8 algorithm)"
+                            }
+                        ),
+                        finite && e < bound(dtype) && (ran || !must),
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -545,39 +665,76 @@ fn goldens(dev: &Device, r: &mut Report) -> Result<()> {
         rope: flux_dit::AngleMode::F64,
         ..Default::default()
     };
-    for (case, dtype) in [
-        ("dev", DType::F32),
-        ("schnell", DType::F32),
-        ("dev", DType::BF16),
+    for (case, dtype, fp8_gemm) in [
+        ("dev", DType::F32, false),
+        ("schnell", DType::F32, false),
+        ("dev", DType::BF16, false),
+        ("dev", DType::F32, true),
+        ("dev", DType::BF16, true),
     ] {
         let g = Golden::open("flux-dit", case);
-        let model = Flux::from_diffusers_folder(
-            format!("flux-dit/tests/golden/{case}_diffusers"),
-            dtype,
-            dev,
-            opts,
-        )?;
-        let img = g.tensor("input/img");
-        let b = img.dim(0)?;
-        let expand = |t: Tensor| -> Result<Tensor> {
-            Ok(t.unsqueeze(0)?.repeat((b, 1, 1))?.to_device(dev)?)
+        let run_on = |dev: &Device, dtype: DType| -> Result<Tensor> {
+            let opts = FluxOptions { fp8_gemm, ..opts };
+            let model = Flux::from_diffusers_folder(
+                format!("flux-dit/tests/golden/{case}_diffusers"),
+                dtype,
+                dev,
+                opts,
+            )?;
+            let img = g.tensor("input/img");
+            let b = img.dim(0)?;
+            let expand = |t: Tensor| -> Result<Tensor> {
+                Ok(t.unsqueeze(0)?.repeat((b, 1, 1))?.to_device(dev)?)
+            };
+            let on = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
+            let guidance = g
+                .names()
+                .iter()
+                .any(|n| n == "input/guidance")
+                .then(|| g.tensor("input/guidance").to_device(dev))
+                .transpose()?;
+            Ok(model.forward(&DitInput {
+                img: &on(img)?,
+                img_ids: &expand(g.tensor("input/img_ids"))?,
+                txt: &on(g.tensor("input/txt"))?,
+                txt_ids: &expand(g.tensor("input/txt_ids"))?,
+                timesteps: &on(g.tensor("input/timesteps"))?,
+                y: &on(g.tensor("input/y"))?,
+                guidance: guidance.as_ref(),
+            })?)
         };
-        let on = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
-        let guidance = g
-            .names()
-            .iter()
-            .any(|n| n == "input/guidance")
-            .then(|| g.tensor("input/guidance").to_device(dev))
-            .transpose()?;
-        let out = model.forward(&DitInput {
-            img: &on(img)?,
-            img_ids: &expand(g.tensor("input/img_ids"))?,
-            txt: &on(g.tensor("input/txt"))?,
-            txt_ids: &expand(g.tensor("input/txt_ids"))?,
-            timesteps: &on(g.tensor("input/timesteps"))?,
-            y: &on(g.tensor("input/y"))?,
-            guidance: guidance.as_ref(),
-        })?;
+        let calls = fk::fp8_gemm_calls();
+        let out = run_on(dev, dtype)?;
+        if fp8_gemm {
+            // quality: fp8 products against the reference's f32 output; and the CUDA path
+            // against the CPU's emulation of the same rounding (f32 on the GPU is emulated too;
+            // bf16 runs cuBLASLt's fp8 GEMMs where it has an algorithm for the tiny shapes)
+            let lt = fk::fp8_gemm_calls() - calls;
+            golden_row(
+                r,
+                format!("flux-dit {case} fp8 GEMMs {} on CUDA vs reference f32 ({lt} cuBLASLt fp8 calls)", name(dtype)),
+                &out,
+                &g.tensor("output/f32"),
+                Tolerance::new(f64::INFINITY, 0.0).with_min_cosine(0.99),
+            )?;
+            let emulated = run_on(&Device::Cpu, DType::F32)?;
+            let tol = if dtype == DType::F32 {
+                Tolerance::new(1e-3, 1e-3)
+            } else {
+                Tolerance::new(f64::INFINITY, 0.0).with_min_cosine(0.999)
+            };
+            golden_row(
+                r,
+                format!(
+                    "flux-dit {case} fp8 GEMMs {} on CUDA vs the CPU's emulation",
+                    name(dtype)
+                ),
+                &out,
+                &emulated,
+                tol,
+            )?;
+            continue;
+        }
         let (key, tol) = if dtype == DType::F32 {
             ("output/f32", Tolerance::F32_SINUSOID)
         } else {
@@ -794,7 +951,7 @@ fn bench_attention(dev: &Device, r: &mut Report) -> Result<()> {
 /// it), bf16: cuBLASLt with the bias (and GELU) in its epilogue against candle's cuBLAS
 /// product plus our bias kernel (plus the GELU pass).
 fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
-    println!("== FLUX GEMMs, bf16: cuBLASLt epilogues vs cuBLAS + bias pass (CUDA events)");
+    println!("== FLUX GEMMs, bf16: fp8, cuBLASLt epilogues, cuBLAS + bias pass (CUDA events)");
     let shapes: [(&str, usize, usize, usize, usize, bool); 10] = [
         ("double img qkv", 4096, 3072, 9216, 19, false),
         ("double img proj", 4096, 3072, 3072, 19, false),
@@ -807,14 +964,38 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
         ("single linear1", 4608, 3072, 21504, 38, false),
         ("single linear2", 4608, 15360, 3072, 38, false),
     ];
-    let mut per_step = [0f64; 2];
+    let mut per_step = [0f64; 3];
     for (what, rows, inp, out, calls, gelu) in shapes {
         let w = (Tensor::randn(0f32, 0.02, (out, inp), dev)?).to_dtype(DType::BF16)?;
         let b = Tensor::randn(0f32, 1., out, dev)?.to_dtype(DType::BF16)?;
         let x = Tensor::randn(0f32, 1., (rows, inp), dev)?.to_dtype(DType::BF16)?;
+        let lin8 = fk::Linear::from_weight_fp8(
+            fk::LinearWeight::Dense(w.clone()),
+            Some(b.clone()),
+            dev,
+            DType::BF16,
+        )?;
         let lin = fk::Linear::new(w, Some(b))?;
         let flops = 2.0 * (rows * inp * out) as f64;
         let mut line = vec![];
+        // fp8: the activations' quantization (two small kernels) and cuBLASLt's fp8 GEMM
+        let before = fk::fp8_gemm_calls();
+        let secs = time(dev, 9, 10, || {
+            if gelu {
+                lin8.forward_gelu(&x)?;
+            } else {
+                lin8.forward(&x)?;
+            }
+            Ok(())
+        })?;
+        let ran = fk::fp8_gemm_calls() > before;
+        per_step[2] += secs * calls as f64;
+        line.push(format!(
+            "fp8{} {:.3} ms {:.0} TFLOP/s",
+            if ran { "" } else { " (emulated!)" },
+            secs * 1e3,
+            flops / secs / 1e12
+        ));
         for (i, mode) in [fk::CudaLinear::CublasLt, fk::CudaLinear::Cublas]
             .into_iter()
             .enumerate()
@@ -844,9 +1025,10 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
     r.info(
         "GEMMs per step (sum of the table)".into(),
         format!(
-            "cuBLASLt {:.1} ms, cuBLAS + passes {:.1} ms",
+            "cuBLASLt {:.1} ms, cuBLAS + passes {:.1} ms, fp8 (quantize + cuBLASLt fp8) {:.1} ms",
             per_step[0] * 1e3,
-            per_step[1] * 1e3
+            per_step[1] * 1e3,
+            per_step[2] * 1e3
         ),
     );
     Ok(())
@@ -893,7 +1075,11 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         runs.push((false, Kern::Mma(FLASH_CONFIGS[0]), lt));
     }
     runs.push((true, kernels(dev, 128)[0], lt));
-    for &(composite, kern, linear) in &runs {
+    // then the defaults with fp8 GEMMs (not compared with the composite: fp8's own error)
+    let fp8_run = runs.len();
+    runs.push((false, kernels(dev, 128)[0], lt));
+    for (run, &(composite, kern, linear)) in runs.iter().enumerate() {
+        let fp8_gemm = run == fp8_run;
         kern.select()?;
         fk::set_cuda_linear(linear);
         let ckpt =
@@ -901,9 +1087,19 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         let weights = Weights::from_checkpoint(ckpt, Layout::Bfl);
         let opts = FluxOptions {
             composite_attention: composite,
+            fp8_gemm,
             ..Default::default()
         };
+        let t = Instant::now();
         let model = Flux::load(&cfg, &weights, opts)?;
+        dev.synchronize()?;
+        if fp8_gemm {
+            r.info(
+                "DiT fp8 weights encoded on the device".into(),
+                format!("{:.1} s", t.elapsed().as_secs_f64()),
+            );
+        }
+        let calls = fk::fp8_gemm_calls();
         let input = DitInput {
             img: &img,
             img_ids: &ids_img,
@@ -920,6 +1116,12 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         })?;
         let label = if composite {
             "candle composite attention".to_string()
+        } else if fp8_gemm {
+            let per = (fk::fp8_gemm_calls() - calls) as f64 / 6.0; // 1 warm-up + 5 timed
+            format!(
+                "fp8 GEMMs (attention {}; {per:.0} cuBLASLt fp8 calls per step)",
+                kern.label()
+            )
         } else {
             format!("ours (attention {}, linear {linear:?})", kern.label())
         };
@@ -931,6 +1133,21 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
     }
     select_default(dev)?;
     fk::set_cuda_linear(lt);
+    let fp8 = results.pop().expect("the fp8 run");
+    let c = compare(
+        &fp8.to_device(&Device::Cpu)?,
+        &results[0].to_device(&Device::Cpu)?,
+        Tolerance::new(f64::INFINITY, 0.0),
+    )
+    .map_err(anyhow::Error::msg)?;
+    r.check(
+        "DiT step: fp8 GEMMs vs bf16 (quality; random weights)".into(),
+        format!(
+            "cosine {:.5}, max abs {:.3e}, rel err {:.2e}",
+            c.cosine, c.max_abs, c.rel_l2
+        ),
+        c.cosine.is_finite() && c.cosine > 0.98,
+    );
     let last = results.len() - 1;
     for (i, &(_, kern, linear)) in runs.iter().enumerate().take(last) {
         let (e, finite) = rel_err(&results[i], &results[last])?;
