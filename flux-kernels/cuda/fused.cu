@@ -18,6 +18,10 @@
 //   memset. `fp8_round` writes the decoded values instead of the bytes (the emulation and the
 //   check of the rounding against the CPU's, which rounds identically: ties to even, ±inf to
 //   ±448, NaN to 0).
+// - dequant_{q8_0,q4_k,q6_k,fp8_e4m3,fp8_e5m2}: packed weights decoded into the GEMM's dtype in
+//   one pass, one thread per value, with ggml's (and the CPU decoder's) arithmetic in its order
+//   and without contraction into FMAs (__fmul_rn/__fsub_rn), so the f32 values equal the CPU's
+//   bit for bit.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -282,6 +286,77 @@ __device__ void fp8_quantize(const T* __restrict__ x, long long n, const float* 
     }
 }
 
+__device__ __forceinline__ float half_at(const unsigned char* p) {
+    return __half2float(*reinterpret_cast<const __half*>(p));
+}
+
+// Q8_0: 34-byte blocks of 32 values, f16 d then 32 int8: q·d.
+__device__ __forceinline__ float q8_0_value(const unsigned char* w, long long i) {
+    const unsigned char* b = w + (i / 32) * 34;
+    return __fmul_rn(static_cast<float>(static_cast<signed char>(b[2 + i % 32])), half_at(b));
+}
+
+// Q4_K: 144-byte blocks of 256 values: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) pairs,
+// 128 bytes of nibbles (64 values per 32 bytes: low nibbles first, then high).
+__device__ __forceinline__ float q4_k_value(const unsigned char* w, long long i) {
+    const unsigned char* b = w + (i / 256) * 144;
+    const int r = (int)(i % 256), j64 = r / 64, within = r % 64, l = within % 32;
+    const int is = 2 * j64 + (within >= 32 ? 1 : 0);
+    const unsigned char* sc = b + 4;
+    int s, m;
+    if (is < 4) {
+        s = sc[is] & 63;
+        m = sc[is + 4] & 63;
+    } else {
+        s = (sc[is + 4] & 0xF) | ((sc[is - 4] >> 6) << 4);
+        m = (sc[is + 4] >> 4) | ((sc[is] >> 6) << 4);
+    }
+    const unsigned char q = b[16 + j64 * 32 + l];
+    const int nib = within < 32 ? (q & 0xF) : (q >> 4);
+    const float d1 = __fmul_rn(half_at(b), (float)s), m1 = __fmul_rn(half_at(b + 2), (float)m);
+    return __fsub_rn(__fmul_rn(d1, (float)nib), m1);
+}
+
+// Q6_K: 210-byte blocks of 256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16
+// int8 scales, f16 d; (d·scale)·(q − 32).
+__device__ __forceinline__ float q6_k_value(const unsigned char* w, long long i) {
+    const unsigned char* b = w + (i / 256) * 210;
+    const int r = (int)(i % 256), idx = r / 128, rr = r % 128, quarter = rr / 32, l = rr % 32;
+    const unsigned char* ql = b + 64 * idx;
+    const unsigned char* qh = b + 128 + 32 * idx;
+    const signed char* sc = reinterpret_cast<const signed char*>(b + 192) + 8 * idx;
+    const int is = l / 16;
+    int q;
+    switch (quarter) {
+        case 0: q = (ql[l] & 0xF) | ((qh[l] & 3) << 4); break;
+        case 1: q = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4); break;
+        case 2: q = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4); break;
+        default: q = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4); break;
+    }
+    const float ds = __fmul_rn(half_at(b + 208), (float)sc[is + 2 * quarter]);
+    return __fmul_rn(ds, (float)(q - 32));
+}
+
+// fp8 bytes times the scale: none (`per` 0), one for the tensor (`per` 1) or one per row of
+// `cols` values (`per` 2).
+template <bool E4M3>
+__device__ __forceinline__ float fp8_value(const unsigned char* w, const float* scale, int per, long long cols,
+                                           long long i) {
+    float v;
+    if (E4M3) {
+        __nv_fp8_e4m3 f;
+        f.__x = w[i];
+        v = static_cast<float>(f);
+    } else {
+        __nv_fp8_e5m2 f;
+        f.__x = w[i];
+        v = static_cast<float>(f);
+    }
+    if (per == 1) return __fmul_rn(v, scale[0]);
+    if (per == 2) return __fmul_rn(v, scale[i / cols]);
+    return v;
+}
+
 // y: contiguous (rows, cols); b: (cols). 16-byte vectors when cols allows it.
 template <typename T>
 __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __restrict__ out, long long n, int cols,
@@ -307,6 +382,9 @@ __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __
 }
 
 }  // namespace
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
 #define FUSED(SUFFIX, T)                                                                                   \
     extern "C" __global__ void qk_norm_rope_##SUFFIX(const T* x, const T* scale, const float* cos_t,       \
@@ -342,6 +420,23 @@ __device__ void bias_add(const T* __restrict__ y, const T* __restrict__ b, T* __
                                                      int parts, unsigned char* q, float* scale_out,         \
                                                      T* rounded) {                                          \
         fp8_quantize<T>(x, n, partial, parts, q, scale_out, rounded);                                       \
+    }                                                                                                      \
+    extern "C" __global__ void dequant_q8_0_##SUFFIX(const unsigned char* w, T* out, long long n) {        \
+        GRID_STRIDE(i, n) out[i] = from_f<T>(q8_0_value(w, i));                                             \
+    }                                                                                                      \
+    extern "C" __global__ void dequant_q4_k_##SUFFIX(const unsigned char* w, T* out, long long n) {        \
+        GRID_STRIDE(i, n) out[i] = from_f<T>(q4_k_value(w, i));                                             \
+    }                                                                                                      \
+    extern "C" __global__ void dequant_q6_k_##SUFFIX(const unsigned char* w, T* out, long long n) {        \
+        GRID_STRIDE(i, n) out[i] = from_f<T>(q6_k_value(w, i));                                             \
+    }                                                                                                      \
+    extern "C" __global__ void dequant_fp8_e4m3_##SUFFIX(const unsigned char* w, const float* scale,       \
+                                                         int per, long long cols, T* out, long long n) {   \
+        GRID_STRIDE(i, n) out[i] = from_f<T>(fp8_value<true>(w, scale, per, cols, i));                      \
+    }                                                                                                      \
+    extern "C" __global__ void dequant_fp8_e5m2_##SUFFIX(const unsigned char* w, const float* scale,       \
+                                                         int per, long long cols, T* out, long long n) {   \
+        GRID_STRIDE(i, n) out[i] = from_f<T>(fp8_value<false>(w, scale, per, cols, i));                     \
     }
 
 FUSED(f32, float)

@@ -854,6 +854,131 @@ cuda_op!(
     |T| self.run::<T>((x, xl), (w, wl), Some((b, bl)))
 );
 
+/// A packed `(out, in)` weight decoded into `dtype` by our kernels: GGUF Q8_0/Q4_K/Q6_K blocks
+/// (`kernel` `q8_0`, `q4_k`, `q6_k`) from their bytes, or fp8 (`fp8_e4m3`, `fp8_e5m2`) from
+/// its bytes and a scale (`per`: 0 none, 1 one value, 2 one per row) as a second operand.
+pub(crate) struct Dequant {
+    pub kernel: &'static str,
+    pub dims: (usize, usize),
+    pub dtype: DType,
+    pub per: i32,
+}
+
+impl Dequant {
+    /// The GGUF types our kernels decode.
+    pub fn gguf_kernel(ty: crate::QuantType) -> Option<&'static str> {
+        match ty {
+            crate::QuantType::Q8_0 => Some("q8_0"),
+            crate::QuantType::Q4_K => Some("q4_k"),
+            crate::QuantType::Q6_K => Some("q6_k"),
+            _ => None,
+        }
+    }
+
+    fn dispatch(
+        &self,
+        w: (&CudaStorage, &Layout),
+        scale: Option<(&CudaStorage, &Layout)>,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match self.dtype {
+            DType::F32 => self.run::<f32>(w, scale),
+            DType::BF16 => self.run::<bf16>(w, scale),
+            DType::F16 => self.run::<f16>(w, scale),
+            d => Err(candle::Error::Msg(format!(
+                "dequantize: unsupported dtype {d:?} on CUDA"
+            ))),
+        }
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        w: (&CudaStorage, &Layout),
+        scale: Option<(&CudaStorage, &Layout)>,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = w.0.device().clone();
+        let (out, inp) = self.dims;
+        let n = out * inp;
+        let expected = match self.kernel {
+            "q8_0" => n / 32 * 34,
+            "q4_k" => n / 256 * 144,
+            "q6_k" => n / 256 * 210,
+            _ => n,
+        };
+        let per_ok = match (self.per, scale) {
+            (0, _) => true,
+            (1, Some((_, l))) => l.shape().elem_count() == 1,
+            (2, Some((_, l))) => l.shape().elem_count() == out,
+            _ => false,
+        };
+        if !w.1.is_contiguous() || w.1.shape().elem_count() != expected || !per_ok {
+            return Err(candle::Error::Msg(format!(
+                "dequantize {}: {expected} contiguous bytes for ({out}, {inp}) and a matching scale expected, got {:?}",
+                self.kernel,
+                w.1.dims()
+            )));
+        }
+        let name = format!(
+            "dequant_{}_{}",
+            self.kernel,
+            suffix(self.dtype, "dequantize")?
+        );
+        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        // SAFETY: the grid-stride loop writes every element.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let wv = slice::<u8>(w.0, w.1)?;
+        let ni = n as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = func.builder();
+        bld.arg(&wv);
+        let sv = scale
+            .map(|(s, l)| {
+                if l.is_contiguous() {
+                    slice::<f32>(s, l)
+                } else {
+                    Err(candle::Error::Msg(
+                        "dequantize: scale not contiguous".into(),
+                    ))
+                }
+            })
+            .transpose()?;
+        let null = 0u64;
+        let (per, cols) = (self.per, inp as i64);
+        if self.kernel.starts_with("fp8") {
+            match &sv {
+                Some(v) => bld.arg(v),
+                None => bld.arg(&null),
+            };
+            bld.arg(&per).arg(&cols);
+        }
+        bld.arg(&y).arg(&ni);
+        // SAFETY: arguments match the kernel's signature; the sizes are checked above.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), (out, inp).into()))
+    }
+}
+
+cuda_op!(
+    Dequant,
+    CustomOp1,
+    "flux-dequantize",
+    [U8 => u8],
+    (self, w, wl),
+    |_T| self.dispatch((w, wl), None)
+);
+
+cuda_op!(
+    Dequant,
+    CustomOp2,
+    "flux-dequantize-scaled",
+    [U8 => u8],
+    (self, w, wl, s, sl),
+    |_T| self.dispatch((w, wl), Some((s, sl)))
+);
+
 /// Bytes before the e4m3 values in [`Fp8Quantize`]'s output: the f32 scale, padded so that the
 /// values start 16-byte aligned (as cuBLASLt's fp8 products want them).
 pub(crate) const FP8_HEADER: usize = 16;

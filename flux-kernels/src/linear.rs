@@ -187,6 +187,16 @@ enum Weight {
 enum DevicePacked {
     /// GGUF blocks in candle's device storage; decoded by its dequantization kernels.
     Gguf { q: Arc<QTensor>, dtype: DType },
+    /// GGUF blocks (Q8_0, Q4_K, Q6_K) as bytes on a CUDA device, decoded by our kernels into
+    /// `dtype` in one pass (candle's go through f16 and a cast).
+    #[cfg(feature = "cuda")]
+    CudaGguf {
+        bytes: Tensor,
+        kernel: &'static str,
+        ty: crate::QuantType,
+        dims: (usize, usize),
+        dtype: DType,
+    },
     /// fp8 bytes `(out, in)` as u8, the format's value table, and the scale (`()` or `(out, 1)`).
     Fp8 {
         bytes: Tensor,
@@ -195,6 +205,7 @@ enum DevicePacked {
         dtype: DType,
         /// e4m3 with at most one scale: that scale (1 without), what an fp8 GEMM multiplies by
         per_tensor: Option<f32>,
+        kind: crate::Fp8Kind,
     },
 }
 
@@ -346,6 +357,7 @@ impl Linear {
                         scale: Some(Tensor::new(scale, device)?),
                         dtype,
                         per_tensor: Some(scale),
+                        kind,
                     }),
                     bias: bias.map(|b| b.contiguous()).transpose()?,
                     original: None,
@@ -397,7 +409,9 @@ impl Linear {
             Weight::Packed(p) => p.encoding().to_string(),
             Weight::Integer { ty, .. } => format!("{ty} (integer kernels)"),
             Weight::Device(DevicePacked::Gguf { q, .. }) => format!("{:?}", q.dtype()),
-            Weight::Device(DevicePacked::Fp8 { .. }) => "fp8".into(),
+            Weight::Device(DevicePacked::Fp8 { kind, .. }) => kind.name().into(),
+            #[cfg(feature = "cuda")]
+            Weight::Device(DevicePacked::CudaGguf { ty, .. }) => ty.to_string(),
         }
     }
 
@@ -1013,6 +1027,18 @@ impl DevicePacked {
     fn new(w: &PackedWeight, device: &Device, dtype: DType) -> Result<Self> {
         let (out, inp) = w.dims();
         Ok(match w.encoding() {
+            #[cfg(feature = "cuda")]
+            Encoding::Gguf(t)
+                if device.is_cuda() && crate::cuda::Dequant::gguf_kernel(t).is_some() =>
+            {
+                DevicePacked::CudaGguf {
+                    bytes: Tensor::from_slice(w.bytes(), w.bytes().len(), device)?,
+                    kernel: crate::cuda::Dequant::gguf_kernel(t).expect("checked"),
+                    ty: t,
+                    dims: (out, inp),
+                    dtype,
+                }
+            }
             Encoding::Gguf(t) => {
                 let storage = QStorage::from_data(
                     std::borrow::Cow::Borrowed(w.bytes()),
@@ -1040,6 +1066,7 @@ impl DevicePacked {
                     scale,
                     dtype,
                     per_tensor,
+                    kind: k,
                 }
             }
         })
@@ -1052,6 +1079,8 @@ impl DevicePacked {
                 (d[1], d[0])
             }
             DevicePacked::Fp8 { bytes, .. } => (bytes.dims()[1], bytes.dims()[0]),
+            #[cfg(feature = "cuda")]
+            DevicePacked::CudaGguf { dims, .. } => (dims.1, dims.0),
         }
     }
 
@@ -1062,6 +1091,48 @@ impl DevicePacked {
                 DType::F32 => q.dequantize(&q.device())?,
                 _ => q.dequantize_f16(&q.device())?.to_dtype(*dtype)?,
             }),
+            #[cfg(feature = "cuda")]
+            DevicePacked::CudaGguf {
+                bytes,
+                kernel,
+                dims,
+                dtype,
+                ..
+            } => Ok(bytes.apply_op1_no_bwd(&crate::cuda::Dequant {
+                kernel,
+                dims: *dims,
+                dtype: *dtype,
+                per: 0,
+            })?),
+            #[cfg(feature = "cuda")]
+            DevicePacked::Fp8 {
+                bytes,
+                table,
+                scale,
+                dtype,
+                kind,
+                ..
+            } if bytes.device().is_cuda() => {
+                let _ = table;
+                let op = crate::cuda::Dequant {
+                    kernel: match kind {
+                        crate::Fp8Kind::E4M3 => "fp8_e4m3",
+                        crate::Fp8Kind::E5M2 => "fp8_e5m2",
+                    },
+                    dims: bytes.dims2()?,
+                    dtype: *dtype,
+                    per: match scale {
+                        None => 0,
+                        Some(s) if s.elem_count() == 1 => 1,
+                        Some(_) => 2,
+                    },
+                };
+                let bytes = bytes.contiguous()?;
+                Ok(match scale {
+                    Some(s) => bytes.apply_op2_no_bwd(&s.flatten_all()?.contiguous()?, &op)?,
+                    None => bytes.apply_op1_no_bwd(&op)?,
+                })
+            }
             DevicePacked::Fp8 {
                 bytes,
                 table,

@@ -461,6 +461,70 @@ fn ops_fp8(dev: &Device, r: &mut Report) -> Result<()> {
         .sum_all()?
         .to_scalar::<f32>()?;
     r.check("fp8 rounding of zeros".into(), format!("sum {z}"), z == 0.0);
+    // packed weights decoded by our CUDA kernels equal the host's decoding bit for bit
+    {
+        let v = (randn(&[256, 3072], DType::F32)? * 0.05)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let fp8 = |k| fk::Encoding::Fp8(k);
+        let mut packed = vec![];
+        for ty in [
+            fk::QuantType::Q8_0,
+            fk::QuantType::Q4_K,
+            fk::QuantType::Q6_K,
+        ] {
+            packed.push(fk::PackedWeight::quantize(ty, &v, 256, 3072)?);
+        }
+        packed.push(fk::PackedWeight::encode(
+            fp8(fk::Fp8Kind::E4M3),
+            &v,
+            256,
+            3072,
+        )?);
+        let e5 = fk::PackedWeight::encode(fp8(fk::Fp8Kind::E5M2), &v, 256, 3072)?;
+        let rows: Vec<f32> = (0..256).map(|i| 0.5 + i as f32 / 256.0).collect();
+        packed.push(fk::PackedWeight::new(
+            e5.encoding(),
+            e5.bytes().to_vec(),
+            256,
+            3072,
+            rows,
+        )?);
+        for p in packed {
+            let want = p.dequantize()?;
+            for dtype in [DType::F32, DType::BF16] {
+                let lin = Linear::from_weight(LinearWeight::Packed(p.clone()), None, dev, dtype)?;
+                let got = lin
+                    .weight()?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let want = Tensor::from_slice(&want, want.len(), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() == b.to_bits())
+                    .count();
+                r.check(
+                    format!(
+                        "decode {} ({} scales) on CUDA → {} vs the CPU",
+                        p.encoding(),
+                        p.scale().len(),
+                        name(dtype)
+                    ),
+                    format!(
+                        "{same} of {} values bit-equal ({})",
+                        want.len(),
+                        lin.encoding()
+                    ),
+                    same == want.len(),
+                );
+            }
+        }
+    }
     // the weight encoded on the device equals the host's encoding
     let w = (randn(&[512, 3072], DType::F32)? * 0.05)?;
     let on_gpu = Linear::from_weight_fp8(
@@ -1021,6 +1085,59 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
             format!("GEMM {what} {rows}×{inp}→{out} ×{calls}"),
             line.join(", "),
         );
+    }
+    // GGUF weights on CUDA: our one-pass decoding into bf16 + cuBLASLt, against candle's CUDA
+    // quantized matmul on the same blocks (which takes f32 activations)
+    for (what, rows, inp, out) in [
+        ("double img proj", 4096usize, 3072usize, 3072usize),
+        ("double img mlp.0", 4096, 3072, 12288),
+    ] {
+        let wv = (Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu)?)
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let x = Tensor::randn(0f32, 1., (rows, inp), dev)?.to_dtype(DType::BF16)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let flops = 2.0 * (rows * inp * out) as f64;
+        for ty in [fk::QuantType::Q8_0, fk::QuantType::Q4_K] {
+            let p = fk::PackedWeight::quantize(ty, &wv, out, inp)?;
+            let ours = fk::Linear::from_weight(
+                fk::LinearWeight::Packed(p.clone()),
+                None,
+                dev,
+                DType::BF16,
+            )?;
+            let t_ours = time(dev, 9, 5, || {
+                ours.forward(&x)?;
+                Ok(())
+            })?;
+            let storage = candle::quantized::QStorage::from_data(
+                std::borrow::Cow::Borrowed(p.bytes()),
+                dev,
+                ty.to_candle(),
+            )?;
+            let q = candle::quantized::QMatMul::from_qtensor(candle::quantized::QTensor::new(
+                storage,
+                (out, inp),
+            )?)?;
+            let t_candle = time(dev, 9, 5, || {
+                candle::Module::forward(&q, &x32)?;
+                Ok(())
+            })?;
+            let (e, _) = rel_err(
+                &ours.forward(&x)?.to_dtype(DType::F32)?,
+                &candle::Module::forward(&q, &x32)?,
+            )?;
+            r.info(
+                format!("GEMM {what} {rows}×{inp}→{out} {ty}"),
+                format!(
+                    "ours (decode + cuBLASLt bf16) {:.3} ms {:.0} TFLOP/s, candle QMatMul (f32) {:.3} ms {:.0} TFLOP/s, rel diff {e:.1e}",
+                    t_ours * 1e3,
+                    flops / t_ours / 1e12,
+                    t_candle * 1e3,
+                    flops / t_candle / 1e12
+                ),
+            );
+        }
     }
     r.info(
         "GEMMs per step (sum of the table)".into(),
