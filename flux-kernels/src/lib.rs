@@ -28,11 +28,9 @@ pub use checkpoint::{
 #[cfg(feature = "cuda")]
 pub use cuda::{has_hopper_kernel, last_flash_kernel, set_flash_config, warm_up as warm_up_cuda};
 pub use error::{over_limit, preview, Error, LoadError, Result};
-#[cfg(feature = "cuda")]
-pub use linear::fp8_gemm_calls;
 pub use linear::{
-    cuda_linear, set_cuda_linear, set_quant_matmul, CudaLinear, Linear, LinearWeight, QuantMatmul,
-    RuntimeDelta,
+    cuda_linear, fp8_gemm_calls, set_cuda_linear, set_quant_matmul, CudaLinear, Linear,
+    LinearWeight, QuantMatmul, RuntimeDelta,
 };
 pub use ops::{
     cat_gelu_tanh, fp8_round_tensor, gated_residual, gelu_tanh, group_norm, layer_norm,
