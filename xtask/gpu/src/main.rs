@@ -1043,15 +1043,18 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
         let flops = 2.0 * (rows * inp * out) as f64;
         let mut line = vec![];
         // fp8: the activations' quantization (two small kernels) and cuBLASLt's fp8 GEMM
+        let timed = |lin: &fk::Linear| {
+            time(dev, 9, 10, || {
+                if gelu {
+                    lin.forward_gelu(&x)?;
+                } else {
+                    lin.forward(&x)?;
+                }
+                Ok(())
+            })
+        };
         let before = fk::fp8_gemm_calls();
-        let secs = time(dev, 9, 10, || {
-            if gelu {
-                lin8.forward_gelu(&x)?;
-            } else {
-                lin8.forward(&x)?;
-            }
-            Ok(())
-        })?;
+        let secs = timed(&lin8)?;
         let ran = fk::fp8_gemm_calls() > before;
         per_step[2] += secs * calls as f64;
         line.push(format!(
@@ -1065,14 +1068,7 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
             .enumerate()
         {
             fk::set_cuda_linear(mode);
-            let secs = time(dev, 9, 10, || {
-                if gelu {
-                    lin.forward_gelu(&x)?;
-                } else {
-                    lin.forward(&x)?;
-                }
-                Ok(())
-            })?;
+            let secs = timed(&lin)?;
             per_step[i] += secs * calls as f64;
             line.push(format!(
                 "{mode:?} {:.3} ms {:.0} TFLOP/s",
