@@ -82,6 +82,8 @@ enum Data {
     },
     /// A tensor already in memory ([`Checkpoint::from_tensors`]).
     Memory(Tensor),
+    /// A packed weight already in memory ([`Checkpoint::from_weights`]).
+    Packed(PackedWeight),
 }
 
 /// One or more memory-mapped safetensors files read as one set of named tensors.
@@ -239,23 +241,42 @@ impl Checkpoint {
         device: &Device,
         desc: &str,
     ) -> Result<Self> {
+        let weights = tensors
+            .into_iter()
+            .map(|(k, t)| (k, LinearWeight::Dense(t)))
+            .collect();
+        Self::from_weights(weights, dtype, device, desc)
+    }
+
+    /// [`Checkpoint::from_tensors`] where some weights are packed (GGUF blocks, fp8): those
+    /// read as a file's packed tensors do ([`Checkpoint::get_weight`] keeps them packed,
+    /// [`Checkpoint::get`] decodes them), e.g. a quantized model made in memory.
+    pub fn from_weights(
+        weights: HashMap<String, LinearWeight>,
+        dtype: DType,
+        device: &Device,
+        desc: &str,
+    ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype {
                 what: "checkpoint weights",
                 dtype,
             });
         }
-        let entries = tensors
+        let entries = weights
             .into_iter()
-            .map(|(k, t)| {
-                let shape = t.dims().to_vec();
-                (
-                    k,
-                    Entry {
-                        shape,
+            .map(|(k, w)| {
+                let entry = match w {
+                    LinearWeight::Dense(t) => Entry {
+                        shape: t.dims().to_vec(),
                         data: Data::Memory(t),
                     },
-                )
+                    LinearWeight::Packed(p) => Entry {
+                        shape: vec![p.dims().0, p.dims().1],
+                        data: Data::Packed(p),
+                    },
+                };
+                (k, entry)
             })
             .collect();
         Ok(Checkpoint {
@@ -354,6 +375,11 @@ impl Checkpoint {
     pub fn stored_type(&self, key: &str) -> Option<StoredType> {
         match self.entries.get(&format!("{}{key}", self.prefix))?.data {
             Data::Mapped { stored, .. } => Some(stored),
+            Data::Packed(ref p) => Some(match p.encoding() {
+                Encoding::Gguf(ty) => StoredType::Gguf(ty),
+                Encoding::Fp8(Fp8Kind::E4M3) => StoredType::Safetensors(Dtype::F8_E4M3),
+                Encoding::Fp8(Fp8Kind::E5M2) => StoredType::Safetensors(Dtype::F8_E5M2),
+            }),
             Data::Memory(_) => None,
         }
     }
@@ -401,6 +427,7 @@ impl Checkpoint {
         let (full, e) = self.entry(key, expected)?;
         let t = match &e.data {
             Data::Memory(t) => t.to_device(&self.device)?.to_dtype(self.dtype)?,
+            Data::Packed(p) => self.tensor_of(p.dequantize()?, &e.shape)?,
             &Data::Mapped {
                 file,
                 stored,
@@ -473,6 +500,11 @@ impl Checkpoint {
                     _ => stored.fp8().map(Encoding::Fp8),
                 };
                 encoding.map(|enc| (enc, file, start, end))
+            }
+            Data::Packed(p) => {
+                let w = p.clone();
+                self.used.borrow_mut().insert(full);
+                return Ok(LinearWeight::Packed(w));
             }
             _ => None,
         };
@@ -564,6 +596,7 @@ impl Checkpoint {
             }
             let v = match &e.data {
                 Data::Memory(t) => t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                Data::Packed(p) => p.dequantize()?,
                 &Data::Mapped {
                     file,
                     stored,

@@ -470,6 +470,45 @@ fn checkpoint_from_tensors_is_as_strict_as_files() {
 }
 
 #[test]
+fn checkpoint_from_weights_keeps_packed_weights_packed() {
+    let v: Vec<f32> = (0..4 * 256)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+        .collect();
+    let q = PackedWeight::quantize(QuantType::Q4_K, &v, 4, 256).unwrap();
+    let mut map = std::collections::HashMap::new();
+    map.insert("w.weight".to_string(), LinearWeight::Packed(q.clone()));
+    map.insert("w.bias".to_string(), LinearWeight::Dense(randn(&[4], 33)));
+    let ck = Checkpoint::from_weights(map, DType::F32, &Device::Cpu, "in memory").unwrap();
+    assert_eq!(ck.shape("w.weight"), Some(&[4usize, 256][..]));
+    assert_eq!(
+        ck.stored_type("w.weight"),
+        Some(StoredType::Gguf(QuantType::Q4_K))
+    );
+    assert_eq!(ck.stored_type("w.bias"), None);
+    match ck.get_weight("w.weight", &[4, 256]).unwrap() {
+        LinearWeight::Packed(p) => {
+            assert_eq!(p.encoding(), Encoding::Gguf(QuantType::Q4_K));
+            assert_eq!(p.bytes(), q.bytes());
+        }
+        LinearWeight::Dense(_) => panic!("a packed weight came back dense"),
+    }
+    // `get` decodes it, exactly as the packed weight decodes
+    let dense = ck.get("w.weight", Some(&[4, 256])).unwrap();
+    let want = q.dequantize().unwrap();
+    assert_eq!(dense.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    assert!(matches!(
+        ck.get_weight("w.weight", &[256, 4]),
+        Err(Error::Load(LoadError::TensorShape { .. }))
+    ));
+    match ck.finish(|_| false) {
+        Err(Error::Load(LoadError::UnexpectedTensors { names, .. })) => {
+            assert_eq!(names, ["w.bias"])
+        }
+        other => panic!("expected leftovers, got {other:?}"),
+    }
+}
+
+#[test]
 fn cat_gelu_tanh_is_cat_of_gelu_and_checks_shapes() {
     let a = randn(&[2, 3, 4], 41);
     let h = randn(&[2, 3, 10], 42);

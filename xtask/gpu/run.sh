@@ -2,8 +2,8 @@
 # The GPU machine's half of `cargo xtask gpu`: run from the repository root, with the folder
 # this script sits in (target/gpu-stage, made by `cargo xtask gpu build`) carried along.
 #
-#   target/gpu-stage/run.sh [all|ops|goldens|attn|dit|profile]...   (SKIP_CLI=1: no CLI run;
-#                                                                    CHECK_LIMIT=s: time limit)
+#   target/gpu-stage/run.sh [all|ops|goldens|attn|gemm|dit|profile]...   (parts run in the order
+#                  given; SKIP_CLI=1: no CLI run; CHECK_LIMIT=s: the check's time limit)
 #
 # Needs the NVIDIA driver and CUDA 13 runtime libraries (cuBLAS, cuRAND, cudart, NVRTC); they are
 # taken from the system or from the pip packages of the machine's python3 (PyTorch's). Logs go
@@ -50,10 +50,10 @@ export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 } 2>&1 | tee "$out/machine.log"
 
 status=0
-# The Hopper attention kernel alone first, under a time limit: if it hangs or faults, the rest
+# The default attention kernel alone first, under a time limit: if it hangs or faults, the rest
 # runs with the mma.sync kernel (FLUX_CUDA_ATTENTION=mma.sync) instead of losing the whole run.
-echo "== flux-gpu-check smoke (120 s limit)"
-PYTHONUNBUFFERED=1 timeout 120 "$bin/flux-gpu-check" smoke 2>&1 | tee "$out/smoke.log"
+echo "== flux-gpu-check smoke (60 s limit)"
+PYTHONUNBUFFERED=1 timeout 60 "$bin/flux-gpu-check" smoke 2>&1 | tee "$out/smoke.log"
 if [ "${PIPESTATUS[0]}" -ne 0 ]; then
   echo "smoke failed: the rest runs with FLUX_CUDA_ATTENTION=mma.sync" | tee -a "$out/smoke.log"
   export FLUX_CUDA_ATTENTION=mma.sync

@@ -3,6 +3,8 @@
 //! ```text
 //! flux-gpu-check [all|smoke|ops|goldens|attn|gemm|dit|profile]...
 //! ```
+//! The parts run in the order given (`all`: ops, goldens, attn, gemm, dit); a part that stops
+//! with an error is a failed row and the next one still runs.
 //! - `smoke` (not in `all`): the default attention kernel (the Hopper kernel on an H100/H200)
 //!   once on a small and a FLUX-sized case; `run.sh` runs it alone first, under a time limit;
 //! - `ops`: every CUDA op against its CPU twin on fresh random inputs of several shapes (FLUX's
@@ -20,8 +22,9 @@
 //! - `profile` (not in `all`): the DiT's ops one by one at the 1024² shapes, to see where a
 //!   step's time goes;
 //! - `dit`: one full-width DiT step (19 + 38 blocks, bf16, 1024² + 512 text tokens, random
-//!   weights made on the device) with our kernels, with the composite attention, and with
-//!   fp8 GEMMs (their cosine and max error against the bf16 step).
+//!   weights made on the device) with our kernels, with the composite attention, with
+//!   fp8 GEMMs (their cosine and max error against the bf16 step), and with GGUF Q8_0 and
+//!   Q4_K transformers (against the same weights decoded once).
 //!
 //! Prints a table last; exits non-zero if a check failed. Timings: CUDA events around batches
 //! of calls (warm-up first), median over batches.
@@ -80,28 +83,35 @@ fn main() -> Result<()> {
     }
     let dev = Device::new_cuda(0)?;
     let mut r = Report::default();
-    let all = parts.contains(&"all");
     let t0 = Instant::now();
-    if parts.contains(&"smoke") {
-        smoke(&dev, &mut r)?;
+    // the parts in the order given (`all`: the usual order); a part that stops with an error
+    // is a failed row, and the next part still runs
+    let mut order = vec![];
+    const PARTS: [&str; 7] = ["smoke", "ops", "goldens", "attn", "gemm", "dit", "profile"];
+    for p in parts {
+        match p {
+            "all" => order.extend(["ops", "goldens", "attn", "gemm", "dit"]),
+            p if PARTS.contains(&p) => order.push(p),
+            other => bail!("unknown part {other:?} (all|{})", PARTS.join("|")),
+        }
     }
-    if all || parts.contains(&"ops") {
-        ops(&dev, &mut r)?;
-    }
-    if all || parts.contains(&"goldens") {
-        goldens(&dev, &mut r)?;
-    }
-    if all || parts.contains(&"attn") {
-        bench_attention(&dev, &mut r)?;
-    }
-    if all || parts.contains(&"gemm") {
-        bench_gemm(&dev, &mut r)?;
-    }
-    if all || parts.contains(&"dit") {
-        bench_dit(&dev, &mut r)?;
-    }
-    if parts.contains(&"profile") {
-        profile(&dev, &mut r)?;
+    for part in order {
+        let ran = match part {
+            "smoke" => smoke(&dev, &mut r),
+            "ops" => ops(&dev, &mut r),
+            "goldens" => goldens(&dev, &mut r),
+            "attn" => bench_attention(&dev, &mut r),
+            "gemm" => bench_gemm(&dev, &mut r),
+            "dit" => bench_dit(&dev, &mut r),
+            _ => profile(&dev, &mut r),
+        };
+        if let Err(e) = ran {
+            r.check(format!("part {part}"), format!("stopped: {e:#}"), false);
+            // leave the defaults selected for the next part
+            let _ = select_default(&dev);
+            fk::set_cuda_linear(fk::CudaLinear::CublasLt);
+        }
+        println!("     (after {part}: {:.0} s)", t0.elapsed().as_secs_f64());
     }
     println!(
         "\n=== flux-gpu-check summary ({:.0} s) ===",
@@ -1178,6 +1188,15 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
     let ids_txt = txt_ids(1, 512, dev)?;
     let ts = Tensor::new(&[0.5f32], dev)?.to_dtype(DType::BF16)?;
     let g = Tensor::new(&[3.5f32], dev)?;
+    let input = DitInput {
+        img: &img,
+        img_ids: &ids_img,
+        txt: &txt,
+        txt_ids: &ids_txt,
+        timesteps: &ts,
+        y: &y,
+        guidance: Some(&g),
+    };
     let mut results = vec![];
     // the defaults first (cuBLASLt epilogues, the default attention kernel), then cuBLAS with
     // separate passes, on a Hopper also today's mma.sync attention, the composite last
@@ -1213,15 +1232,6 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
             );
         }
         let calls = fk::fp8_gemm_calls();
-        let input = DitInput {
-            img: &img,
-            img_ids: &ids_img,
-            txt: &txt,
-            txt_ids: &ids_txt,
-            timesteps: &ts,
-            y: &y,
-            guidance: Some(&g),
-        };
         let mut out = None;
         let secs = time(dev, 5, 1, || {
             out = Some(model.forward(&input)?);
@@ -1261,6 +1271,7 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         ),
         c.cosine.is_finite() && c.cosine > 0.98,
     );
+    gguf_steps(dev, r, &cfg, &tensors, &input)?;
     let last = results.len() - 1;
     for (i, &(_, kern, linear)) in runs.iter().enumerate().take(last) {
         let (e, finite) = rel_err(&results[i], &results[last])?;
@@ -1271,6 +1282,95 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
             ),
             format!("rel err {e:.2e}"),
             finite && e < 2e-2,
+        );
+    }
+    Ok(())
+}
+
+/// The full-width step with GGUF Q8_0 and Q4_K transformers (the blocks' weights packed as
+/// city96's files have them, decoded on the device into bf16 before each product), against the
+/// same model with those weights decoded once and kept dense (the same values, so the outputs
+/// must agree to the GEMMs' rounding). One quantized weight per shape, shared by every layer of
+/// that shape, keeps the CPU's quantization to a few seconds; the step does the same work.
+fn gguf_steps(
+    dev: &Device,
+    r: &mut Report,
+    cfg: &flux_dit::Config,
+    tensors: &HashMap<String, Tensor>,
+    input: &flux_dit::DitInput,
+) -> Result<()> {
+    use flux_dit::{gguf_type_for, Flux, FluxOptions, Layout, Weights};
+    for ty in [fk::QuantType::Q8_0, fk::QuantType::Q4_K] {
+        let t = Instant::now();
+        let mut shared: HashMap<Vec<usize>, (fk::PackedWeight, Tensor)> = HashMap::new();
+        let mut packed = HashMap::new();
+        let mut dense = HashMap::new();
+        for (k, w) in tensors {
+            if gguf_type_for(k, w.dims(), None, ty) != ty {
+                packed.insert(k.clone(), fk::LinearWeight::Dense(w.clone()));
+                dense.insert(k.clone(), w.clone());
+                continue;
+            }
+            let (out, inp) = w.dims2()?;
+            if !shared.contains_key(w.dims()) {
+                let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let p = fk::PackedWeight::quantize(ty, &v, out, inp)?;
+                let d = Tensor::from_vec(p.dequantize()?, (out, inp), &Device::Cpu)?
+                    .to_dtype(DType::BF16)?
+                    .to_device(dev)?;
+                shared.insert(w.dims().to_vec(), (p, d));
+            }
+            let (p, d) = &shared[w.dims()];
+            packed.insert(k.clone(), fk::LinearWeight::Packed(p.clone()));
+            dense.insert(k.clone(), d.clone());
+        }
+        let quantized = t.elapsed().as_secs_f64();
+        let mut outs = vec![];
+        for (what, ckpt) in [
+            (
+                format!("GGUF {ty}"),
+                fk::Checkpoint::from_weights(packed, DType::BF16, dev, "random weights")?,
+            ),
+            (
+                format!("its {ty} weights decoded once (dense bf16)"),
+                fk::Checkpoint::from_tensors(dense, DType::BF16, dev, "random weights")?,
+            ),
+        ] {
+            let t = Instant::now();
+            let model = Flux::load(
+                cfg,
+                &Weights::from_checkpoint(ckpt, Layout::Bfl),
+                FluxOptions::default(),
+            )?;
+            dev.synchronize()?;
+            let load = t.elapsed().as_secs_f64();
+            let mut out = None;
+            let secs = time(dev, 5, 1, || {
+                out = Some(model.forward(input)?);
+                Ok(())
+            })?;
+            r.info(
+                format!("DiT step 1024² bf16, {what}"),
+                format!(
+                    "{:.1} ms (load {load:.1} s{})",
+                    secs * 1e3,
+                    if outs.is_empty() {
+                        format!(
+                            ", {} shapes quantized on the CPU in {quantized:.1} s",
+                            shared.len()
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            outs.push(out.expect("ran"));
+        }
+        let (e, finite) = rel_err(&outs[0], &outs[1])?;
+        r.check(
+            format!("DiT step: GGUF {ty} (decoded per product) vs decoded once"),
+            format!("rel err {e:.2e}"),
+            finite && e < 1e-3,
         );
     }
     Ok(())
