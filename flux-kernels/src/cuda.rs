@@ -797,6 +797,8 @@ cuda_op!(
 /// `(out, in)` and b in the output's dtype.
 pub(crate) struct LtLinear {
     pub gelu: bool,
+    /// the algorithm chosen by timing on first use ([`crate::CudaLinear::CublasLtTuned`])
+    pub tuned: bool,
     pub fp8: Option<LtFp8>,
 }
 
@@ -824,10 +826,10 @@ impl LtLinear {
             (None, DType::U8) | (Some(_), DType::F32 | DType::BF16 | DType::F16) => Err(
                 candle::Error::Msg("lt linear: fp8 operands go with an fp8 plan".into()),
             ),
-            (None, _) => lt::linear::<T>(x, w, b, self.gelu),
+            (None, _) => lt::linear::<T>(x, w, b, (self.gelu, self.tuned)),
             (Some(f), _) => match f.out {
-                DType::BF16 => lt::linear_fp8::<bf16>(x, w, b, self.gelu, f),
-                DType::F16 => lt::linear_fp8::<f16>(x, w, b, self.gelu, f),
+                DType::BF16 => lt::linear_fp8::<bf16>(x, w, b, (self.gelu, self.tuned), f),
+                DType::F16 => lt::linear_fp8::<f16>(x, w, b, (self.gelu, self.tuned), f),
                 d => Err(candle::Error::Msg(format!(
                     "lt linear: fp8 products write bf16 or f16, not {d:?}"
                 ))),
@@ -1075,8 +1077,9 @@ cuda_op!(
 );
 
 /// cuBLASLt plans: one handle and workspace per device, one plan (descriptors and the algorithm
-/// cuBLASLt's heuristic picked) per (device, shape, dtype, epilogue, alignment), made on first use
-/// and kept for the process.
+/// cuBLASLt's heuristic picked, or with `tuned` the fastest of its first [`lt::CANDIDATES`] timed
+/// on the first call) per (device, shape, dtype, epilogue, alignment), made on first use and kept
+/// for the process.
 mod lt {
     use super::*;
     use candle::cuda_backend::cudarc::cublaslt::{result, sys as lts};
@@ -1113,6 +1116,8 @@ mod lt {
         gelu: bool,
         /// the alignment (bytes, at most 256) the pointers of x, W, y and b share
         align: u32,
+        /// the algorithm timed among the heuristic's first candidates on first use
+        tuned: bool,
     }
 
     /// Descriptors and the chosen algorithm of one product.
@@ -1122,7 +1127,13 @@ mod lt {
         b: lts::cublasLtMatrixLayout_t,
         d: lts::cublasLtMatrixLayout_t,
         algo: lts::cublasLtMatmulAlgo_t,
+        /// Tuned plans before their first call: the heuristic's candidates, best first (the
+        /// first call times them and keeps the fastest in `algo`); empty afterwards.
+        untimed: Vec<lts::cublasLtMatmulAlgo_t>,
     }
+
+    /// How many of the heuristic's algorithms a tuned plan times.
+    pub(super) const CANDIDATES: usize = 8;
     // SAFETY: as for Handle; a plan is used by one call at a time (its mutex).
     unsafe impl Send for Plan {}
 
@@ -1248,22 +1259,59 @@ mod lt {
                 std::mem::size_of::<u64>(),
             )
             .map_err(|e| err("preference", e))?;
-            let r = result::get_matmul_algo_heuristic(h.raw, desc, a, b, d, d, pref);
+            let want = if key.tuned { CANDIDATES } else { 1 };
+            let mut found: Vec<lts::cublasLtMatmulHeuristicResult_t> =
+                Vec::with_capacity(CANDIDATES);
+            let mut count = 0i32;
+            let r = lts::cublasLtMatmulAlgoGetHeuristic(
+                h.raw,
+                desc,
+                a,
+                b,
+                d,
+                d,
+                pref,
+                want as i32,
+                found.as_mut_ptr(),
+                &mut count,
+            )
+            .result();
             let _ = result::destroy_matmul_pref(pref);
-            if r.is_err() {
+            let count = if r.is_ok() {
+                count.clamp(0, want as i32) as usize
+            } else {
+                0
+            };
+            if count == 0 {
                 let _ = result::destroy_matmul_desc(desc);
                 for l in [a, b, d] {
                     let _ = result::destroy_matrix_layout(l);
                 }
+                return Err(candle::Error::Msg(format!(
+                    "{LT_UNSUPPORTED}: {key:?}: {:?}",
+                    r.err()
+                )));
             }
-            r.map_err(|e| candle::Error::Msg(format!("{LT_UNSUPPORTED}: {key:?}: {e:?}")))?
+            // SAFETY: cuBLASLt wrote `count` results (at most `want`, the capacity).
+            found.set_len(count);
+            found
         };
+        let mut algos: Vec<_> = heuristic
+            .iter()
+            .filter(|r| r.state == lts::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        if algos.is_empty() {
+            algos.push(heuristic[0].algo);
+        }
+        let algo = algos[0];
         Ok(Plan {
             desc,
             a,
             b,
             d,
-            algo: heuristic.algo,
+            algo,
+            untimed: if algos.len() > 1 { algos } else { vec![] },
         })
     }
 
@@ -1310,7 +1358,7 @@ mod lt {
             };
             entry.ok_or_else(|| candle::Error::Msg(format!("{LT_UNSUPPORTED}: {key:?}")))?
         };
-        let plan = plan.lock().unwrap_or_else(|e| e.into_inner());
+        let mut plan = plan.lock().unwrap_or_else(|e| e.into_inner());
         let (wsp, _gws) = h.workspace.device_ptr(&stream);
         let beta = 0f32;
         // SAFETY: the plan's descriptors are live; the pointers are live device buffers of the
@@ -1324,28 +1372,74 @@ mod lt {
             if let Some(scale) = ops.x_scale {
                 set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale)?;
             }
-            result::matmul(
-                h.raw,
-                plan.desc,
-                &ops.alpha as *const f32 as *const _,
-                &beta as *const f32 as *const _,
-                ops.w as *const _,
-                plan.a,
-                ops.x as *const _,
-                plan.b,
-                ops.y as *const _,
-                plan.d,
-                ops.y as *mut _,
-                plan.d,
-                &plan.algo,
-                wsp as *mut _,
-                WORKSPACE,
-                stream.cu_stream() as *mut _,
-            )
-            .map_err(|e| err("matmul", e))?;
         }
-        Ok(())
+        let call = |plan: &Plan, algo: &lts::cublasLtMatmulAlgo_t| {
+            // SAFETY: as above.
+            unsafe {
+                result::matmul(
+                    h.raw,
+                    plan.desc,
+                    &ops.alpha as *const f32 as *const _,
+                    &beta as *const f32 as *const _,
+                    ops.w as *const _,
+                    plan.a,
+                    ops.x as *const _,
+                    plan.b,
+                    ops.y as *const _,
+                    plan.d,
+                    ops.y as *mut _,
+                    plan.d,
+                    algo,
+                    wsp as *mut _,
+                    WORKSPACE,
+                    stream.cu_stream() as *mut _,
+                )
+            }
+            .map_err(|e| err("matmul", e))
+        };
+        if !plan.untimed.is_empty() {
+            let candidates = std::mem::take(&mut plan.untimed);
+            plan.algo = fastest(&stream, &candidates, |algo| call(&plan, algo))?;
+        }
+        call(&plan, &plan.algo)
     }
+
+    /// The candidate that runs `call` fastest: each once to warm up, then [`TIMED_CALLS`]
+    /// between two CUDA events on the stream (every call computes the same product, so the last
+    /// one's output is as good as any). A candidate that fails is skipped; the first is kept
+    /// when none can be timed.
+    fn fastest(
+        stream: &std::sync::Arc<candle::cuda_backend::cudarc::driver::CudaStream>,
+        candidates: &[lts::cublasLtMatmulAlgo_t],
+        mut call: impl FnMut(&lts::cublasLtMatmulAlgo_t) -> candle::Result<()>,
+    ) -> candle::Result<lts::cublasLtMatmulAlgo_t> {
+        use candle::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        let ev = |e| err("timing event", e);
+        let mut best = (f32::INFINITY, candidates[0]);
+        for algo in candidates {
+            if call(algo).is_err() {
+                continue;
+            }
+            let start = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(ev)?;
+            let mut ok = true;
+            for _ in 0..TIMED_CALLS {
+                ok &= call(algo).is_ok();
+            }
+            let end = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(ev)?;
+            let ms = start.elapsed_ms(&end).map_err(ev)?;
+            if ok && ms < best.0 {
+                best = (ms, *algo);
+            }
+        }
+        Ok(best.1)
+    }
+
+    /// Calls per candidate timed by a tuned plan.
+    const TIMED_CALLS: usize = 3;
 
     /// Checks `(rows, inp)`·`(out, inp)ᵀ` operands (and an `(out)` bias) are contiguous and fit.
     fn check(
@@ -1375,7 +1469,7 @@ mod lt {
         dtype: DType,
         fp8: bool,
         (rows, inp, out): (usize, usize, usize),
-        (bias, gelu): (bool, bool),
+        (bias, gelu, tuned): (bool, bool, bool),
         ptrs: &[u64],
     ) -> candle::Result<Key> {
         let align = alignment(ptrs);
@@ -1394,6 +1488,7 @@ mod lt {
             bias,
             gelu,
             align,
+            tuned,
         })
     }
 
@@ -1401,7 +1496,7 @@ mod lt {
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         b: Option<(&CudaStorage, &Layout)>,
-        gelu: bool,
+        (gelu, tuned): (bool, bool),
     ) -> candle::Result<(CudaStorage, Shape)> {
         use candle::cuda_backend::cudarc::driver::DevicePtrMut;
         let dev = x.0.device().clone();
@@ -1421,7 +1516,8 @@ mod lt {
             let mut ptrs = vec![xp, wp, yp];
             ptrs.extend(bias);
             let shape = (rows, inp, out);
-            let key = key(&dev, x.0.dtype(), false, shape, (b.is_some(), gelu), &ptrs)?;
+            let flags = (b.is_some(), gelu, tuned);
+            let key = key(&dev, x.0.dtype(), false, shape, flags, &ptrs)?;
             let ops = Operands {
                 x: xp,
                 w: wp,
@@ -1441,7 +1537,7 @@ mod lt {
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         b: Option<(&CudaStorage, &Layout)>,
-        gelu: bool,
+        (gelu, tuned): (bool, bool),
         f: LtFp8,
     ) -> candle::Result<(CudaStorage, Shape)> {
         use candle::cuda_backend::cudarc::driver::DevicePtrMut;
@@ -1484,7 +1580,7 @@ mod lt {
             let mut ptrs = vec![xp, wp, yp];
             ptrs.extend(bias);
             let shape = (rows, inp, out);
-            let key = key(&dev, f.out, true, shape, (b.is_some(), gelu), &ptrs)?;
+            let key = key(&dev, f.out, true, shape, (b.is_some(), gelu, tuned), &ptrs)?;
             let ops = Operands {
                 x: xp,
                 w: wp,

@@ -94,6 +94,10 @@ pub enum CudaLinear {
     /// heuristic picks) is made once per shape and kept. The default.
     #[default]
     CublasLt,
+    /// [`CudaLinear::CublasLt`], with the algorithm of each shape chosen by timing the
+    /// heuristic's first eight on the first call's operands (a few milliseconds per shape, once
+    /// per process) instead of taking its first.
+    CublasLtTuned,
     /// candle's cuBLAS product, then our bias kernel and a separate GELU pass: the plain twin
     /// the cuBLASLt path is checked against.
     Cublas,
@@ -107,6 +111,7 @@ impl CudaLinear {
     pub fn name(self) -> &'static str {
         match self {
             CudaLinear::CublasLt => "cublaslt",
+            CudaLinear::CublasLtTuned => "cublaslt-tuned",
             CudaLinear::Cublas => "cublas",
         }
     }
@@ -117,7 +122,7 @@ impl std::str::FromStr for CudaLinear {
 
     fn from_str(s: &str) -> Result<Self> {
         use CudaLinear::*;
-        crate::switch::parse_named(Self::ENV, s, &[CublasLt, Cublas], Self::name)
+        crate::switch::parse_named(Self::ENV, s, &[CublasLt, CublasLtTuned, Cublas], Self::name)
     }
 }
 
@@ -743,15 +748,20 @@ impl Linear {
     /// device form).
     #[cfg(feature = "cuda")]
     fn forward_lt(&self, x: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
-        if !x.device().is_cuda() || cuda_linear()? != CudaLinear::CublasLt {
+        if !x.device().is_cuda() {
             return Ok(None);
         }
+        let tuned = match cuda_linear()? {
+            CudaLinear::CublasLt => false,
+            CudaLinear::CublasLtTuned => true,
+            CudaLinear::Cublas => return Ok(None),
+        };
         let dtype = x.dtype();
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || x.elem_count() == 0 {
             return Ok(None);
         }
         if self.fp8_gemm {
-            return self.forward_lt_fp8(x, gelu);
+            return self.forward_lt_fp8(x, gelu, tuned);
         }
         let w = match &self.weight {
             Weight::DenseT(wt) => wt.t()?,
@@ -763,7 +773,11 @@ impl Linear {
             return Ok(None);
         }
         let x = x.contiguous()?;
-        let op = crate::cuda::LtLinear { gelu, fp8: None };
+        let op = crate::cuda::LtLinear {
+            gelu,
+            tuned,
+            fp8: None,
+        };
         let y = match &self.bias {
             Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
             None => x.apply_op2_no_bwd(&w, &op),
@@ -779,7 +793,7 @@ impl Linear {
     /// The cuBLASLt fp8 product ([`Linear::set_fp8_gemm`]): `None` where it does not apply (f32
     /// activations, a bias of another dtype, no fp8 algorithm for the shape).
     #[cfg(feature = "cuda")]
-    fn forward_lt_fp8(&self, x: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+    fn forward_lt_fp8(&self, x: &Tensor, gelu: bool, tuned: bool) -> Result<Option<Tensor>> {
         let dtype = x.dtype();
         let Weight::Device(DevicePacked::Fp8 {
             bytes,
@@ -799,6 +813,7 @@ impl Linear {
             .apply_op1_no_bwd(&crate::cuda::Fp8Quantize { round: false })?;
         let op = crate::cuda::LtLinear {
             gelu,
+            tuned,
             fp8: Some(crate::cuda::LtFp8 {
                 rows,
                 alpha: *alpha,

@@ -148,9 +148,13 @@ fn cuda_linear_names_parse_and_forward_gelu_is_gelu_of_forward() {
         " cublas ".parse::<CudaLinear>().unwrap(),
         CudaLinear::Cublas
     );
+    assert_eq!(
+        "cublaslt-tuned".parse::<CudaLinear>().unwrap(),
+        CudaLinear::CublasLtTuned
+    );
     let e = "cutlass".parse::<CudaLinear>().unwrap_err().to_string();
     assert!(
-        e.contains("FLUX_CUDA_LINEAR") && e.contains("\"cutlass\""),
+        e.contains("FLUX_CUDA_LINEAR") && e.contains("\"cutlass\"") && e.contains("cublaslt-tuned"),
         "{e}"
     );
     set_cuda_linear(CudaLinear::Cublas);

@@ -334,7 +334,11 @@ fn ops(dev: &Device, r: &mut Report) -> Result<()> {
                 let cpu_lin = fk::Linear::new(f(&w)?, b.map(f).transpose()?)?;
                 let cpu = cpu_lin.forward(&f(&x)?)?;
                 let cpu_gelu = cpu_lin.forward_gelu(&f(&x)?)?;
-                for mode in [fk::CudaLinear::CublasLt, fk::CudaLinear::Cublas] {
+                for mode in [
+                    fk::CudaLinear::CublasLt,
+                    fk::CudaLinear::CublasLtTuned,
+                    fk::CudaLinear::Cublas,
+                ] {
                     fk::set_cuda_linear(mode);
                     let what = format!(
                         "Linear {} rows{rows} {inp}→{out}{} ({mode:?})",
@@ -1038,7 +1042,18 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
         ("single linear1", 4608, 3072, 21504, 38, false),
         ("single linear2", 4608, 15360, 3072, 38, false),
     ];
-    let mut per_step = [0f64; 3];
+    use fk::CudaLinear::{Cublas, CublasLt, CublasLtTuned};
+    // (label, fp8 layer, product path)
+    let paths = [
+        ("fp8", true, CublasLt),
+        ("fp8 tuned", true, CublasLtTuned),
+        ("cuBLASLt", false, CublasLt),
+        ("cuBLASLt tuned", false, CublasLtTuned),
+        ("cuBLAS + passes", false, Cublas),
+    ];
+    let mut per_step = [0f64; 5];
+    // seconds per call of the default cuBLASLt path, by shape, for the second-stream bound
+    let mut lt_secs = HashMap::new();
     for (what, rows, inp, out, calls, gelu) in shapes {
         let w = (Tensor::randn(0f32, 0.02, (out, inp), dev)?).to_dtype(DType::BF16)?;
         let b = Tensor::randn(0f32, 1., out, dev)?.to_dtype(DType::BF16)?;
@@ -1052,46 +1067,55 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
         let lin = fk::Linear::new(w, Some(b))?;
         let flops = 2.0 * (rows * inp * out) as f64;
         let mut line = vec![];
-        // fp8: the activations' quantization (two small kernels) and cuBLASLt's fp8 GEMM
-        let timed = |lin: &fk::Linear| {
-            time(dev, 9, 10, || {
+        for (i, &(label, fp8, mode)) in paths.iter().enumerate() {
+            fk::set_cuda_linear(mode);
+            let layer = if fp8 { &lin8 } else { &lin };
+            let before = fk::fp8_gemm_calls();
+            let secs = time(dev, 9, 10, || {
                 if gelu {
-                    lin.forward_gelu(&x)?;
+                    layer.forward_gelu(&x)?;
                 } else {
-                    lin.forward(&x)?;
+                    layer.forward(&x)?;
                 }
                 Ok(())
-            })
-        };
-        let before = fk::fp8_gemm_calls();
-        let secs = timed(&lin8)?;
-        let ran = fk::fp8_gemm_calls() > before;
-        per_step[2] += secs * calls as f64;
-        line.push(format!(
-            "fp8{} {:.3} ms {:.0} TFLOP/s",
-            if ran { "" } else { " (emulated!)" },
-            secs * 1e3,
-            flops / secs / 1e12
-        ));
-        for (i, mode) in [fk::CudaLinear::CublasLt, fk::CudaLinear::Cublas]
-            .into_iter()
-            .enumerate()
-        {
-            fk::set_cuda_linear(mode);
-            let secs = timed(&lin)?;
+            })?;
+            let emulated = fp8 && fk::fp8_gemm_calls() == before;
             per_step[i] += secs * calls as f64;
+            if i == 2 {
+                lt_secs.insert((rows, inp, out), secs);
+            }
             line.push(format!(
-                "{mode:?} {:.3} ms {:.0} TFLOP/s",
+                "{label}{} {:.3} ms {:.0} TFLOP/s",
+                if emulated { " (emulated!)" } else { "" },
                 secs * 1e3,
                 flops / secs / 1e12
             ));
         }
-        fk::set_cuda_linear(fk::CudaLinear::CublasLt);
+        fk::set_cuda_linear(CublasLt);
         r.info(
             format!("GEMM {what} {rows}×{inp}→{out} ×{calls}"),
             line.join(", "),
         );
     }
+    // What a second stream for the text GEMMs could save at most: their time beyond what the
+    // same products take at the image shapes' rate (the image GEMMs already fill the device).
+    let mut bound = 0.0;
+    for (_, rows, inp, out, calls, _) in shapes.iter().filter(|s| s.1 == 512) {
+        let (Some(t), Some(t_img)) = (
+            lt_secs.get(&(*rows, *inp, *out)),
+            lt_secs.get(&(4096, *inp, *out)),
+        ) else {
+            continue;
+        };
+        bound += (t - t_img * *rows as f64 / 4096.0).max(0.0) * *calls as f64;
+    }
+    r.info(
+        "second stream for the text GEMMs: at most".into(),
+        format!(
+            "{:.2} ms per step (text GEMMs' time beyond the image shapes' rate)",
+            bound * 1e3
+        ),
+    );
     // GGUF weights on CUDA: our one-pass decoding into bf16 + cuBLASLt, against candle's CUDA
     // quantized matmul on the same blocks (which takes f32 activations)
     for (what, rows, inp, out) in [
@@ -1145,14 +1169,14 @@ fn bench_gemm(dev: &Device, r: &mut Report) -> Result<()> {
             );
         }
     }
+    let sums: Vec<String> = paths
+        .iter()
+        .zip(per_step)
+        .map(|((label, ..), t)| format!("{label} {:.1} ms", t * 1e3))
+        .collect();
     r.info(
-        "GEMMs per step (sum of the table)".into(),
-        format!(
-            "cuBLASLt {:.1} ms, cuBLAS + passes {:.1} ms, fp8 (quantize + cuBLASLt fp8) {:.1} ms",
-            per_step[0] * 1e3,
-            per_step[1] * 1e3,
-            per_step[2] * 1e3
-        ),
+        "GEMMs per step (sum of the table; fp8 = quantization + cuBLASLt fp8)".into(),
+        sums.join(", "),
     );
     Ok(())
 }
@@ -1198,10 +1222,12 @@ fn bench_dit(dev: &Device, r: &mut Report) -> Result<()> {
         guidance: Some(&g),
     };
     let mut results = vec![];
-    // the defaults first (cuBLASLt epilogues, the default attention kernel), then cuBLAS with
-    // separate passes, on a Hopper also today's mma.sync attention, the composite last
+    // the defaults first (cuBLASLt epilogues, the default attention kernel), then cuBLASLt with
+    // tuned algorithms, cuBLAS with separate passes, on a Hopper also today's mma.sync
+    // attention, the composite last
     let lt = fk::CudaLinear::CublasLt;
     let mut runs = vec![(false, kernels(dev, 128)[0], lt)];
+    runs.push((false, kernels(dev, 128)[0], fk::CudaLinear::CublasLtTuned));
     runs.push((false, kernels(dev, 128)[0], fk::CudaLinear::Cublas));
     if hopper(dev) {
         runs.push((false, Kern::Mma(FLASH_CONFIGS[0]), lt));
