@@ -1,8 +1,8 @@
-//! With the `cuda` feature, compiles `cuda/*.cu` to PTX with the nvcc that candle's CUDA build
-//! uses too (`CUDA_HOME`/`CUDA_PATH`, else `PATH`), for `CUDA_COMPUTE_CAP` (default 80; the PTX
-//! is JIT-compiled by the driver for newer GPUs). With a 9.x capability the Hopper attention
-//! kernel is built too, for sm_90a. Without it, does nothing: CPU builds never need
-//! a CUDA toolkit.
+//! With the `cuda` feature, compiles `cuda/*.cu` with the nvcc that candle's CUDA build uses
+//! too (`CUDA_HOME`/`CUDA_PATH`, else `PATH`) into fatbins for `CUDA_COMPUTE_CAP` (default 80):
+//! machine code for that capability, which loads without any JIT, and its PTX, which the driver
+//! JIT-compiles for newer GPUs. With a 9.x capability the Hopper attention kernel is built too,
+//! for sm_90a. Without the feature, does nothing: CPU builds never need a CUDA toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,23 +28,22 @@ fn main() {
     // an empty module elsewhere (the host then never picks it).
     let hopper = cap.starts_with('9') && cap.len() == 2;
     if !hopper {
-        std::fs::write(out.join("flash_attn_sm90.ptx"), "").expect("write OUT_DIR");
+        std::fs::write(out.join("flash_attn_sm90.fatbin"), "").expect("write OUT_DIR");
     }
-    let mut kernels = vec![
-        ("flash_attn", format!("compute_{cap}")),
-        ("fused", format!("compute_{cap}")),
-    ];
+    let mut kernels = vec![("flash_attn", cap.clone()), ("fused", cap.clone())];
     if hopper {
-        kernels.push(("flash_attn_sm90", "compute_90a".to_string()));
+        kernels.push(("flash_attn_sm90", "90a".to_string()));
     }
     for (name, arch) in kernels {
         let src = PathBuf::from("cuda").join(format!("{name}.cu"));
-        let ptx = out.join(format!("{name}.ptx"));
+        let fatbin = out.join(format!("{name}.fatbin"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-            .arg(format!("--gpu-architecture={arch}"))
+            .args(["--fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+            .arg(format!(
+                "--generate-code=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
+            ))
             .arg("-o")
-            .arg(&ptx)
+            .arg(&fatbin)
             .arg(&src)
             .status()
             .unwrap_or_else(|e| {

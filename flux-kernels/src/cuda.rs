@@ -4,22 +4,90 @@
 
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{
-    sys, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
+use candle::cuda_backend::cudarc::nvrtc::Ptx;
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
     Storage, Tensor,
 };
 use half::{bf16, f16};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::attention::FlashKernel;
 
-const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
-/// The Hopper attention kernel (sm_90a); empty unless built for compute capability 9.x.
-const ATTN_SM90_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_sm90.ptx"));
-const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+/// Our CUDA modules, as `build.rs` compiles them: fatbins with machine code for the build's
+/// compute capability (loaded without a JIT on such a device) and PTX for newer ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Module {
+    /// The mma.sync flash-attention kernels.
+    FlashAttn,
+    /// The Hopper attention kernel (sm_90a); empty unless built for compute capability 9.x.
+    FlashAttnSm90,
+    /// Everything else: fused elementwise kernels, fp8 quantization, decoding of packed weights.
+    Fused,
+}
+
+impl Module {
+    fn image(self) -> &'static [u8] {
+        match self {
+            Module::FlashAttn => include_bytes!(concat!(env!("OUT_DIR"), "/flash_attn.fatbin")),
+            Module::FlashAttnSm90 => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/flash_attn_sm90.fatbin"))
+            }
+            Module::Fused => include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin")),
+        }
+    }
+}
+
+/// A kernel of one of our modules, launched on its device's stream.
+pub(crate) struct Func {
+    func: CudaFunction,
+    stream: std::sync::Arc<CudaStream>,
+}
+
+impl Func {
+    fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+impl std::ops::Deref for Func {
+    type Target = CudaFunction;
+    fn deref(&self) -> &CudaFunction {
+        &self.func
+    }
+}
+
+type Modules = HashMap<(candle::cuda_backend::DeviceId, Module), std::sync::Arc<CudaModule>>;
+static MODULES: std::sync::OnceLock<Mutex<Modules>> = std::sync::OnceLock::new();
+
+/// The kernel `name` of `module` on `dev`, the module loaded on first use and kept per device.
+pub(crate) fn func(dev: &CudaDevice, name: &str, module: Module) -> candle::Result<Func> {
+    let stream = dev.cuda_stream();
+    let m = {
+        let mut map = MODULES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match map.get(&(dev.id(), module)) {
+            Some(m) => m.clone(),
+            None => {
+                // cuModuleLoadData reads the fatbin in place; a Vec's buffer is suitably
+                // aligned for its header
+                let image = Ptx::from_binary(module.image().to_vec());
+                let m = stream.context().load_module(image).w()?;
+                map.insert((dev.id(), module), m.clone());
+                m
+            }
+        }
+    };
+    let func = m.load_function(name).w()?;
+    Ok(Func { func, stream })
+}
 
 /// Head dims the flash-attention kernel is instantiated for.
 pub(crate) const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
@@ -58,7 +126,7 @@ pub fn last_flash_kernel() -> &'static str {
 
 /// Whether this build carries the Hopper attention kernel (built with `CUDA_COMPUTE_CAP` 9.x).
 pub fn has_hopper_kernel() -> bool {
-    !ATTN_SM90_PTX.is_empty()
+    !Module::FlashAttnSm90.image().is_empty()
 }
 
 /// Dynamic shared memory of the Hopper kernel: Q (2 × 16 KB), K and V rings (2 × 2 × 32 KB)
@@ -302,11 +370,7 @@ impl FlashAttn {
             }
         }
         let (rows, blocks) = *FLASH_CONFIG.lock().unwrap_or_else(|e| e.into_inner());
-        let func = dev.get_or_load_custom_func(
-            &format!("{name}_r{rows}_o{blocks}"),
-            "flux_flash_attn",
-            ATTN_PTX,
-        )?;
+        let func = func(dev, &format!("{name}_r{rows}_o{blocks}"), Module::FlashAttn)?;
         // SAFETY: every element is written by the kernel (all rows < lq, all of D).
         let out = unsafe { dev.alloc::<T>(b * h * lq * d)? };
         let (qv, kv, vv) = (
@@ -376,7 +440,7 @@ impl FlashAttn {
             suffix(dtype, "flash attention")?,
             if pingpong { "pp" } else { "np" }
         );
-        let func = dev.get_or_load_custom_func(&name, "flux_flash_attn_sm90", ATTN_SM90_PTX)?;
+        let func = func(dev, &name, Module::FlashAttnSm90)?;
         func.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             SM90_SMEM as i32,
@@ -456,7 +520,7 @@ impl QkNormRope {
             )));
         }
         let name = format!("qk_norm_rope_{}", suffix(x.0.dtype(), "qk_norm_rope")?);
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         let n = b * h * l * d;
         // SAFETY: one warp writes every element of its row.
         let out = unsafe { dev.alloc::<T>(n)? };
@@ -521,7 +585,7 @@ impl LnModulate {
             )));
         }
         let name = format!("ln_modulate_{}", suffix(x.0.dtype(), "ln_modulate")?);
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         // SAFETY: one block writes every element of its row.
         let out = unsafe { dev.alloc::<T>(b * l * c)? };
         let (xv, shv, scv) = (
@@ -573,7 +637,7 @@ impl GatedResidual {
         let (b, l, c) = x.1.shape().dims3()?;
         let gs = mod_stride("gated_residual gate", gate.1, b, c)?;
         let name = format!("gated_residual_{}", suffix(x.0.dtype(), "gated_residual")?);
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         let n = b * l * c;
         // SAFETY: the grid-stride loop writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
@@ -628,7 +692,7 @@ impl GeluTanh {
         }
         let n = l.shape().elem_count();
         let name = format!("gelu_tanh_{}", suffix(x.dtype(), "gelu_tanh")?);
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         // SAFETY: the grid-stride loop writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
         let xv = slice::<T>(x, l)?;
@@ -682,7 +746,7 @@ impl BiasAdd {
             y.1.start_offset().is_multiple_of(vec) && b.1.start_offset().is_multiple_of(vec),
         );
         let name = format!("bias_add_{}", suffix(y.0.dtype(), "bias_add")?);
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         let n = rows * cols;
         // SAFETY: the grid-stride loop writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
@@ -753,7 +817,7 @@ impl CatGelu {
                 .all(|v| v % vec == 0),
         );
         let name = format!("cat_gelu_{}", suffix(a.0.dtype(), "cat_gelu")?);
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         // SAFETY: one block writes every element of its row.
         let out = unsafe { dev.alloc::<T>(b * l * (ca + cm))? };
         let (av, mv) = (slice::<T>(a.0, a.1)?, slice::<T>(m.0, m.1)?);
@@ -924,7 +988,7 @@ impl Dequant {
             self.kernel,
             suffix(self.dtype, "dequantize")?
         );
-        let func = dev.get_or_load_custom_func(&name, "flux_fused", FUSED_PTX)?;
+        let func = func(&dev, &name, Module::Fused)?;
         // SAFETY: the grid-stride loop writes every element.
         let y = unsafe { dev.alloc::<T>(n)? };
         let wv = slice::<u8>(w.0, w.1)?;
@@ -1006,10 +1070,8 @@ impl Fp8Quantize {
         }
         let n = x.1.shape().elem_count();
         let sfx = suffix(x.0.dtype(), "fp8 quantize")?;
-        let absmax =
-            dev.get_or_load_custom_func(&format!("fp8_absmax_{sfx}"), "flux_fused", FUSED_PTX)?;
-        let quant =
-            dev.get_or_load_custom_func(&format!("fp8_quantize_{sfx}"), "flux_fused", FUSED_PTX)?;
+        let absmax = func(&dev, &format!("fp8_absmax_{sfx}"), Module::Fused)?;
+        let quant = func(&dev, &format!("fp8_quantize_{sfx}"), Module::Fused)?;
         let xv = slice::<T>(x.0, x.1)?;
         // a few hundred partial maxima: enough blocks to read at full bandwidth, few enough
         // that every block of the second pass reduces them cheaply
@@ -1595,10 +1657,12 @@ mod lt {
     }
 }
 
-/// Starts compiling every CUDA module the model uses (candle's eleven and ours) on a background
-/// thread, so that the driver's JIT of their PTX (seconds on a fresh machine) overlaps the
-/// loading of the weights instead of delaying the first step. Returns at once; the thread ends
-/// when every module is loaded (a failure only means the module is compiled later, on first
+/// Starts loading every CUDA module the model uses (candle's eleven and our three) on a
+/// background thread, so that the driver's JIT of candle's PTX (seconds on a fresh machine)
+/// overlaps the loading of the weights instead of delaying the first step. Ours carry machine
+/// code for the build's compute capability (sm_90 in `cargo xtask gpu build`) and load without
+/// a JIT there; on other devices their PTX is compiled too. Returns at once; the thread ends
+/// when every module is loaded (a failure only means the module is loaded later, on first
 /// use). With `CUDA_CACHE_PATH`/`CUDA_CACHE_MAXSIZE` the driver keeps the compiled code between
 /// runs (see the README).
 pub fn warm_up(dev: &CudaDevice) -> std::thread::JoinHandle<()> {
@@ -1621,15 +1685,10 @@ pub fn warm_up(dev: &CudaDevice) -> std::thread::JoinHandle<()> {
             // the module is compiled and kept by candle even though no function has this name
             let _ = dev.get_or_load_func("flux_warm_up", m);
         }
-        let _ = dev.get_or_load_custom_func("bias_add_bf16", "flux_fused", FUSED_PTX);
-        let _ =
-            dev.get_or_load_custom_func("flash_attn_bf16_d128_r64_o3", "flux_flash_attn", ATTN_PTX);
+        let _ = func(&dev, "bias_add_bf16", Module::Fused);
+        let _ = func(&dev, "flash_attn_bf16_d128_r64_o3", Module::FlashAttn);
         if has_hopper_kernel() {
-            let _ = dev.get_or_load_custom_func(
-                "flash_attn_sm90_bf16_d128_pp",
-                "flux_flash_attn_sm90",
-                ATTN_SM90_PTX,
-            );
+            let _ = func(&dev, "flash_attn_sm90_bf16_d128_pp", Module::FlashAttnSm90);
         }
     })
 }
